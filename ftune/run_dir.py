@@ -1,0 +1,133 @@
+"""The run directory: the only contract between ``train`` and ``eval``/``merge``/``export``/``generate``.
+
+Layout::
+
+    RUN/recipe.yaml       resolved recipe (what ran, every default spelled out)
+    RUN/manifest.json     versions, data fingerprint, seed, hardware, start/end times
+    RUN/metrics.jsonl     one line per logged step
+    RUN/summary.json      final figures; written last, so its presence means the run completed
+    RUN/loss.png          loss curve
+    RUN/model/            adapter (or full weights) + tokenizer, safetensors
+    RUN/checkpoints/      Trainer checkpoints that --resume continues from
+
+Final artifacts are written into a hidden sibling and renamed into place, so a crash mid-save
+never leaves something that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import yaml
+
+from ftune.errors import FtuneError
+from ftune.recipe import Recipe, validate_recipe
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    recipe = property(lambda self: self.root / "recipe.yaml")
+    manifest = property(lambda self: self.root / "manifest.json")
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    summary = property(lambda self: self.root / "summary.json")
+    loss_plot = property(lambda self: self.root / "loss.png")
+    model = property(lambda self: self.root / "model")
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    eval_dir = property(lambda self: self.root / "eval")
+    merged = property(lambda self: self.root / "merged")
+
+    def is_complete(self) -> bool:
+        return self.summary.is_file() and self.model.is_dir()
+
+    def last_checkpoint(self) -> Path | None:
+        found = sorted(self.checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+        return found[-1] if found else None
+
+
+def recipe_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def prepare_run_dir(recipe: Recipe, *, overwrite: bool, resume: bool) -> RunDir:
+    """Create the run directory, refusing to clobber an existing one unless asked."""
+    if overwrite and resume:
+        raise FtuneError("--overwrite and --resume contradict each other; pick one")
+    run = RunDir(Path(recipe.output_dir).expanduser().resolve())
+    existing = run.root.exists() and any(run.root.iterdir())
+    if run.root.exists() and not run.root.is_dir():
+        raise FtuneError(f"output_dir: {run.root} exists and is not a directory")
+    if resume:
+        if not existing or run.last_checkpoint() is None:
+            raise FtuneError(f"--resume: {run.root} has no checkpoint to continue from; run without --resume")
+        if run.recipe.is_file() and run.recipe.read_text(encoding="utf-8") != recipe_yaml(recipe):
+            raise FtuneError(
+                f"--resume: the recipe differs from the one {run.root} was started with ({run.recipe}); "
+                "resume with the same recipe, or use --overwrite to start over"
+            )
+    elif existing and not overwrite:
+        raise FtuneError(
+            f"output_dir: {run.root} is not empty; pass --overwrite to replace it, --resume to continue it, "
+            "or choose another output_dir (--set output_dir=...)"
+        )
+    elif existing:
+        shutil.rmtree(run.root)
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run.recipe, recipe_yaml(recipe))
+    return run
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.replace(temp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a staging directory that replaces ``target`` only if the block finishes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = None
+    if target.exists():
+        retired = target.with_name(f".{target.name}-old-{os.getpid()}")
+        os.replace(target, retired)
+    os.replace(staging, target)
+    if retired is not None:
+        shutil.rmtree(retired, ignore_errors=True)
+
+
+def load_run(path: str | Path) -> tuple[RunDir, Recipe]:
+    """Open a finished run directory and its recipe, with errors that say what is missing."""
+    run = RunDir(Path(path).expanduser().resolve())
+    if not run.root.is_dir():
+        raise FtuneError(f"{path}: no such run directory")
+    if not run.recipe.is_file():
+        raise FtuneError(f"{path}: not a run directory (no recipe.yaml); pass the output_dir of an ftune train run")
+    if not run.is_complete():
+        raise FtuneError(f"{path}: the run did not finish (no summary.json or model/); finish it with ftune train --resume")
+    raw = yaml.safe_load(run.recipe.read_text(encoding="utf-8"))
+    return run, validate_recipe(raw, source=str(run.recipe))
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,209 @@
+"""Train stage: recipe -> tokenizer, data, model, method -> transformers Trainer -> run directory.
+
+``run_training`` reads as the table of contents of a run; each step is a named function. The
+Trainer owns the loop; ftune adds callbacks for progress, metrics and method-specific hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ftune import __version__
+from ftune.data import PadCollator, build_datasets, data_fingerprint
+from ftune.methods import apply_method, count_parameters, method_callbacks, save_method_artifact
+from ftune.model import load_base_model, load_tokenizer, resolve_model_source
+from ftune.recipe import Recipe
+from ftune.run_dir import RunDir, atomic_dir, prepare_run_dir, write_json_atomic
+from ftune.runtime import quiet_libraries
+
+
+def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo=print) -> RunDir:
+    quiet_libraries()
+    started = datetime.now(timezone.utc)
+    run = prepare_run_dir(recipe, overwrite=overwrite, resume=resume)
+    tokenizer = load_tokenizer(recipe.model)
+    splits = build_datasets(recipe.data, tokenizer)
+    echo(describe_data(splits))
+    base = load_base_model(recipe.model, recipe.quantization, task=recipe.task)
+    model = apply_method(base, recipe.method, recipe.task)
+    trainable, total = count_parameters(model)
+    echo(f"Method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
+    trainer = build_trainer(model, tokenizer, splits, recipe, run, echo=echo)
+    if resume:
+        truncate_metrics(run, step=int(run.last_checkpoint().name.split("-")[-1]))
+    clock = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(run.last_checkpoint()) if resume else None)
+    wall = time.perf_counter() - clock
+    eval_metrics = trainer.evaluate() if splits.eval else {}
+    save_artifacts(trainer.model, tokenizer, recipe, run)
+    summary = build_summary(result, eval_metrics, trainer, wall, trainable, total)
+    save_loss_plot(run)
+    write_json_atomic(run.manifest, build_manifest(recipe, started))
+    write_json_atomic(run.summary, summary)  # last: its presence marks the run complete
+    echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
+         f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
+    return run
+
+
+def describe_data(splits) -> str:
+    stats = splits.train_stats
+    share = 100 * stats.trained_tokens / max(stats.tokens, 1)
+    return (
+        f"Data: {len(splits.train)} train / {len(splits.eval)} eval examples, {stats.tokens:,} train tokens "
+        f"({share:.1f}% trained), {stats.truncated} truncated, {stats.dropped_no_target} dropped (no response left)"
+    )
+
+
+def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool):
+    import torch
+    from transformers import TrainingArguments
+
+    train = recipe.training
+    return TrainingArguments(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=train.batch_size,
+        per_device_eval_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        num_train_epochs=train.epochs,
+        max_steps=train.max_steps or -1,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=train.optimizer,
+        bf16=train.mixed_precision == "bf16",
+        fp16=train.mixed_precision == "fp16",
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval and train.eval_steps else "no",
+        eval_steps=train.eval_steps,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        data_seed=train.seed,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+    )
+
+
+def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, echo=print):
+    from transformers import PrinterCallback, Trainer
+
+    from ftune.progress import MetricsCallback
+
+    trainer = Trainer(
+        model=model,
+        args=build_training_arguments(recipe, run, has_eval=bool(splits.eval)),
+        train_dataset=splits.train,
+        eval_dataset=splits.eval or None,
+        data_collator=PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(run.metrics, echo=echo), *method_callbacks(model, recipe.method, run)],
+    )
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def truncate_metrics(run: RunDir, *, step: int) -> None:
+    """On resume, forget metric lines logged after the checkpoint so the curve has no duplicates."""
+    if not run.metrics.is_file():
+        return
+    kept = [line for line in run.metrics.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
+    run.metrics.write_text("".join(line + "\n" for line in kept))
+
+
+def save_artifacts(model, tokenizer, recipe: Recipe, run: RunDir) -> None:
+    with atomic_dir(run.model) as staging:
+        save_method_artifact(model, recipe.method.name, staging)
+        tokenizer.save_pretrained(staging)
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def build_summary(result, eval_metrics: dict, trainer, wall: float, trainable: int, total: int) -> dict:
+    tokens = trainer.state.num_input_tokens_seen
+    summary = {
+        "train_loss": result.training_loss,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "tokens_seen": tokens,
+        "tokens_per_second": tokens / wall if wall else 0.0,
+        "wall_time_s": wall,
+        "peak_memory_mb": peak_memory_mb(),
+        "trainable_params": trainable,
+        "total_params": total,
+        "trainable_share": trainable / total,
+    }
+    if "eval_loss" in eval_metrics:
+        summary["eval_loss"] = eval_metrics["eval_loss"]
+    return summary
+
+
+def build_manifest(recipe: Recipe, started: datetime) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def installed(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    return {
+        "ftune": __version__,
+        "versions": {name: installed(name) for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")},
+        "python": platform.python_version(),
+        "model_source": resolve_model_source(recipe.model).location,
+        "data_fingerprint": data_fingerprint(recipe.data),
+        "seed": recipe.training.seed,
+        "hardware": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        },
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def save_loss_plot(run: RunDir) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in run.metrics.read_text().splitlines() if line] if run.metrics.is_file() else []
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for key, label in (("loss", "train"), ("eval_loss", "eval")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            axis.plot(*zip(*points), marker="o" if label == "eval" else None, label=label)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("loss")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(run.loss_plot, dpi=100)
+    plt.close(figure)
