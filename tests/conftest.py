@@ -75,7 +75,7 @@ def recipe_dict(model_dir: Path, train: Path, eval_file: Path, output_dir: Path,
         "output_dir": str(output_dir),
     }
     for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+        if key != "method" and isinstance(value, dict) and isinstance(recipe.get(key), dict):
             recipe[key] = {**recipe[key], **value}
         else:
             recipe[key] = value
@@ -89,7 +89,7 @@ def write_recipe(path: Path, recipe: dict) -> Path:
 
 @pytest.fixture
 def make_recipe(tmp_path, tiny_llama_dir, alpaca_files):
-    """Write a runnable recipe on the tiny model; keyword arguments replace or update sections."""
+    """Write a runnable recipe on the tiny model; keyword arguments update sections (``method`` is replaced)."""
 
     def make(**sections) -> Path:
         train, eval_file = alpaca_files
