@@ -91,10 +91,50 @@ def train(
     from ftune.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides)
-    from ftune.train import run_training
+    from ftune.train import is_main_process, run_training
 
     run = run_training(resolved, overwrite=overwrite, resume=resume, echo=typer.echo)
-    typer.echo(f"Run directory: {run.root}")
+    if is_main_process():
+        typer.echo(f"Run directory: {run.root}")
+
+
+@app.command()
+@user_errors
+def preprocess(recipe: Path = RecipeArg, overrides: List[str] = SetOption) -> None:
+    """Tokenize the recipe's data into the cache now, so ftune train skips tokenization (tokenizer only, no weights)."""
+    from ftune.recipe import load_recipe
+
+    resolved = load_recipe(recipe, overrides)
+    from ftune.data import run_preprocess
+
+    splits = run_preprocess(resolved, echo=typer.echo)
+    typer.echo(f"Cache: {splits.cache_path}")
+
+
+data_app = typer.Typer(help="Inspect the recipe's data as training will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("preview")
+@user_errors
+def data_preview(
+    recipe: Path = RecipeArg,
+    overrides: List[str] = SetOption,
+    count: int = typer.Option(3, "-n", "--count", min=0, help="Examples to show."),
+    split: str = typer.Option("train", "--split", help="'train' or 'eval'."),
+) -> None:
+    """Render examples with trained tokens highlighted and masked ones dimmed, then row/token/truncation counts."""
+    import os
+
+    from ftune.recipe import load_recipe
+
+    if split not in ("train", "eval"):
+        raise FtuneError(f"--split {split!r}: expected 'train' or 'eval'")
+    resolved = load_recipe(recipe, overrides)
+    from ftune.data.preview import run_preview
+
+    color = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+    run_preview(resolved, count=count, split=split, color=color, echo=typer.echo)
 
 
 @app.command("eval")
@@ -121,15 +161,110 @@ def evaluate(
 
 
 @app.command()
+@user_errors
+def merge(
+    run_dir: Path = RunArg,
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write; default RUN/merged."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Saved weight dtype: float32, bfloat16 or float16; default the recipe's model.dtype."),
+) -> None:
+    """Fold the adapter into the base weights and check the merged model reproduces the adapter model."""
+    from ftune.merge import describe, run_merge
+
+    report = run_merge(run_dir, out=out, dtype=dtype, echo=typer.echo)
+    typer.echo(describe(report))
+    if not report.passed:
+        typer.echo(
+            "error: the merged model strays from the adapter model beyond tolerance; nothing was written "
+            "(if the drift is expected, e.g. with --dtype float16, raise merge.tolerance in the run's recipe.yaml)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    typer.echo(f"Merged model: {report.path} (plain transformers folder; parity report in parity.json)")
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Path = RunArg,
+    format: str = typer.Option(..., "--format", help="safetensors or gguf."),
+    quant: Optional[str] = typer.Option(None, "--quant", help="GGUF weight type: f32, f16 (default), bf16 or q8_0."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf) or folder (safetensors); default under RUN/export/."),
+) -> None:
+    """Write the run's complete weights (merging first if needed) as GGUF or safetensors, verified by reloading."""
+    from ftune.merge import MergeParityError, export_run
+
+    try:
+        report = export_run(run_dir, format, quant=quant, out=out, echo=typer.echo)
+    except MergeParityError as failed:
+        typer.echo(f"error: cannot export: {failed}; nothing was written", err=True)
+        raise typer.Exit(1) from None
+    size = report.size_bytes / 2**20
+    typer.echo(
+        f"verification: max |logit diff| {report.max_abs_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
+        f"next-token agreement {100 * report.next_token_agreement:.2f}%, size {size:.1f} MiB"
+    )
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
+    if not report.passed:
+        typer.echo(f"error: {report.path} does not reproduce the model (kept for inspection; do not deploy it)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"Exported: {report.path}")
+
+
+@app.command()
+@user_errors
+def generate(
+    run_dir: Path = RunArg,
+    prompt: str = typer.Option(..., "--prompt", help="User message to reply to."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Cap on generated tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic); above 0 samples."),
+    merged: bool = typer.Option(False, "--merged", help="Use RUN/merged (from ftune merge) instead of the adapter."),
+) -> None:
+    """Reply to one prompt with the tuned model, streaming tokens; uses the training chat template and system prompt."""
+    from ftune.inference import load_for_generation, stream_reply, with_system_prompt
+
+    model, tokenizer, recipe = load_for_generation(run_dir, merged=merged)
+    messages = with_system_prompt([{"role": "user", "content": prompt}], recipe.data.system_prompt)
+    stream_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+@app.command()
+@user_errors
+def chat(
+    run_dir: Path = RunArg,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Cap on generated tokens per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic); above 0 samples."),
+    merged: bool = typer.Option(False, "--merged", help="Use RUN/merged (from ftune merge) instead of the adapter."),
+) -> None:
+    """Talk to the tuned model: one line per turn, replies stream back; /reset forgets, /exit or Ctrl-D quits."""
+    from ftune.inference import load_for_generation, run_chat
+
+    model, tokenizer, recipe = load_for_generation(run_dir, merged=merged)
+    typer.echo(f"Chatting with {run_dir} (/exit or Ctrl-D quits, /reset starts over)", err=True)
+    run_chat(model, tokenizer, system_prompt=recipe.data.system_prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+
+
+@app.command()
+def reference() -> None:
+    """Print the recipe reference (every key, its type, default and meaning) as Markdown."""
+    from ftune.recipe.reference import render_reference
+
+    typer.echo(render_reference(), nl=False)
+
+
+@app.command()
 def methods() -> None:
-    """Print the capability matrix: tasks, quantized bases, merge and gradient checkpointing per method."""
+    """Print the capability matrix: tasks, quantized bit widths, merge, gradient checkpointing and model needs per method."""
     from ftune.recipe import METHOD_CLASSES, method_names
 
-    header = f"{'method':<12} {'tasks':<28} {'quantized':<10} {'mergeable':<10} {'grad-ckpt':<10} summary"
+    header = f"{'method':<12} {'tasks':<26} {'quantized':<10} {'mergeable':<10} {'grad-ckpt':<10} {'needs':<20} summary"
     typer.echo(header)
     for name, cls in zip(method_names(), METHOD_CLASSES):
-        flags = ["yes" if flag else "no" for flag in (cls.quantized_base, cls.mergeable, cls.gradient_checkpointing)]
-        typer.echo(f"{name:<12} {', '.join(sorted(cls.tasks)):<28} {flags[0]:<10} {flags[1]:<10} {flags[2]:<10} {cls.summary}")
+        bits = ",".join(map(str, cls.quantized_base)) or "no"
+        flags = ["yes" if flag else "no" for flag in (cls.mergeable, cls.gradient_checkpointing)]
+        typer.echo(
+            f"{name:<12} {', '.join(sorted(cls.tasks)):<26} {bits:<10} {flags[0]:<10} {flags[1]:<10} {cls.needs or '-':<20} {cls.summary}"
+        )
 
 
 def main() -> None:

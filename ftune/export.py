@@ -90,7 +90,7 @@ def _logit_stats(reference_model: Any, candidate_model: Any, input_ids: Any) -> 
             worst = max(worst, (ref - cand).abs().max().item())
             scale = max(scale, ref.abs().max().item())
             agree += (ref.argmax(-1) == cand.argmax(-1)).sum().item()
-            total += batch.shape[1]
+            total += ref.argmax(-1).numel()  # one per position, or one per sequence for a classifier
     return worst, agree / max(total, 1), scale
 
 

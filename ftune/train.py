@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ftune import __version__
-from ftune.data import PadCollator, build_datasets, data_fingerprint
+from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits, save_label_names
 from ftune.methods import apply_method, count_parameters, method_callbacks, save_method_artifact
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.recipe import Recipe
@@ -24,14 +24,30 @@ from ftune.run_dir import RunDir, atomic_dir, prepare_run_dir, write_json_atomic
 from ftune.runtime import quiet_libraries
 
 
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch, or a single process: the one that writes the run directory."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
 def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo=print) -> RunDir:
     quiet_libraries()
+    main = is_main_process()
+    echo = echo if main else (lambda *_: None)
     started = datetime.now(timezone.utc)
-    run = prepare_run_dir(recipe, overwrite=overwrite, resume=resume)
+    run = prepare_run_dir(recipe, overwrite=overwrite, resume=resume, write=main)
     tokenizer = load_tokenizer(recipe.model)
-    splits = build_datasets(recipe.data, tokenizer)
-    echo(describe_data(splits))
-    base = load_base_model(recipe.model, recipe.quantization, task=recipe.task)
+    splits = build_datasets(recipe.data, tokenizer, recipe.task)
+    echo(describe_splits(splits))
+    if main:
+        save_label_names(run.root, splits.label_names)
+    seed_everything(recipe.training.seed)  # new heads and adapter weights are drawn from it
+    base = load_base_model(recipe.model, recipe.quantization, task=recipe.task, labels=splits.label_names)
     model = apply_method(base, recipe.method, recipe.task)
     trainable, total = count_parameters(model)
     echo(f"Method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
@@ -42,6 +58,8 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     result = trainer.train(resume_from_checkpoint=str(run.last_checkpoint()) if resume else None)
     wall = time.perf_counter() - clock
     eval_metrics = trainer.evaluate() if splits.eval else {}
+    if not trainer.is_world_process_zero():
+        return run
     save_artifacts(trainer.model, tokenizer, recipe, run)
     summary = build_summary(result, eval_metrics, trainer, wall, trainable, total)
     save_loss_plot(run)
@@ -50,15 +68,6 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
     return run
-
-
-def describe_data(splits) -> str:
-    stats = splits.train_stats
-    share = 100 * stats.trained_tokens / max(stats.tokens, 1)
-    return (
-        f"Data: {len(splits.train)} train / {len(splits.eval)} eval examples, {stats.tokens:,} train tokens "
-        f"({share:.1f}% trained), {stats.truncated} truncated, {stats.dropped_no_target} dropped (no response left)"
-    )
 
 
 def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool):
@@ -106,12 +115,14 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, echo
 
     from ftune.progress import MetricsCallback
 
+    batching = build_collator(model, tokenizer, task=recipe.task, packing=recipe.data.packing)
+    echo(batching.note)
     trainer = Trainer(
         model=model,
         args=build_training_arguments(recipe, run, has_eval=bool(splits.eval)),
         train_dataset=splits.train,
         eval_dataset=splits.eval or None,
-        data_collator=PadCollator(tokenizer.pad_token_id),
+        data_collator=batching.collator,
         processing_class=tokenizer,
         callbacks=[MetricsCallback(run.metrics, echo=echo), *method_callbacks(model, recipe.method, run)],
     )

@@ -61,8 +61,9 @@ def alpaca_files(tmp_path_factory) -> tuple[Path, Path]:
     """(train, eval) alpaca JSONL files: a tiny copy task the tiny model can fit in a few steps."""
     root = tmp_path_factory.mktemp("data")
     words = ["red", "blue", "green", "cat", "dog", "sun", "moon", "tree"]
-    rows = [{"instruction": "Repeat the word.", "input": w, "output": w} for w in words * 4]
-    return write_jsonl(root / "train.jsonl", rows), write_jsonl(root / "eval.jsonl", rows[:8])
+    rows = [{"instruction": f"Repeat the word {n} times.", "input": w, "output": " ".join([w] * n)} for n in (1, 2, 3, 4) for w in words]
+    held_out = [{"instruction": "Repeat the word 5 times.", "input": w, "output": " ".join([w] * 5)} for w in words]
+    return write_jsonl(root / "train.jsonl", rows), write_jsonl(root / "eval.jsonl", held_out)
 
 
 def recipe_dict(model_dir: Path, train: Path, eval_file: Path, output_dir: Path, **sections) -> dict:

@@ -1,99 +1,262 @@
-"""Row formats: each turns one raw row into a conversation (a list of role/content messages).
+"""Row formats: each turns one raw row into a record of one kind (chat, text, classification, preference).
 
-``FORMATS`` is the dispatch table; ``detect_format`` picks one from the keys of the first row when
-the recipe says ``auto``. Every check names the row's file:line and the field at fault.
+``FORMATS`` is the dispatch table: per format, the record kind it yields, the columns that identify
+it when the recipe says ``format: auto``, the tasks it can serve, and its converter. A recipe's
+``columns:`` mapping renames a dataset's columns to the format's fields before conversion, and
+problems are reported under the user's column names, with the row's file:line.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Callable
 
 from ftune.data.sources import Row
 from ftune.errors import FtuneError, raise_problems
+from ftune.recipe.methods import CAUSAL_LM, CLASSIFICATION
+from ftune.recipe.schema import FORMAT_FIELDS, DatasetSource
 
 ROLES = ("system", "user", "assistant")
+# ShareGPT speaker names seen in the wild -> chat roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
 
 class RowError(ValueError):
-    """A problem with one row; the caller adds the row's origin."""
+    """A problem with one field of one row; the caller names the row's origin and the user's column name."""
+
+    def __init__(self, field: str, problem: str, detail: str = "") -> None:
+        super().__init__(problem)
+        self.field, self.problem, self.detail = field, problem, detail
+
+    def describe(self, columns: dict[str, str]) -> str:
+        return f"field '{columns.get(self.field, self.field)}{self.detail}' {self.problem}"
 
 
-def _text_field(row: dict, name: str, *, required: bool = True, allow_empty: bool = False) -> str:
-    if name not in row or row[name] is None:
+@dataclass(frozen=True)
+class Record:
+    kind: str  # "chat" | "text" | "classification" | "preference"
+    value: object  # messages | text | [text, label] | {"prompt": messages, "chosen": str, "rejected": str}
+    origin: str
+    source: int  # index of the recipe entry in its split (mixing weights are per entry)
+
+    @property
+    def content_key(self) -> str:
+        """Canonical text of the record: equal for exact duplicates, whatever file or format they came from."""
+        return json.dumps([self.kind, self.value], sort_keys=True, ensure_ascii=False)
+
+
+def text_field(row: dict, name: str, *, required: bool = True, allow_empty: bool = False) -> str:
+    value = row.get(name)
+    if value is None:
         if required:
-            raise RowError(f"field '{name}' is missing")
+            raise RowError(name, "is missing" if name not in row else "is null")
         return ""
-    value = row[name]
     if not isinstance(value, str):
-        raise RowError(f"field '{name}' must be a string, got {type(value).__name__}")
+        raise RowError(name, f"must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
-        raise RowError(f"field '{name}' is empty")
+        raise RowError(name, "is empty")
     return value
 
 
-def alpaca_to_messages(row: dict) -> list[dict]:
-    instruction = _text_field(row, "instruction")
-    extra = _text_field(row, "input", required=False, allow_empty=True)
-    output = _text_field(row, "output")
-    system = _text_field(row, "system", required=False, allow_empty=True)
-    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-    messages = [{"role": "system", "content": system}] if system.strip() else []
-    return messages + [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-
-
-def messages_to_messages(row: dict) -> list[dict]:
-    messages = row.get("messages")
-    if messages is None:
-        raise RowError("field 'messages' is missing")
-    if not isinstance(messages, list) or not messages:
-        raise RowError("field 'messages' must be a non-empty list of {role, content} objects")
-    result = []
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise RowError(f"field 'messages[{index}]' must be an object with role and content")
-        role = message.get("role")
-        if role not in ROLES:
-            raise RowError(f"field 'messages[{index}].role' must be one of {', '.join(ROLES)}, got {role!r}")
+def chat_turns(row: dict, field: str, role_key: str, content_key: str, role_names: dict[str, str], *, learn: bool = True) -> list[dict]:
+    turns = row.get(field)
+    if turns is None:
+        raise RowError(field, "is missing" if field not in row else "is null")
+    if not isinstance(turns, list) or not turns:
+        raise RowError(field, f"must be a non-empty list of {{{role_key}, {content_key}}} objects")
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError(field, f"must be an object with {role_key} and {content_key}", f"[{index}]")
+        role = role_names.get(turn.get(role_key)) if isinstance(turn.get(role_key), str) else None
+        if role is None:
+            raise RowError(field, f"must be one of {', '.join(role_names)}, got {turn.get(role_key)!r}", f"[{index}].{role_key}")
         try:
-            content = _text_field(message, "content")
+            content = text_field(turn, content_key, allow_empty=role == "system")
         except RowError as exc:
-            raise RowError(str(exc).replace("'content'", f"'messages[{index}].content'")) from None
-        result.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in result):
-        raise RowError("field 'messages' has no assistant turn to learn from")
-    return result
+            raise RowError(field, exc.problem, f"[{index}].{content_key}") from None
+        messages.append({"role": role, "content": content})
+    if learn and not any(m["role"] == "assistant" for m in messages):
+        raise RowError(field, "has no assistant turn to learn from")
+    return messages
 
 
-FORMATS: dict[str, tuple[frozenset[str], Callable[[dict], list[dict]]]] = {
-    # name -> (keys that identify it, converter)
-    "alpaca": (frozenset({"instruction", "output"}), alpaca_to_messages),
-    "messages": (frozenset({"messages"}), messages_to_messages),
+def with_system(row: dict, messages: list[dict]) -> list[dict]:
+    system = text_field(row, "system", required=False, allow_empty=True)
+    if system.strip() and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system}, *messages]
+    return messages
+
+
+def alpaca_record(row: dict) -> list[dict]:
+    instruction = text_field(row, "instruction")
+    extra = text_field(row, "input", required=False, allow_empty=True)
+    output = text_field(row, "output")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    return with_system(row, [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}])
+
+
+def sharegpt_record(row: dict) -> list[dict]:
+    return with_system(row, chat_turns(row, "conversations", "from", "value", SHAREGPT_ROLES))
+
+
+def messages_record(row: dict) -> list[dict]:
+    return chat_turns(row, "messages", "role", "content", {role: role for role in ROLES})
+
+
+def text_record(row: dict) -> str:
+    return text_field(row, "text")
+
+
+def classification_record(row: dict) -> list:
+    label = row.get("label")
+    if label is None:
+        raise RowError("label", "is missing" if "label" not in row else "is null")
+    if isinstance(label, float) and label.is_integer():
+        label = int(label)  # Parquet/pandas often store integer classes as floats
+    if isinstance(label, bool) or not isinstance(label, (str, int)):
+        raise RowError("label", f"must be a class name or a class id, got {type(label).__name__}")
+    if isinstance(label, str) and not label.strip():
+        raise RowError("label", "is empty")
+    return [text_field(row, "text"), label]
+
+
+def preference_record(row: dict) -> dict:
+    prompt = row.get("prompt")
+    if isinstance(prompt, list):
+        messages = chat_turns(row, "prompt", "role", "content", {role: role for role in ROLES}, learn=False)
+    else:
+        messages = [{"role": "user", "content": text_field(row, "prompt")}]
+    chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
+    if chosen.strip() == rejected.strip():
+        raise RowError("rejected", "is identical to 'chosen'; a preference pair needs two different responses")
+    return {"prompt": with_system(row, messages), "chosen": chosen, "rejected": rejected}
+
+
+@dataclass(frozen=True)
+class Format:
+    kind: str
+    keys: frozenset[str]  # columns that must all be present; they identify the format for auto-detection
+    tasks: frozenset[str]
+    convert: Callable[[dict], object]
+
+
+FORMATS: dict[str, Format] = {
+    "alpaca": Format("chat", frozenset({"instruction", "output"}), frozenset({CAUSAL_LM}), alpaca_record),
+    "sharegpt": Format("chat", frozenset({"conversations"}), frozenset({CAUSAL_LM}), sharegpt_record),
+    "messages": Format("chat", frozenset({"messages"}), frozenset({CAUSAL_LM}), messages_record),
+    "text": Format("text", frozenset({"text"}), frozenset({CAUSAL_LM}), text_record),
+    "classification": Format("classification", frozenset({"text", "label"}), frozenset({CLASSIFICATION}), classification_record),
+    "preference": Format("preference", frozenset({"prompt", "chosen", "rejected"}), frozenset({CAUSAL_LM}), preference_record),
 }
+assert FORMATS.keys() == FORMAT_FIELDS.keys(), "ftune.recipe.schema.FORMAT_FIELDS and FORMATS list different formats"
 
 
-def detect_format(row: Row) -> str:
-    matches = [name for name, (keys, _) in FORMATS.items() if keys <= row.fields.keys()]
-    if len(matches) != 1:
-        found = ", ".join(sorted(row.fields)) or "none"
+def renamed(fields: dict, columns: dict[str, str]) -> dict:
+    """The row under the format's field names (``columns`` maps field -> the dataset's column)."""
+    if not columns:
+        return fields
+    out = {k: v for k, v in fields.items() if k not in columns}
+    for field, column in columns.items():
+        if column in fields:
+            out[field] = fields[column]
+    return out
+
+
+def detect_format(keys: set[str], task: str, *, key: str, shown: str) -> str:
+    """The one format the columns identify for ``task``; the most specific wins (text+label over text)."""
+    matches = [name for name, fmt in FORMATS.items() if task in fmt.tasks and fmt.keys <= keys]
+    best = [m for m in matches if all(FORMATS[other].keys <= FORMATS[m].keys for other in matches)]
+    if len(best) != 1:
+        found = ", ".join(sorted(keys)) or "none"
+        options = [name for name, fmt in FORMATS.items() if task in fmt.tasks]
+        hint = " or ".join(f"{name} ({', '.join(sorted(FORMATS[name].keys))})" for name in options)
         raise FtuneError(
-            f"{row.origin}: cannot tell the data format from the keys ({found}); "
-            f"set format: to one of {', '.join(FORMATS)} in the recipe's data entry"
+            f"{key}.format: cannot tell the format of {shown} from its columns ({found}) for task {task}; "
+            f"set format: to {'one of ' if len(options) > 1 else ''}{', '.join(options)}, and map differently named columns "
+            f"with columns: (expected {hint})"
         )
-    return matches[0]
+    return best[0]
 
 
-def rows_to_conversations(rows: list[Row], format_name: str, *, system_prompt: str | None = None) -> list[list[dict]]:
-    name = detect_format(rows[0]) if format_name == "auto" else format_name
-    convert = FORMATS[name][1]
-    conversations, problems = [], []
+def resolve_format(source: DatasetSource, rows: list[Row], task: str, *, key: str, shown: str) -> str:
+    """The entry's format, checking that its columns (mapped or not) exist in the data."""
+    present: set[str] = set()
+    for row in rows:
+        present.update(row.fields)
+    for field, column in source.columns.items():
+        if column not in present:
+            raise FtuneError(f"{key}.columns.{field}: column '{column}' is not in {shown} (columns: {', '.join(sorted(present))})")
+    keys = set(renamed(dict.fromkeys(present), source.columns))
+    name = detect_format(keys, task, key=key, shown=shown) if source.format == "auto" else source.format
+    missing = sorted(FORMATS[name].keys - keys)
+    if missing:
+        raise FtuneError(
+            f"{key}: format {name} needs column '{missing[0]}', which {shown} does not have (columns: {', '.join(sorted(present))}); "
+            f"map it with {key}.columns: {{{missing[0]}: <your column>}}"
+        )
+    return name
+
+
+def convert_rows(rows: list[Row], name: str, columns: dict[str, str], *, source: int, system_prompt: str | None,
+                 problems: list[str]) -> list[Record]:
+    """Records of the rows that convert cleanly; each failing row adds one line to ``problems``."""
+    fmt = FORMATS[name]
+    records = []
     for row in rows:
         try:
-            messages = convert(row.fields)
+            value = fmt.convert(renamed(row.fields, columns))
         except RowError as exc:
-            problems.append(f"{row.origin}: {exc}")
+            problems.append(f"{row.origin}: {exc.describe(columns)}")
             continue
-        if system_prompt and messages[0]["role"] != "system":
-            messages = [{"role": "system", "content": system_prompt}] + messages
-        conversations.append(messages)
+        if fmt.kind == "chat" and system_prompt and value[0]["role"] != "system":
+            value = [{"role": "system", "content": system_prompt}, *value]
+        records.append(Record(fmt.kind, value, row.origin, source))
+    return records
+
+
+def label_names_of(records: list[Record], names: list[str] | None) -> list[str]:
+    """Class names in id order: ``data.labels`` when given, else from the data. Integer labels 0..max name
+    themselves; string labels are sorted (numerically when all are digits), so the same data always
+    gives the same ids."""
+    if names is not None:
+        return list(names)
+    labels = [r.value[1] for r in records]
+    if labels and all(isinstance(label, int) for label in labels):
+        return [str(i) for i in range(max(max(labels), 0) + 1)]
+    found = {str(label) for label in labels}
+    numeric = all(name.lstrip("-").isdigit() for name in found)
+    return sorted(found, key=lambda name: (int(name), name) if numeric else (0, name))
+
+
+def assign_label_ids(records: list[Record], names: list[str], problems: list[str]) -> list[Record]:
+    """Records with the label replaced by its class id; a label outside ``names`` is a row problem."""
+    ids = {name: index for index, name in enumerate(names)}
+    out = []
+    for record in records:
+        text, label = record.value
+        if isinstance(label, str) and label not in ids and label.isdigit():
+            label = int(label)  # CSV cells are text: "1" is class id 1 unless a class is named "1"
+        if isinstance(label, int):
+            label_id = label if 0 <= label < len(names) else None  # an integer label is already a class id
+        else:
+            label_id = ids.get(label)
+        if label_id is None:
+            problems.append(f"{record.origin}: field 'label' value {label!r} is not one of the labels ({', '.join(names)})")
+            continue
+        out.append(Record(record.kind, [text, label_id], record.origin, record.source))
+    return out
+
+
+def rows_to_conversations(rows: list[Row], format_name: str = "auto", *, system_prompt: str | None = None) -> list[list[dict]]:
+    """Conversations of one-off rows (e.g. ``ftune eval --split file``), failing on any bad row."""
+    keys: set[str] = set()
+    for row in rows:
+        keys.update(row.fields)
+    name = detect_format(keys, CAUSAL_LM, key="--split", shown=rows[0].origin.rsplit(":", 1)[0]) if format_name == "auto" else format_name
+    problems: list[str] = []
+    records = convert_rows(rows, name, {}, source=0, system_prompt=system_prompt, problems=problems)
     raise_problems(problems)
-    return conversations
+    return [r.value for r in records if r.kind == "chat"]

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ftune.methods import full, peft_family
+from ftune.methods import adapter, freeze, full, lora, prompt
+from ftune.methods.peft_family import boft_config, ia3_config, load_peft, loha_config, lokr_config, oft_config, peft_apply, save_peft, vera_config
 
 ApplyFn = Callable[[Any, Any, str], Any]  # (base model, method config, task) -> trainable model
 SaveFn = Callable[[Any, Path], None]  # (trained model, directory)
@@ -28,7 +29,21 @@ class MethodImpl:
 
 METHODS: dict[str, MethodImpl] = {
     "full": MethodImpl(full.apply_full, full.save_full, full.load_full),
-    "lora": MethodImpl(peft_family.apply_lora, peft_family.save_peft, peft_family.load_peft),
+    "freeze": MethodImpl(freeze.apply_freeze, full.save_full, full.load_full),
+    "bitfit": MethodImpl(freeze.apply_bitfit, full.save_full, full.load_full),
+    "lora": MethodImpl(lora.apply_lora, save_peft, load_peft),
+    "adalora": MethodImpl(lora.apply_adalora, save_peft, load_peft, lora.adalora_callbacks),
+    "ia3": MethodImpl(peft_apply(ia3_config), save_peft, load_peft),
+    "loha": MethodImpl(peft_apply(loha_config), save_peft, load_peft),
+    "lokr": MethodImpl(peft_apply(lokr_config), save_peft, load_peft),
+    "oft": MethodImpl(peft_apply(oft_config), save_peft, load_peft),
+    "boft": MethodImpl(peft_apply(boft_config), save_peft, load_peft),
+    "vera": MethodImpl(peft_apply(vera_config), save_peft, load_peft),
+    "prefix": MethodImpl(peft_apply(prompt.prefix_config), save_peft, load_peft),
+    "prompt": MethodImpl(peft_apply(prompt.prompt_config), save_peft, load_peft),
+    "ptuning": MethodImpl(peft_apply(prompt.ptuning_config), save_peft, load_peft),
+    "ptuning_v2": MethodImpl(peft_apply(prompt.ptuning_v2_config), save_peft, load_peft),
+    "adapter": MethodImpl(adapter.apply_adapter, adapter.save_adapter, adapter.load_adapter),
 }
 
 

@@ -4,6 +4,7 @@ Each adapter is a residual bottleneck ``h + up(act(down(h)))`` placed right afte
 the attention output projection and/or the feed-forward output projection of every
 transformer layer, i.e. before the layer's own residual add. The up-projection starts
 at zero, so a freshly adapted model computes exactly what the base model computes.
+``apply_adapter``/``save_adapter``/``load_adapter`` at the end are the ``method: adapter`` steps.
 """
 
 from __future__ import annotations
@@ -11,11 +12,15 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from ftune.errors import FtuneError
+from ftune.methods.heads import task_head_names
+from ftune.methods.peft_family import prepare_quantized
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
@@ -109,9 +114,18 @@ def _sublayers(model: nn.Module, placement: str) -> list[str]:
 
 
 def apply_bottleneck_adapters(
-    model: nn.Module, *, reduction_factor: int = 16, placement: str = "both", non_linearity: str = "gelu"
+    model: nn.Module,
+    *,
+    reduction_factor: int = 16,
+    placement: str = "both",
+    non_linearity: str = "gelu",
+    modules_to_save: Sequence[str] = (),
 ) -> list[str]:
-    """Freeze every base parameter, insert adapters, return the qualified names of the wrapped modules."""
+    """Freeze every base parameter, insert adapters, return the qualified names of the wrapped modules.
+
+    ``modules_to_save`` names modules (e.g. a fresh classification head) that train in full and are
+    saved with the adapters.
+    """
     suffixes = _sublayers(model, placement)
     if non_linearity not in NON_LINEARITIES:
         raise ValueError(f"unknown adapter non_linearity {non_linearity!r}; expected one of {sorted(NON_LINEARITIES)}")
@@ -119,6 +133,10 @@ def apply_bottleneck_adapters(
         raise ValueError(f"reduction_factor must be a positive integer, got {reduction_factor!r}")
     if any(isinstance(m, BottleneckAdapterLayer) for m in model.modules()):
         raise ValueError("model already has bottleneck adapters")
+    module_names = dict(model.named_modules())
+    unknown = [name for name in modules_to_save if name not in module_names]
+    if unknown:
+        raise ValueError(f"modules_to_save {unknown} are not modules of {type(model).__name__}")
     # Anchoring on the layer index keeps "output.dense" from also matching "attention.output.dense".
     pattern = re.compile(r"\.\d+\.(?:" + "|".join(re.escape(s) for s in suffixes) + r")$")
     targets = [name for name, _ in model.named_modules() if pattern.search(name)]
@@ -131,19 +149,25 @@ def apply_bottleneck_adapters(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, BottleneckAdapterLayer(getattr(parent, child), reduction_factor, non_linearity))
+    for name in modules_to_save:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(True)
     model.bottleneck_adapter_config = {
         "reduction_factor": reduction_factor,
         "placement": placement,
         "non_linearity": non_linearity,
         "wrapped_modules": targets,
         "model_type": model.config.model_type,
+        **({"modules_to_save": list(modules_to_save)} if modules_to_save else {}),
     }
     return targets
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter tensors only, keyed by their qualified parameter names in ``model``."""
-    return {name: param for name, param in model.named_parameters() if ".adapter." in name}
+    """Adapter tensors (and those of ``modules_to_save``), keyed by their qualified parameter names in ``model``."""
+    config = getattr(model, "bottleneck_adapter_config", None) or {}
+    saved = tuple(f"{name}." for name in config.get("modules_to_save", ()))
+    return {name: param for name, param in model.named_parameters() if ".adapter." in name or name.startswith(saved)}
 
 
 def save_bottleneck_adapters(model: nn.Module, directory: pathlib.Path) -> None:
@@ -170,6 +194,7 @@ def load_bottleneck_adapters(base_model: nn.Module, directory: pathlib.Path) -> 
         reduction_factor=config["reduction_factor"],
         placement=config["placement"],
         non_linearity=config["non_linearity"],
+        modules_to_save=config.get("modules_to_save", ()),
     )
     if wrapped != config["wrapped_modules"]:
         raise ValueError("base model layout differs from the one the adapters were saved from")
@@ -182,3 +207,25 @@ def load_bottleneck_adapters(base_model: nn.Module, directory: pathlib.Path) -> 
         for name, param in params.items():
             param.copy_(saved[name])
     return base_model
+
+
+def apply_adapter(model: nn.Module, config: Any, task: str) -> nn.Module:
+    try:
+        apply_bottleneck_adapters(
+            prepare_quantized(model),
+            reduction_factor=config.reduction_factor,
+            placement=config.placement,
+            non_linearity=config.non_linearity,
+            modules_to_save=task_head_names(model, task),
+        )
+    except ValueError as exc:
+        raise FtuneError(f"method: adapter: {exc}") from None
+    return model
+
+
+def save_adapter(model: nn.Module, directory: pathlib.Path) -> None:
+    save_bottleneck_adapters(model, directory)
+
+
+def load_adapter(load_base: Any, directory: pathlib.Path) -> nn.Module:
+    return load_bottleneck_adapters(load_base(), directory)

@@ -164,3 +164,19 @@ def test_eval_scores_tuned_and_base(make_recipe, tmp_path):
     result = runner.invoke(app, ["eval", str(run.root), "--min", "exact_match=1.01"])
     assert result.exit_code == 1 and "below threshold" in result.stderr
     shutil.rmtree(run.root)
+
+
+def test_two_process_torchrun_writes_one_run_directory(make_recipe, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    command = [str(torchrun), "--nproc_per_node", "2", "-m", "ftune", "train", str(make_recipe())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("Run directory:") == 1
+    run = RunDir(tmp_path / "run")
+    assert run.is_complete()
+    assert json.loads(run.summary.read_text())["steps"] == 4
+    assert sorted(p.name for p in run.last_checkpoint().glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]

@@ -1,0 +1,99 @@
+"""``ftune data preview``: show examples exactly as training will see them, and the counts that matter.
+
+Trained tokens (in the loss) are highlighted and masked tokens dimmed on a terminal; elsewhere
+trained text is wrapped in ``[[ ]]``. Only the tokenizer is loaded, never the model weights.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from ftune.data import DataSplits, Records, load_records, tokenize_splits
+from ftune.data.templates import install_chat_template
+from ftune.data.tokenize import IGNORE_INDEX, TokenizeStats
+
+# (trained start, trained end, masked start, masked end) markers per output style.
+STYLES = {
+    "ansi": ("\x1b[1;32m", "\x1b[0m", "\x1b[2m", "\x1b[0m"),
+    "plain": ("[[", "]]", "", ""),
+}
+LEGENDS = {
+    "ansi": "green = trained (in the loss), dim = masked (context only)",
+    "plain": "[[text]] = trained (in the loss); text outside brackets is masked (context only)",
+}
+
+
+def render_example(tokenizer, example: dict, *, style: str) -> str:
+    """The example's text with trained and masked runs of tokens marked."""
+    trained_on, trained_off, masked_on, masked_off = STYLES[style]
+    ids, labels = example["input_ids"], example["labels"]
+    if isinstance(labels, int):
+        return masked_on + tokenizer.decode(ids, skip_special_tokens=False) + masked_off
+    pieces, run, flag = [], [], None
+    for token, label in zip(ids, labels):
+        trained = label != IGNORE_INDEX
+        if run and trained != flag:
+            pieces.append((flag, run))
+            run = []
+        run.append(token)
+        flag = trained
+    if run:
+        pieces.append((flag, run))
+    out = []
+    for trained, run in pieces:
+        text = tokenizer.decode(run, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        out.append(f"{trained_on}{text}{trained_off}" if trained else f"{masked_on}{text}{masked_off}")
+    return "".join(out)
+
+
+def describe_counts(name: str, records: int, stats: TokenizeStats, examples: int, classification: bool) -> str:
+    share = "" if classification else f", {100 * stats.trained_tokens / max(stats.tokens, 1):.1f}% of tokens trained"
+    rejected = f", {stats.rejected} rejected by the chat template" if stats.rejected else ""
+    return (f"{name}: {records:,} rows -> {examples:,} examples, {stats.tokens:,} tokens{share}, "
+            f"{stats.truncated} truncated, {stats.dropped_too_long + stats.dropped_no_target} dropped for length{rejected}")
+
+
+def preview_preference(records: Records, split: str, count: int, echo: Callable[[str], None]) -> None:
+    chosen = getattr(records, split)
+    for index, record in enumerate(chosen[:count]):
+        echo(f"-- {split} example {index + 1} ({record.origin}) --")
+        for message in record.value["prompt"]:
+            echo(f"{message['role']}: {message['content']}")
+        echo(f"chosen: {record.value['chosen']}")
+        echo(f"rejected: {record.value['rejected']}")
+    echo(f"{split}: {len(chosen):,} valid preference rows (train {len(records.train):,}, eval {len(records.eval):,})")
+    echo("note: preference data needs a preference-tuning method, not supported yet; ftune train will refuse it")
+
+
+def run_preview(recipe, *, count: int = 3, split: str = "train", color: bool = False, echo: Callable[[str], None] = print) -> DataSplits | None:
+    from ftune.model import load_tokenizer
+    from ftune.runtime import quiet_libraries
+
+    quiet_libraries()
+    tokenizer = load_tokenizer(recipe.model)
+    install_chat_template(tokenizer, recipe.data)
+    records = load_records(recipe.data, recipe.task)
+    for note in records.notes:
+        echo(f"note: {note}")
+    if any(r.kind == "preference" for r in records.train + records.eval):
+        preview_preference(records, split, count, echo)
+        return None
+    splits = tokenize_splits(records, tokenizer, recipe.data, keep_origins=True)
+    style = "ansi" if color else "plain"
+    examples = splits.train if split == "train" else splits.eval
+    for index in range(min(count, len(examples))):
+        example = examples[index]
+        header = f"-- {split} example {index + 1} ({examples.origins[index]}), {len(example['input_ids'])} tokens"
+        if splits.label_names is not None:
+            header += f", label {splits.label_names[example['labels']]!r} (id {example['labels']})"
+        echo(header + " --")
+        echo(render_example(tokenizer, example, style=style))
+    echo(f"-- legend: {LEGENDS[style]}" if splits.label_names is None else "--")
+    classification = splits.label_names is not None
+    echo(describe_counts("train", len(records.train), splits.train_stats, len(splits.train), classification))
+    echo(describe_counts("eval", len(records.eval), splits.eval_stats, len(splits.eval), classification))
+    if classification:
+        echo(f"labels: {', '.join(f'{i}={name}' for i, name in enumerate(splits.label_names))}")
+    for note in splits.notes[len(records.notes):]:
+        echo(f"note: {note}")
+    return splits

@@ -1,0 +1,79 @@
+"""The quickstart lifecycle on real SmolLM2-135M weights: a short LoRA run, merged and exported to GGUF,
+whose merged and exported models answer eval prompts exactly as the adapter model does (greedy)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ftune.cli import app
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+PROMPTS = 4
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.chdir(REPO)  # the recipe names its data relative to the repository
+    out = tmp_path_factory.mktemp("smollm2") / "run"
+    invoke(
+        "train", "recipes/smollm2-135m/lora-quickstart.yaml",
+        "--set", "training.max_steps=8", "--set", "training.save_steps=100", "--set", f"output_dir={out}",
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def greedy(model, tokenizer, prompts):
+    from ftune.inference import generate_replies
+
+    return generate_replies(model, tokenizer, prompts, max_new_tokens=16, batch_size=PROMPTS)
+
+
+def test_merged_and_gguf_exports_generate_like_the_adapter(quickstart_run):
+    from transformers import AutoModelForCausalLM
+
+    from ftune.evaluate import eval_conversations
+    from ftune.inference import load_merged, load_model, prompt_and_reference
+    from ftune.run_dir import load_run
+
+    run_dir = quickstart_run
+    invoke("merge", run_dir)
+    parity = json.loads((run_dir / "merged" / "parity.json").read_text())
+    assert parity["passed"] and parity["next_token_agreement"] == 1.0
+
+    run, recipe = load_run(run_dir)
+    prompts = [prompt_and_reference(c)[0] for c in eval_conversations(recipe, "eval")[:PROMPTS]]
+    adapter, tokenizer = load_model(run, recipe)
+    expected = greedy(adapter, tokenizer, prompts)
+    del adapter
+    merged, _ = load_merged(run, recipe)
+    assert greedy(merged, tokenizer, prompts) == expected
+    del merged
+
+    for quant in ("f16", "q8_0"):
+        invoke("export", run_dir, "--format", "gguf", "--quant", quant)
+        report = json.loads((run_dir / "export" / f"model-{quant}.gguf.verify.json").read_text())
+        assert report["passed"], report
+        gguf_file = run_dir / "export" / f"model-{quant}.gguf"
+        exported = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+        assert greedy(exported, tokenizer, prompts) == expected, quant
+        del exported
