@@ -28,9 +28,10 @@ from ftune.run_dir import RunDir, atomic_dir, load_run, write_json_atomic
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 # Default parity tolerance, as a fraction of the largest |reference logit| (logit scale is ~0.7 on
-# a tiny random model, ~40 on SmolLM2). A float32 merge is exact up to rounding (~1e-7 relative);
-# casting to a half type costs what export measured for f16/bf16 GGUF.
-RELATIVE_TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+# a tiny random model, ~47 on SmolLM2). Measured on a SmolLM2 LoRA run: float32 2e-6 (rounding
+# only), float16 3.6e-3, bfloat16 3.5e-2 (the reloaded model also computes in that dtype). A
+# wrong scale or a missed module shifts logits by a large fraction of the scale.
+RELATIVE_TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-1}
 # Against a reference that runs on quantized weights (merge.base: dequantized): bitsandbytes' 4-bit
 # kernels round differently from a float32 matmul over the same dequantized weights (measured
 # 3e-3 to 6e-3 of the logit scale on CPU), so the merged model can match it only that closely. Merging

@@ -300,8 +300,8 @@ class MergeConfig(Strict):
     )
     tolerance: float | None = Field(
         None, gt=0, lt=1,
-        description="Largest accepted merged-vs-adapter max logit difference, as a fraction of the largest |logit|; "
-        "null = by output dtype (float32 1e-5, float16 1e-2, bfloat16 5e-2; at least 2e-2 with base: dequantized).",
+        description="Largest accepted merged-vs-adapter max logit difference, as a fraction of the largest absolute logit; "
+        "null = by output dtype (float32 1e-5, float16 1e-2, bfloat16 1e-1; at least 2e-2 with base: dequantized).",
     )
     parity_samples: int = Field(4, gt=0, le=64, description="Eval examples the merged model is checked on.")
 

@@ -348,3 +348,14 @@ def test_eval_scores_prompt_learning_and_quantized_runs(method, sections, tmp_pa
     with torch.no_grad():
         own = model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]])).loss.item()
     assert response_loss(model, tokenizer, conversation, recipe) == pytest.approx(own, rel=1e-5)
+
+
+def test_full_fine_tune_exports_its_own_weights(tmp_path, tiny_llama_dir, alpaca_files):
+    from ftune.merge import export_run
+
+    run = build_run(tmp_path / "run", tiny_llama_dir, alpaca_files, method={"name": "full"})
+    messages = []
+    report = export_run(run, "gguf", quant="f32", echo=messages.append)
+    assert report.passed and report.max_abs_logit_diff <= report.tolerance
+    assert not (run / "merged").exists() and str(run / "model") in messages[0]
+    assert invoke("generate", run, "--prompt", "moon", "--max-new-tokens", "3", "--merged").exit_code == 0
