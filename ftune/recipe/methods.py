@@ -267,7 +267,7 @@ class BoftMethod(MethodBase):
     name: Literal["boft"]
     block_size: int = Field(4, ge=0, description="Size of each butterfly block (set block_size or block_num, the other 0).")
     block_num: int = Field(0, ge=0, description="Number of blocks per layer (alternative to block_size).")
-    n_butterfly_factor: int = Field(1, gt=0, description="Butterfly factors; 1 = plain block-diagonal OFT.")
+    n_butterfly_factor: int = Field(1, gt=0, description="Butterfly factors; 1 = plain block-diagonal OFT. Above 1 needs peft's CUDA extension; without it (CPU) peft uses 1.")
     dropout: float = Field(0.0, ge=0, lt=1, description="Multiplicative dropout on the butterfly blocks.")
     target_modules: TargetModules = Field("all-linear", description=TARGETS_HELP)
 
