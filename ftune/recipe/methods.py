@@ -213,36 +213,37 @@ class Ia3Method(MethodBase):
         return self
 
 
-class LohaMethod(MethodBase):
+class DecomposedUpdateMethod(MethodBase):
+    """Knobs shared by peft's LyCORIS-style methods (LoHa, LoKr): a factorised weight update with dropout."""
+
+    quantized_base: ClassVar[tuple[int, ...]] = (8,)
+
+    alpha: float = Field(8, gt=0, description="Scaling numerator (alpha/r).")
+    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on rank components during training.")
+    module_dropout: float = Field(0.0, ge=0, lt=1, description="Probability of skipping a whole adapted module in a step.")
+    target_modules: TargetModules = Field("all-linear", description=TARGETS_HELP)
+
+
+class LohaMethod(DecomposedUpdateMethod):
     """LoHa: the weight update is a Hadamard product of two low-rank products."""
 
     summary: ClassVar[str] = "LoHa: Hadamard product of two low-rank updates"
-    quantized_base: ClassVar[tuple[int, ...]] = (8,)
     quantized_note: ClassVar[str] = "peft's LoHa reads the packed 4-bit weight shape and fails; 8-bit works"
 
     name: Literal["loha"]
     r: int = Field(8, gt=0, le=1024, description="Rank of each of the two factors.")
-    alpha: float = Field(8, gt=0, description="Scaling numerator (alpha/r).")
-    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on rank components during training.")
-    module_dropout: float = Field(0.0, ge=0, lt=1, description="Probability of skipping a whole adapted module in a step.")
-    target_modules: TargetModules = Field("all-linear", description=TARGETS_HELP)
 
 
-class LokrMethod(MethodBase):
+class LokrMethod(DecomposedUpdateMethod):
     """LoKr: the weight update is a Kronecker product of a small and a low-rank matrix."""
 
     summary: ClassVar[str] = "LoKr: Kronecker-product update"
-    quantized_base: ClassVar[tuple[int, ...]] = (8,)
     quantized_note: ClassVar[str] = "peft's LoKr reads the packed 4-bit weight shape and fails; 8-bit works"
 
     name: Literal["lokr"]
     r: int = Field(8, gt=0, le=1024, description="Rank of the low-rank Kronecker factor.")
-    alpha: float = Field(8, gt=0, description="Scaling numerator (alpha/r).")
-    rank_dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on rank components during training.")
-    module_dropout: float = Field(0.0, ge=0, lt=1, description="Probability of skipping a whole adapted module in a step.")
     decompose_both: bool = Field(False, description="Also factor the small Kronecker matrix into low rank.")
     decompose_factor: int = Field(-1, description="Size of the small Kronecker factor; -1 = as square as the shape allows.")
-    target_modules: TargetModules = Field("all-linear", description=TARGETS_HELP)
 
 
 class OftMethod(MethodBase):
