@@ -39,10 +39,10 @@ METHODS: dict[str, MethodImpl] = {
     "oft": MethodImpl(peft_apply(oft_config), save_peft, load_peft),
     "boft": MethodImpl(peft_apply(boft_config), save_peft, load_peft),
     "vera": MethodImpl(peft_apply(vera_config), save_peft, load_peft),
-    "prefix": MethodImpl(peft_apply(prompt.prefix_config), save_peft, load_peft),
+    "prefix": MethodImpl(prompt.apply_prefix_method(prompt.prefix_config), save_peft, prompt.load_prefix),
     "prompt": MethodImpl(peft_apply(prompt.prompt_config), save_peft, load_peft),
     "ptuning": MethodImpl(peft_apply(prompt.ptuning_config), save_peft, load_peft),
-    "ptuning_v2": MethodImpl(peft_apply(prompt.ptuning_v2_config), save_peft, load_peft),
+    "ptuning_v2": MethodImpl(prompt.apply_prefix_method(prompt.ptuning_v2_config), save_peft, prompt.load_prefix),
     "adapter": MethodImpl(adapter.apply_adapter, adapter.save_adapter, adapter.load_adapter),
 }
 

@@ -64,7 +64,7 @@ def wrap_with_peft(model, peft_config, method: str):
     try:
         return get_peft_model(prepare_quantized(model), peft_config)
     except ValueError as exc:  # peft's own checks: block sizes that do not divide, unsupported layers...
-        raise FtuneError(f"method: peft cannot apply {method} to this {model.config.model_type} model: {exc}") from None
+        raise FtuneError(f"method: peft cannot apply {method} to this {model.config.model_type} model: {exc}") from exc
 
 
 def peft_apply(build: Builder):

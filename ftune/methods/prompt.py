@@ -3,7 +3,8 @@
 ``prompt`` learns input embeddings, ``ptuning`` produces them with a small MLP/LSTM encoder,
 ``prefix`` learns key/value prefixes for every attention layer (optionally through an MLP), and
 ``ptuning_v2`` is prefix tuning without that reparameterisation (P-tuning v2's deep prompts). The
-last two hand their prefixes to the model as a key/value cache, so the model must accept one.
+last two hand their prefixes to the model as a key/value cache, so the model must take one; that is
+checked by asking the model, not by reading argument names, which transformers renames.
 """
 
 from __future__ import annotations
@@ -16,23 +17,111 @@ from ftune.methods.peft_family import PEFT_TASK_TYPES, heads_to_save
 ENCODERS = {"mlp": "MLP", "lstm": "LSTM"}
 
 
-def check_accepts_cache(model, method: str) -> None:
-    """Prefix methods pass their prefixes as ``past_key_values``; a model without one cannot take them.
+CACHE_ARGUMENTS = ("past_key_values", "cache")  # transformers 5.24 renamed the first to the second
 
-    peft tries the task model first, then its backbone (BERT's classifier lacks the argument, BertModel has it).
+
+def expose_cache_argument(model):
+    """Let peft find the key/value cache argument under the name it looks for, whatever transformers calls it.
+
+    peft's sequence-classification prefix path passes prefixes only to a module whose ``forward``
+    names ``past_key_values``; transformers 5.24 renamed that argument ``cache`` (the old name is
+    accepted through ``**kwargs`` until 5.40). Each module that takes ``cache`` but not
+    ``past_key_values`` gets a forward that accepts the old name and hands it over under the new one.
+    Returns ``model``, changed in place.
     """
-    candidates = (model, getattr(model, "base_model", model))
-    if not any("past_key_values" in inspect.signature(m.forward).parameters for m in candidates):
-        raise FtuneError(
-            f"method: {method} feeds learned prefixes as past_key_values, which {type(model).__name__} does not accept; "
-            "use method: prompt, ptuning or lora"
-        )
+    for module in (model, getattr(model, "base_model", None), *_backbones(model)):
+        if module is None:
+            continue
+        parameters = inspect.signature(module.forward).parameters
+        if "past_key_values" in parameters or "cache" not in parameters:
+            continue
+        module.forward = _renaming_forward(module.forward)
+    return model
+
+
+def _backbones(model) -> list:
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    return [backbone] if backbone is not None and backbone is not model else []
+
+
+def _renaming_forward(forward):
+    import functools
+
+    @functools.wraps(forward)
+    def renamed(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return forward(*args, **kwargs)
+
+    signature = inspect.signature(forward)
+    renamed.__signature__ = signature.replace(parameters=[
+        *[p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD],
+        inspect.Parameter("past_key_values", inspect.Parameter.KEYWORD_ONLY, default=None),
+        *[p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD],
+    ])
+    return renamed
+
+
+def prefix_refusal(model, method: str, reason: str = "") -> str:
+    because = f" ({reason})" if reason else ""
+    return (
+        f"method: {method} feeds learned prefixes to every attention layer as a key/value cache, which "
+        f"{type(model).__name__} does not take{because}; use method: prompt, ptuning or lora"
+    )
+
+
+def check_prefix_reaches_attention(peft_model, method: str) -> None:
+    """Ask the wrapped model whether its prefixes change anything: one token through it and through its base.
+
+    Checking names in signatures breaks whenever transformers renames an argument; a model that
+    cannot take a key/value cache either raises here or computes exactly what the base computes.
+    """
+    import torch
+
+    base = peft_model.get_base_model()
+    device = next(peft_model.parameters()).device
+    ones = torch.ones((1, 1), dtype=torch.long, device=device)
+    was_training = peft_model.training
+    peft_model.eval()
+    try:
+        with torch.no_grad():
+            tuned = peft_model(input_ids=ones, attention_mask=ones).logits
+            plain = base(input_ids=ones, attention_mask=ones).logits
+    except (TypeError, ValueError) as err:  # an unexpected keyword, or peft's own refusal
+        raise FtuneError(prefix_refusal(base, method, str(err))) from err
+    finally:
+        peft_model.train(was_training)
+    if torch.equal(tuned, plain):
+        raise FtuneError(prefix_refusal(base, method, "its output ignores the prefixes"))
+
+
+def load_prefix(load_base, directory):
+    """Reload a prefix-tuned run: the base gets the same cache-argument shim it was trained with."""
+    from ftune.methods.peft_family import load_peft
+
+    return load_peft(lambda: expose_cache_argument(load_base()), directory)
+
+
+def apply_prefix_method(build):
+    """The apply step of a prefix method: shim the cache argument, wrap, then prove the prefixes are used."""
+    from ftune.methods.peft_family import wrap_with_peft
+
+    def apply(model, config, task: str):
+        try:
+            wrapped = wrap_with_peft(expose_cache_argument(model), build(config, task, model), config.name)
+        except FtuneError as err:  # peft found no attention geometry to shape prefixes for
+            raise FtuneError(prefix_refusal(model, config.name, str(err.__cause__ or err))) from err
+        check_prefix_reaches_attention(wrapped, config.name)
+        return wrapped
+
+    apply.__name__ = f"apply_{build.__name__.removesuffix('_config')}"
+    return apply
 
 
 def prefix_config(config, task: str, model):
     from peft import PrefixTuningConfig
 
-    check_accepts_cache(model, "prefix")
     return PrefixTuningConfig(
         task_type=PEFT_TASK_TYPES[task],
         num_virtual_tokens=config.num_virtual_tokens,
@@ -45,7 +134,6 @@ def prefix_config(config, task: str, model):
 def ptuning_v2_config(config, task: str, model):
     from peft import PrefixTuningConfig
 
-    check_accepts_cache(model, "ptuning_v2")
     return PrefixTuningConfig(
         task_type=PEFT_TASK_TYPES[task],
         num_virtual_tokens=config.num_virtual_tokens,

