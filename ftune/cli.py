@@ -17,6 +17,7 @@ import typer
 
 from ftune import __version__
 from ftune.errors import FtuneError
+from ftune.gguf import DEFAULT_QUANT, GGUF_QUANTS
 
 app = typer.Typer(
     name="ftune",
@@ -105,7 +106,7 @@ def preprocess(recipe: Path = RecipeArg, overrides: List[str] = SetOption) -> No
     from ftune.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides)
-    from ftune.data import run_preprocess
+    from ftune.train import run_preprocess
 
     splits = run_preprocess(resolved, echo=typer.echo)
     typer.echo(f"Cache: {splits.cache_path}")
@@ -187,14 +188,14 @@ def merge(
 def export(
     run_dir: Path = RunArg,
     format: str = typer.Option(..., "--format", help="safetensors or gguf."),
-    quant: Optional[str] = typer.Option(None, "--quant", help="GGUF weight type: f32, f16 (default), bf16 or q8_0."),
+    quant: Optional[str] = typer.Option(None, "--quant", help=f"GGUF weight type: {', '.join(GGUF_QUANTS)} (default {DEFAULT_QUANT})."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf) or folder (safetensors); default under RUN/export/."),
 ) -> None:
     """Write the run's complete weights (merging first if needed) as GGUF or safetensors, verified by reloading."""
-    from ftune.merge import MergeParityError, export_run
+    from ftune.export import MergeParityError, run_export
 
     try:
-        report = export_run(run_dir, format, quant=quant, out=out, echo=typer.echo)
+        report = run_export(run_dir, format, quant=quant, out=out, echo=typer.echo)
     except MergeParityError as failed:
         typer.echo(f"error: cannot export: {failed}; nothing was written", err=True)
         raise typer.Exit(1) from None
@@ -221,7 +222,8 @@ def generate(
     merged: bool = typer.Option(False, "--merged", help="Use RUN/merged (from ftune merge) instead of the adapter."),
 ) -> None:
     """Reply to one prompt with the tuned model, streaming tokens; uses the training chat template and system prompt."""
-    from ftune.inference import load_for_generation, stream_reply, with_system_prompt
+    from ftune.data.formats import with_system_prompt
+    from ftune.inference import load_for_generation, stream_reply
 
     model, tokenizer, recipe = load_for_generation(run_dir, merged=merged)
     messages = with_system_prompt([{"role": "user", "content": prompt}], recipe.data.system_prompt)

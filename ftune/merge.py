@@ -9,9 +9,6 @@ A quantized (QLoRA) run is merged into the base reloaded in full precision by de
 an adapter into 4-bit weights re-quantizes them and shifts logits by ~0.1. ``merge.base:
 dequantized`` instead folds it into the dequantized 4-bit weights, which reproduces the model
 that was trained and evaluated, quantization error included.
-
-``export_run`` is the run-directory side of ``ftune export``: it finds (or merges) the run's
-complete weights and hands them to a writer of ``ftune.export.FORMATS``.
 """
 
 from __future__ import annotations
@@ -24,11 +21,11 @@ from typing import Any
 from ftune.errors import FtuneError
 from ftune.recipe import Recipe, method_class
 from ftune.recipe.schema import QuantizationConfig
+from ftune.recipe.tasks import TASKS
 from ftune.run_dir import RunDir, atomic_dir, load_run, write_json_atomic
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
-# Default parity tolerance, as a fraction of the largest |reference logit| (logit scale is ~0.7 on
-# a tiny random model, ~47 on SmolLM2). Measured on a SmolLM2 LoRA run: float32 2e-6 (rounding
+# Default parity tolerance, as a fraction of the largest |reference logit| (see ftune.parity). Measured on a SmolLM2 LoRA run: float32 2e-6 (rounding
 # only), float16 3.6e-3, bfloat16 3.5e-2 (the reloaded model also computes in that dtype). A
 # wrong scale or a missed module shifts logits by a large fraction of the scale.
 RELATIVE_TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-1}
@@ -37,8 +34,6 @@ RELATIVE_TOLERANCE = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 1e-1}
 # 3e-3 to 6e-3 of the logit scale on CPU), so the merged model can match it only that closely. Merging
 # into the full-precision base instead lands ~0.3 of the scale away from the 4-bit model.
 QUANTIZED_REFERENCE_TOLERANCE = 2e-2
-PARITY_FILE = "parity.json"
-AGREEMENT = {"causal_lm": "next-token", "classification": "predicted-label"}  # what the argmax agreement counts
 
 
 @dataclass
@@ -88,24 +83,9 @@ def default_dtype(recipe: Recipe) -> str:
 def resolve_target(run: RunDir, out: str | Path | None) -> Path:
     target = Path(out).expanduser().resolve() if out else run.merged
     # Replacing an earlier merge is fine; replacing anything else is not.
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / PARITY_FILE).is_file())):
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not run.parity_report(target).is_file())):
         raise FtuneError(f"--out: {target} exists and is not an earlier merge; pick a new folder")
     return target
-
-
-def parity_inputs(recipe: Recipe, tokenizer, count: int) -> list[list[int]]:
-    """Token ids of the first ``count`` eval examples, prompt and reference answer, as training saw them."""
-    from ftune.data.tokenize import tokenize_conversations
-    from ftune.evaluate import eval_conversations
-
-    if recipe.is_classification:
-        from ftune.evaluate import classification_examples
-
-        return [example["input_ids"] for example in classification_examples(recipe, tokenizer, "eval")[0][:count]]
-    examples, _ = tokenize_conversations(
-        tokenizer, eval_conversations(recipe, "eval")[:count], max_length=recipe.data.max_length, train_on_prompt=True
-    )
-    return [example["input_ids"] for example in examples]
 
 
 def fold_adapter(model):
@@ -118,7 +98,7 @@ def fold_adapter(model):
 
 def load_merge_base(recipe: Recipe, run: RunDir):
     """A zero-argument loader of the float32 weights the adapter is folded into."""
-    from ftune.inference import base_loader
+    from ftune.tuned import base_loader
 
     if recipe.merge.base == "dequantized":
         load_quantized = base_loader(recipe, run)
@@ -129,8 +109,8 @@ def load_merge_base(recipe: Recipe, run: RunDir):
 def load_reference(recipe: Recipe, run: RunDir):
     """The unmerged adapter model the merged one must reproduce: on the same float32 base, or on the
     quantized base as trained when merging into its dequantized weights."""
-    from ftune.inference import base_loader
     from ftune.methods import load_trained
+    from ftune.tuned import base_loader
 
     if recipe.merge.base == "dequantized":
         loader = base_loader(recipe, run)
@@ -159,19 +139,6 @@ def save_merged(model, tokenizer, directory: Path, dtype: str) -> None:
     tokenizer.save_pretrained(directory)
 
 
-def logit_scale(model, inputs: list[list[int]]) -> float:
-    import torch
-
-    from ftune.inference import reply_logits
-
-    scale = 0.0
-    with torch.inference_mode():
-        for ids in inputs:
-            batch = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
-            scale = max(scale, reply_logits(model(input_ids=batch).logits, len(ids)).float().abs().max().item())
-    return scale
-
-
 def run_merge(run_dir, *, out: str | Path | None = None, dtype: str | None = None, echo=print) -> MergeReport:
     """Merge ``RUN/model`` into its base and write ``out`` (default ``RUN/merged``) if parity holds.
 
@@ -180,13 +147,14 @@ def run_merge(run_dir, *, out: str | Path | None = None, dtype: str | None = Non
     """
     from transformers import AutoTokenizer
 
-    from ftune.export import compare_logits
-    from ftune.inference import load_model, load_plain_model
+    from ftune.data.heldout import load_heldout, parity_inputs
     from ftune.methods import load_trained
+    from ftune.parity import compare_logits, logit_scale
     from ftune.runtime import quiet_libraries
+    from ftune.tuned import load_model, load_plain_model
 
     run, recipe = load_run(run_dir)
-    if (run.model / "config.json").is_file():
+    if run.has_complete_weights():
         raise FtuneError(
             f"{run.root}: the run already holds complete weights in {run.model} (method '{recipe.method.name}'); "
             f"nothing to merge: export them with ftune export {run.root} --format safetensors|gguf"
@@ -199,7 +167,7 @@ def run_merge(run_dir, *, out: str | Path | None = None, dtype: str | None = Non
     quiet_libraries()
     clock = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(run.model)
-    inputs = parity_inputs(recipe, tokenizer, recipe.merge.parity_samples)
+    inputs = parity_inputs(tokenizer, load_heldout(run, recipe), recipe.data, recipe.merge.parity_samples)
     where = "dequantized trained base" if recipe.merge.base == "dequantized" else "full-precision base"
     echo(f"Merging the {recipe.method.name} adapter into the {where} ({dtype})...")
     merged = fold_adapter(load_trained(recipe.method.name, load_merge_base(recipe, run), run.model))
@@ -213,7 +181,8 @@ def run_merge(run_dir, *, out: str | Path | None = None, dtype: str | None = Non
             save_merged(merged, tokenizer, staging, dtype)
             del merged
             candidate = load_plain_model(staging, recipe.task)
-            diff, agreement = compare_logits(reference, candidate, inputs)
+            parity = compare_logits(reference, candidate, inputs)
+            diff, agreement = parity.max_abs_diff, parity.agreement
             report = MergeReport(
                 path=target, task=recipe.task, method=recipe.method.name, base=recipe.merge.base, bits=recipe.quantization.bits, dtype=dtype, prompts=len(inputs),
                 max_abs_logit_diff=diff, next_token_agreement=agreement, tolerance=tolerance, passed=diff <= tolerance,
@@ -221,12 +190,13 @@ def run_merge(run_dir, *, out: str | Path | None = None, dtype: str | None = Non
             if recipe.quantization.bits and recipe.merge.base == "full_precision":
                 del reference
                 trained, _ = load_model(run, recipe)
-                report.vs_quantized_max_abs_logit_diff, report.vs_quantized_next_token_agreement = compare_logits(trained, candidate, inputs)
+                versus = compare_logits(trained, candidate, inputs)
+                report.vs_quantized_max_abs_logit_diff, report.vs_quantized_next_token_agreement = versus.max_abs_diff, versus.agreement
             report.wall_time_s = time.perf_counter() - clock
             if not report.passed:
                 report.path = None
                 raise _ParityFailed(report)
-            write_json_atomic(staging / PARITY_FILE, report.to_dict())
+            write_json_atomic(run.parity_report(staging), report.to_dict())
     except _ParityFailed as failed:
         return failed.report
     return report
@@ -235,7 +205,7 @@ def run_merge(run_dir, *, out: str | Path | None = None, dtype: str | None = Non
 def describe(report: MergeReport) -> str:
     lines = [
         f"parity on {report.prompts} eval prompts: max |logit diff| {report.max_abs_logit_diff:.3g} "
-        f"(tolerance {report.tolerance:.3g}), {AGREEMENT[report.task]} agreement {100 * report.next_token_agreement:.2f}%"
+        f"(tolerance {report.tolerance:.3g}), {TASKS[report.task].agreement} agreement {100 * report.next_token_agreement:.2f}%"
     ]
     if report.vs_quantized_max_abs_logit_diff is not None:
         lines.append(
@@ -244,55 +214,3 @@ def describe(report: MergeReport) -> str:
             "(the trained model's quantization error" + ("; merge.base: dequantized reproduces it instead)" if report.bits == 4 else ")")
         )
     return "\n".join(lines)
-
-
-class MergeParityError(Exception):
-    """The merged model does not reproduce the adapter model (a failed check, not a user mistake: exit 1)."""
-
-    def __init__(self, report: MergeReport) -> None:
-        super().__init__(f"merged model differs from the adapter model by {report.max_abs_logit_diff:.3g} > {report.tolerance:.3g}")
-        self.report = report
-
-
-def complete_weights(run: RunDir, recipe: Recipe, *, echo=print) -> Path:
-    """The folder with the run's complete weights: ``RUN/model`` when training wrote full weights,
-    ``RUN/merged`` for an adapter run (merged first when missing)."""
-    if (run.model / "config.json").is_file():
-        return run.model
-    if (run.merged / PARITY_FILE).is_file():
-        return run.merged
-    check_mergeable(recipe)
-    echo(f"No merged model in {run.root} yet; merging first.")
-    report = run_merge(run.root, echo=echo)
-    echo(describe(report))
-    if not report.passed:
-        raise MergeParityError(report)
-    return run.merged
-
-
-def export_run(run_dir, fmt: str, *, quant: str | None = None, out: str | Path | None = None, echo=print):
-    """Export the run's complete weights with ``FORMATS[fmt]``; the verification report is written beside the output."""
-    from ftune.export import FORMATS, GGUF_QUANTS, UnsupportedExport
-    from ftune.runtime import quiet_libraries
-
-    if fmt not in FORMATS:
-        raise FtuneError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if fmt == "gguf" and quant is not None and quant not in GGUF_QUANTS:
-        raise FtuneError(f"--quant {quant!r}: expected one of {', '.join(GGUF_QUANTS)}")
-    if fmt != "gguf" and quant is not None:
-        raise FtuneError(f"--quant applies to --format gguf only; {fmt} keeps the merged weights' dtype")
-    run, recipe = load_run(run_dir)
-    if recipe.is_classification:
-        raise UnsupportedExport(
-            f"{run.root}: ftune export writes causal language models; a classification run's merged folder "
-            "(ftune merge) is already a plain safetensors model for AutoModelForSequenceClassification"
-        )
-    quiet_libraries()
-    source = complete_weights(run, recipe, echo=echo)
-    options = {"quant": quant or "f16"} if fmt == "gguf" else {}
-    name = f"model-{options['quant']}.gguf" if fmt == "gguf" else "safetensors"
-    target = Path(out).expanduser().resolve() if out else run.export_dir / name
-    echo(f"Exporting {source} as {fmt}{' ' + options['quant'] if options else ''} to {target}...")
-    report = FORMATS[fmt](source, target, **options)
-    write_json_atomic(target.with_name(target.name + ".verify.json"), report.to_dict())
-    return report

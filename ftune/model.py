@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ftune.errors import FtuneError
 from ftune.recipe.schema import ModelConfig, QuantizationConfig
+from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION, TASKS
 
 if TYPE_CHECKING:
     import torch
@@ -87,14 +86,13 @@ def import_gguf(gguf_file: Path, target: Path) -> Path:
         del model.config.quantization_config
     ensure_distinct_pad(tokenizer)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    from ftune.run_dir import atomic_dir
+
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
+        with atomic_dir(target) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").exists():  # a concurrent import may have won the rename
             raise
     return target
@@ -131,7 +129,7 @@ def load_tokenizer(config: ModelConfig):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.location, revision=config.revision, trust_remote_code=config.trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise _load_error(config, source, exc) from None
+        raise _load_error(config, source, exc) from exc
     ensure_distinct_pad(tokenizer)
     return tokenizer
 
@@ -170,13 +168,13 @@ def load_base_model(
     config: ModelConfig,
     quant: QuantizationConfig,
     *,
-    task: str = "causal_lm",
+    task: str = CAUSAL_LM,
     labels: list[str] | None = None,
     location: str | None = None,
 ):
     """Load the base model for ``task``; ``labels`` sizes and names a classification head;
     ``location`` loads other weights (e.g. a full fine-tune's) with the same settings."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    import transformers
 
     source = ModelSource(location, True) if location else resolve_model_source(config)
     dtype = resolve_dtype(config.dtype)
@@ -188,13 +186,11 @@ def load_base_model(
         quantization_config=quantization_config(quant, dtype),
         use_safetensors=None if source.is_local else True,
     )
-    if task == "classification":
-        auto = AutoModelForSequenceClassification
+    if task == CLASSIFICATION:
         labels = labels or []
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
-    else:
-        auto = AutoModelForCausalLM
+    auto = getattr(transformers, TASKS[task].auto_class)
     try:
         return auto.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError) as exc:
-        raise _load_error(config, source, exc) from None
+        raise _load_error(config, source, exc) from exc

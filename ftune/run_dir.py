@@ -8,13 +8,18 @@ Layout::
     RUN/summary.json      final figures; written last, so its presence means the run completed
     RUN/loss.png          loss curve
     RUN/model/            adapter (or full weights) + tokenizer, safetensors
+    RUN/heldout.jsonl     the held-out rows eval and merge score on, so the run needs no training data
+    RUN/labels.json       class names in id order (classification runs)
+    RUN/adalora_ranks.json  final per-module ranks (AdaLoRA runs)
     RUN/checkpoints/      Trainer checkpoints that --resume continues from
     RUN/eval/             metrics.json + predictions.jsonl of ftune eval
     RUN/merged/           adapter folded into the base: a plain transformers model folder + parity.json
     RUN/export/           GGUF / safetensors exports of ftune export, each with its verification report
 
-Final artifacts are written into a hidden sibling and renamed into place, so a crash mid-save
-never leaves something that looks complete.
+This module owns every file name in a run and the one way ftune writes them: into a hidden
+sibling, then renamed into place (``atomic_file`` / ``atomic_dir``), so a crash mid-save never
+leaves something that looks complete. Loading a finished run re-validates its recipe without
+checking that the training data still exists: the run carries what later stages need.
 """
 
 from __future__ import annotations
@@ -44,10 +49,25 @@ class RunDir:
     summary = property(lambda self: self.root / "summary.json")
     loss_plot = property(lambda self: self.root / "loss.png")
     model = property(lambda self: self.root / "model")
+    heldout = property(lambda self: self.root / "heldout.jsonl")
+    labels = property(lambda self: self.root / "labels.json")
+    adalora_ranks = property(lambda self: self.root / "adalora_ranks.json")
     checkpoints = property(lambda self: self.root / "checkpoints")
     eval_dir = property(lambda self: self.root / "eval")
+    eval_metrics = property(lambda self: self.root / "eval" / "metrics.json")
+    eval_predictions = property(lambda self: self.root / "eval" / "predictions.jsonl")
     merged = property(lambda self: self.root / "merged")
     export_dir = property(lambda self: self.root / "export")
+
+    def has_complete_weights(self) -> bool:
+        """Training wrote a whole model (full, freeze, bitfit), not an adapter to apply to a base."""
+        return (self.model / "config.json").is_file()
+
+    def parity_report(self, merged: Path | None = None) -> Path:
+        return (merged or self.merged) / PARITY_FILE
+
+    def is_merged(self) -> bool:
+        return self.parity_report().is_file()
 
     def is_complete(self) -> bool:
         return self.summary.is_file() and self.model.is_dir()
@@ -94,16 +114,45 @@ def prepare_run_dir(recipe: Recipe, *, overwrite: bool, resume: bool, write: boo
     return run
 
 
+PARITY_FILE = "parity.json"
+
+
+def verification_report(output: Path) -> Path:
+    """Where ``ftune export`` writes the check of the file or folder ``output``."""
+    return output.with_name(output.name + ".verify.json")
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[Path]:
+    """Yield a hidden path beside ``target`` to write; it replaces ``target`` (synced) only if the block finishes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, staging = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
+    os.close(fd)
+    staging = Path(staging)
+    try:
+        yield staging
+        with open(staging, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(staging, target)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temp, path)
+    with atomic_file(path) as staging:
+        staging.write_text(text, encoding="utf-8")
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+def write_json_atomic(path: Path, data: dict | list) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: Path, rows: list) -> None:
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @contextmanager
@@ -135,8 +184,17 @@ def load_run(path: str | Path) -> tuple[RunDir, Recipe]:
     if not run.is_complete():
         raise FtuneError(f"{path}: the run did not finish (no summary.json or model/); finish it with ftune train --resume")
     raw = yaml.safe_load(run.recipe.read_text(encoding="utf-8"))
-    return run, validate_recipe(raw, source=str(run.recipe))
+    return run, validate_recipe(raw, source=str(run.recipe), finished_run=True)
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
+def save_label_names(run: RunDir, label_names: list[str] | None) -> None:
+    """``RUN/labels.json``: class names in id order, for id2label at eval/merge/export time."""
+    if label_names is not None:
+        write_json_atomic(run.labels, list(label_names))
+
+
+def run_labels(run: RunDir) -> list[str] | None:
+    """Class names of a classification run, in label-id order; None for other runs."""
+    if not run.labels.is_file():
+        return None
+    return [str(name) for name in json.loads(run.labels.read_text(encoding="utf-8"))]

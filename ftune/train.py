@@ -16,11 +16,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ftune import __version__
-from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits, save_label_names
+from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits
 from ftune.methods import apply_method, count_parameters, method_callbacks, save_method_artifact
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.recipe import Recipe
-from ftune.run_dir import RunDir, atomic_dir, prepare_run_dir, write_json_atomic
+from ftune.errors import FtuneError
+from ftune.run_dir import RunDir, atomic_dir, prepare_run_dir, save_label_names, write_json_atomic, write_jsonl_atomic
 from ftune.runtime import quiet_libraries
 
 
@@ -45,7 +46,7 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     splits = build_datasets(recipe.data, tokenizer, recipe.task)
     echo(describe_splits(splits))
     if main:
-        save_label_names(run.root, splits.label_names)
+        save_run_data(run, splits)
     seed_everything(recipe.training.seed)  # new heads and adapter weights are drawn from it
     base = load_base_model(recipe.model, recipe.quantization, task=recipe.task, labels=splits.label_names)
     model = apply_method(base, recipe.method, recipe.task)
@@ -68,6 +69,22 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
     return run
+
+
+def save_run_data(run: RunDir, splits) -> None:
+    """What later stages need of the data, so the run directory works without it: class names and held-out rows."""
+    save_label_names(run, splits.label_names)
+    write_jsonl_atomic(run.heldout, splits.heldout)
+
+
+def run_preprocess(recipe: Recipe, *, echo=print):
+    """Fill the data cache for ``recipe`` (what ``ftune preprocess`` runs); loads the tokenizer only."""
+    quiet_libraries()
+    if not recipe.data.cache:
+        raise FtuneError("data.cache: false, so there is no cache to fill; set data.cache: true (the default)")
+    splits = build_datasets(recipe.data, load_tokenizer(recipe.model), recipe.task)
+    echo(describe_splits(splits))
+    return splits
 
 
 def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool):

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -22,7 +19,7 @@ from ftune.data.tokenize import TokenizedExamples, TokenizeStats
 from ftune.recipe.schema import DataConfig
 
 # Bump when the same inputs would tokenize differently (masking rules, stored layout).
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: entries carry the held-out records
 # Data options that change batching only, not the tokenized examples.
 COLLATION_ONLY = ("packing", "cache")
 
@@ -67,6 +64,7 @@ def load_cached(key: str) -> dict | None:
             "train_stats": TokenizeStats(**meta["train_stats"]),
             "eval_stats": TokenizeStats(**meta["eval_stats"]),
             "label_names": meta["label_names"],
+            "heldout": meta["heldout"],
             "notes": meta["notes"],
             "cache_path": folder,
         }
@@ -75,23 +73,17 @@ def load_cached(key: str) -> dict | None:
 
 
 def save_cached(key: str, splits) -> Path:
-    root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
-    folder = root / key
-    staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=root))
+    from ftune.run_dir import atomic_dir
+
+    folder = cache_root() / key
     try:
-        splits.train.save(staging / "train.npz")
-        splits.eval.save(staging / "eval.npz")
-        meta = {"train_stats": asdict(splits.train_stats), "eval_stats": asdict(splits.eval_stats),
-                "label_names": splits.label_names, "notes": splits.notes}
-        (staging / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
-        if folder.exists():  # an unreadable entry (load_cached missed it): retire it, then swap in the new one
-            retired = root / f".{key}-old-{os.getpid()}"
-            os.replace(folder, retired)
-            shutil.rmtree(retired, ignore_errors=True)
-        os.replace(staging, folder)
+        with atomic_dir(folder) as staging:  # an unreadable entry (load_cached missed it) is replaced
+            splits.train.save(staging / "train.npz")
+            splits.eval.save(staging / "eval.npz")
+            meta = {"train_stats": asdict(splits.train_stats), "eval_stats": asdict(splits.eval_stats),
+                    "label_names": splits.label_names, "heldout": splits.heldout, "notes": splits.notes}
+            (staging / "meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
         if not (folder / "meta.json").is_file():  # another process may have written the same entry first
             raise
     return folder

@@ -22,6 +22,7 @@ from typing import Callable
 
 from ftune.data.tokenize import IGNORE_INDEX
 from ftune.errors import FtuneError
+from ftune.recipe.tasks import CAUSAL_LM
 
 # Attention kernels that read packed position ids (flash) or whose masks transformers builds from them.
 PACKING_ATTENTION = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
@@ -74,7 +75,7 @@ class PackCollator:
 
 def packing_blocker(model, task: str) -> str | None:
     """Why ``model`` cannot train on packed batches, or None when it can."""
-    if task != "causal_lm":
+    if task != CAUSAL_LM:
         return f"task {task} classifies each text on its own"
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):

@@ -14,7 +14,7 @@ from typing import Callable
 
 from ftune.data.sources import Row
 from ftune.errors import FtuneError, raise_problems
-from ftune.recipe.methods import CAUSAL_LM, CLASSIFICATION
+from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 from ftune.recipe.schema import FORMAT_FIELDS, DatasetSource
 
 ROLES = ("system", "user", "assistant")
@@ -76,7 +76,7 @@ def chat_turns(row: dict, field: str, role_key: str, content_key: str, role_name
         try:
             content = text_field(turn, content_key, allow_empty=role == "system")
         except RowError as exc:
-            raise RowError(field, exc.problem, f"[{index}].{content_key}") from None
+            raise RowError(field, exc.problem, f"[{index}].{content_key}") from exc
         messages.append({"role": role, "content": content})
     if learn and not any(m["role"] == "assistant" for m in messages):
         raise RowError(field, "has no assistant turn to learn from")
@@ -200,6 +200,13 @@ def resolve_format(source: DatasetSource, rows: list[Row], task: str, *, key: st
     return name
 
 
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """``messages`` with the recipe's system prompt in front, unless they bring their own."""
+    if system_prompt and (not messages or messages[0]["role"] != "system"):
+        return [{"role": "system", "content": system_prompt}, *messages]
+    return messages
+
+
 def convert_rows(rows: list[Row], name: str, columns: dict[str, str], *, source: int, system_prompt: str | None,
                  problems: list[str]) -> list[Record]:
     """Records of the rows that convert cleanly; each failing row adds one line to ``problems``."""
@@ -211,8 +218,8 @@ def convert_rows(rows: list[Row], name: str, columns: dict[str, str], *, source:
         except RowError as exc:
             problems.append(f"{row.origin}: {exc.describe(columns)}")
             continue
-        if fmt.kind == "chat" and system_prompt and value[0]["role"] != "system":
-            value = [{"role": "system", "content": system_prompt}, *value]
+        if fmt.kind == "chat":
+            value = with_system_prompt(value, system_prompt)
         records.append(Record(fmt.kind, value, row.origin, source))
     return records
 
@@ -250,13 +257,13 @@ def assign_label_ids(records: list[Record], names: list[str], problems: list[str
     return out
 
 
-def rows_to_conversations(rows: list[Row], format_name: str = "auto", *, system_prompt: str | None = None) -> list[list[dict]]:
-    """Conversations of one-off rows (e.g. ``ftune eval --split file``), failing on any bad row."""
+def rows_to_records(rows: list[Row], task: str, *, system_prompt: str | None = None, key: str = "--split") -> list[Record]:
+    """Records of a one-off file (e.g. ``ftune eval --split FILE``), format detected, failing on any bad row."""
     keys: set[str] = set()
     for row in rows:
         keys.update(row.fields)
-    name = detect_format(keys, CAUSAL_LM, key="--split", shown=rows[0].origin.rsplit(":", 1)[0]) if format_name == "auto" else format_name
+    name = detect_format(keys, task, key=key, shown=rows[0].origin.rsplit(":", 1)[0])
     problems: list[str] = []
     records = convert_rows(rows, name, {}, source=0, system_prompt=system_prompt, problems=problems)
     raise_problems(problems)
-    return [r.value for r in records if r.kind == "chat"]
+    return records

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ftune.data import DataSplits, Records, load_records, tokenize_splits
+from ftune.data.pipeline import DataSplits, Records, load_records, tokenize_splits
 from ftune.data.templates import install_chat_template
 from ftune.data.tokenize import IGNORE_INDEX, TokenizeStats
 

@@ -69,7 +69,7 @@ def _json_rows(path: Path, problems: list[str]) -> list[Row]:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # one object per line under a .json name
             return _json_lines(name, text, problems)
-        raise FtuneError(f"{name}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        raise FtuneError(f"{name}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
     if not isinstance(value, list):
         raise FtuneError(f"{name}: a .json dataset must be an array of row objects (or JSON Lines), got {type(value).__name__}")
     rows = []
@@ -113,11 +113,11 @@ def read_file(path: Path, problems: list[str], *, where: str) -> list[Row]:
     try:
         return READERS[path.suffix](path, problems)
     except FtuneError as exc:
-        raise FtuneError(*(f"{where}: {p}" for p in exc.problems)) from None
+        raise FtuneError(*(f"{where}: {p}" for p in exc.problems)) from exc
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise FtuneError(f"{where}: cannot read {shown_path(path)}: {exc}") from None
+        raise FtuneError(f"{where}: cannot read {shown_path(path)}: {exc}") from exc
     except Exception as exc:  # pyarrow raises its own error types for corrupt files
-        raise FtuneError(f"{where}: cannot read {shown_path(path)} as {path.suffix[1:]}: {exc}") from None
+        raise FtuneError(f"{where}: cannot read {shown_path(path)} as {path.suffix[1:]}: {exc}") from exc
 
 
 def source_files(path: Path) -> list[Path]:
@@ -137,7 +137,7 @@ def load_hub_dataset(source: DatasetSource, key: str):
         raise FtuneError(
             f"{key}.hub: cannot load '{source.hub}' (config {source.config or 'default'}, split {source.split or 'train'}): "
             f"{reason}; this needs network access, or download the data and point {key}.path to the files"
-        ) from None
+        ) from exc
 
 
 def read_source(source: DatasetSource, problems: list[str], *, key: str) -> list[Row]:

@@ -1,5 +1,5 @@
 """Chat templates: the tokenizer's own by default, or the recipe's ``data.chat_template`` (a name in
-``configs/chat_templates/``, a ``.jinja`` file, or inline Jinja).
+``ftune/chat_templates/``, shipped as package data, a ``.jinja`` file, or inline Jinja).
 
 The chosen template is installed on the tokenizer, which training saves into the run directory, so
 eval, generate and chat render prompts exactly as the training data was rendered.
@@ -10,18 +10,18 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftune.errors import FtuneError
-from ftune.recipe.schema import CHAT_TEMPLATE_DIR, DataConfig, chat_template_names, is_inline_template
+from ftune.recipe.schema import DataConfig, chat_template_dir, chat_template_names, is_inline_template
 
 
 def read_chat_template(value: str) -> str:
     """The Jinja text a ``data.chat_template`` value stands for."""
     if is_inline_template(value):
         return value
-    path = CHAT_TEMPLATE_DIR / f"{value}.jinja" if value in chat_template_names() else Path(value)
+    path = chat_template_dir() / f"{value}.jinja" if value in chat_template_names() else Path(value)
     try:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise FtuneError(f"data.chat_template: cannot read {path}: {exc}") from None
+        raise FtuneError(f"data.chat_template: cannot read {path}: {exc}") from exc
 
 
 def install_chat_template(tokenizer, config: DataConfig) -> None:

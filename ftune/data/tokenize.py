@@ -97,7 +97,7 @@ def encode_chat(tokenizer, records: list[Record], *, train_on_prompt: bool, max_
         try:
             text, turns = (render(tokenizer, record.value), None) if train_on_prompt else assistant_spans(tokenizer, record.value)
         except TemplateSyntaxError as exc:
-            raise FtuneError(f"data.chat_template: the chat template does not parse: {exc}") from None
+            raise FtuneError(f"data.chat_template: the chat template does not parse: {exc}") from exc
         except (TemplateError, ValueError, TypeError, KeyError) as exc:
             results[slot] = f"{record.origin}: the chat template rejects this conversation: {exc}"
             continue
@@ -204,14 +204,3 @@ def tokenize_records(tokenizer, records: list[Record], *, max_length: int, trunc
         np.asarray(classes, dtype=np.int64) if classification else None,
         origins if keep_origins else None,
     ), stats
-
-
-def tokenize_conversations(tokenizer, conversations: list[list[dict]], *, max_length: int, train_on_prompt: bool) -> tuple[list[dict], TokenizeStats]:
-    """Plain-list examples of conversations (eval loss, merge parity); any template problem is an error."""
-    from ftune.errors import raise_problems
-
-    records = [Record("chat", messages, f"conversation {i}", 0) for i, messages in enumerate(conversations)]
-    problems: list[str] = []
-    examples, stats = tokenize_records(tokenizer, records, max_length=max_length, train_on_prompt=train_on_prompt, problems=problems)
-    raise_problems(problems)
-    return examples[:], stats

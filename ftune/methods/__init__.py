@@ -68,8 +68,8 @@ def count_parameters(model) -> tuple[int, int]:
     trainable = total = 0
     for param in model.parameters():
         count = param.numel()
-        if param.__class__.__name__ == "Params4bit":
-            count *= 2  # two 4-bit values per stored uint8
+        if getattr(param, "quant_state", None) is not None:  # bitsandbytes 4-bit: two values per stored uint8
+            count *= 2
         total += count
         if param.requires_grad:
             trainable += count

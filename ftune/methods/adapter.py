@@ -219,7 +219,7 @@ def apply_adapter(model: nn.Module, config: Any, task: str) -> nn.Module:
             modules_to_save=task_head_names(model, task),
         )
     except ValueError as exc:
-        raise FtuneError(f"method: adapter: {exc}") from None
+        raise FtuneError(f"method: adapter: {exc}") from exc
     return model
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ftune.errors import FtuneError
 from ftune.methods.heads import task_head_names, unfreeze_task_head
+from ftune.methods.peft_family import modules_named
 
 
 def transformer_layers(model) -> tuple[str, list]:
@@ -46,7 +47,7 @@ def find_modules(model, names: list[str], key: str) -> list:
     """Modules whose qualified name is, or ends with, each entry; an entry matching nothing is an error."""
     found, missing = [], []
     for wanted in names:
-        matches = [m for n, m in model.named_modules() if n == wanted or n.endswith("." + wanted)]
+        matches = modules_named(model, wanted)
         if matches:
             found.extend(matches)
         else:

@@ -22,7 +22,6 @@ from ftune.methods.peft_family import INITIAL_ADAPTER_ATTR, PEFT_TASK_TYPES, che
 
 LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
 CONVERTED_INITS = ("pissa", "olora")
-ADALORA_RANKS_FILE = "adalora_ranks.json"
 
 
 def apply_lora(model, config, task: str):
@@ -130,7 +129,7 @@ def adalora_callbacks(model, config, run) -> list:
 
         def on_train_end(self, args, state, control, **kwargs):
             ranks = adalora_ranks(model)
-            write_json_atomic(run.root / ADALORA_RANKS_FILE, {
+            write_json_atomic(run.adalora_ranks, {
                 "init_r": config.init_r, "target_r": config.target_r,
                 "total_rank": sum(ranks.values()), "initial_total_rank": config.init_r * len(ranks), "ranks": ranks,
             })

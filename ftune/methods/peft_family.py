@@ -14,8 +14,9 @@ from typing import Any, Callable
 
 from ftune.errors import FtuneError
 from ftune.methods.heads import task_head_names
+from ftune.recipe.tasks import TASKS
 
-PEFT_TASK_TYPES = {"causal_lm": "CAUSAL_LM", "classification": "SEQ_CLS"}
+PEFT_TASK_TYPES = {task: spec.peft_task_type for task, spec in TASKS.items()}
 # Set on a wrapped model whose adapter must be converted at save time (PiSSA/OLoRA): the folder
 # holding the adapter as initialised, before any training step.
 INITIAL_ADAPTER_ATTR = "ftune_initial_adapter"
@@ -32,12 +33,17 @@ def module_suffixes(model) -> list[str]:
     return sorted(names)
 
 
+def modules_named(model, wanted: str) -> list:
+    """Modules whose dotted name is ``wanted`` or ends with ``.wanted``: how recipe module names match."""
+    return [module for name, module in model.named_modules() if name == wanted or name.endswith("." + wanted)]
+
+
 def check_target_modules(model, targets, key: str = "method.target_modules") -> None:
     """Every entry must match some module: a partial typo must not silently train fewer layers."""
     if targets is None or isinstance(targets, str):
         return
     available = module_suffixes(model)
-    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n, _ in model.named_modules())]
+    missing = [t for t in targets if not modules_named(model, t)]
     if missing:
         raise FtuneError(
             f"{key}: {', '.join(repr(m) for m in sorted(missing))} match no module of this model; available: {', '.join(available)}"
@@ -88,7 +94,11 @@ def heads_to_save(model, task: str) -> list[str] | None:
 
 def ia3_config(config, task: str, model):
     from peft import IA3Config
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as DEFAULTS
+
+    try:  # a private table of peft's; if it moves, every model needs explicit targets
+        from peft.utils.constants import TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING as DEFAULTS
+    except ImportError:
+        DEFAULTS = {}
 
     if config.target_modules is None and model.config.model_type not in DEFAULTS:
         raise FtuneError(

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from ftune.errors import FtuneError
 from ftune.recipe.methods import method_class, method_names
-from ftune.recipe.schema import Recipe
+from ftune.recipe.schema import FINISHED_RUN, Recipe
 
 Loc = tuple[str | int, ...]
 
@@ -33,7 +33,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise FtuneError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+        raise FtuneError(f"{path}{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from exc
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -42,12 +42,16 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return validate_recipe(raw, source=str(path), lines=lines, overridden=overridden)
 
 
-def validate_recipe(raw: dict, *, source: str = "recipe", lines: dict[Loc, int] | None = None, overridden: set[Loc] = frozenset()) -> Recipe:
+def validate_recipe(
+    raw: dict, *, source: str = "recipe", lines: dict[Loc, int] | None = None, overridden: set[Loc] = frozenset(),
+    finished_run: bool = False,
+) -> Recipe:
+    """``finished_run``: the saved recipe of a run directory, whose data and model paths need not exist any more."""
     try:
-        return Recipe.model_validate(raw)
+        return Recipe.model_validate(raw, context={FINISHED_RUN: finished_run})
     except ValidationError as exc:
         problems = [_describe(err, source, lines or {}, overridden) for err in exc.errors()]
-        raise FtuneError(*dict.fromkeys(problems)) from None
+        raise FtuneError(*dict.fromkeys(problems)) from exc
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> set[Loc]:

@@ -13,9 +13,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-CAUSAL_LM = "causal_lm"
-CLASSIFICATION = "classification"
-ALL_TASKS = frozenset({CAUSAL_LM, CLASSIFICATION})
+from ftune.recipe.tasks import ALL_TASKS
+
 BOTH_BITS = (4, 8)
 COMPLETE_WEIGHTS_HINT = "the run already writes complete weights; export RUN/model directly (ftune export)"
 PROMPT_HINT = "virtual tokens are inputs, not weights; use the run directory directly (ftune eval/generate read it), or pick lora"
@@ -102,9 +101,6 @@ class BitfitMethod(MethodBase):
     unmergeable_hint: ClassVar[str] = COMPLETE_WEIGHTS_HINT
 
     name: Literal["bitfit"]
-
-
-LORA_INITS = ("gaussian", "default", "pissa", "olora")
 
 
 class LoraMethod(MethodBase):
@@ -373,9 +369,6 @@ class PtuningV2Method(PromptLearningBase):
 
     name: Literal["ptuning_v2"]
     num_virtual_tokens: int = virtual_tokens_field()
-
-
-ADAPTER_PLACEMENTS = ("both", "attention", "feed_forward")
 
 
 class AdapterMethod(MethodBase):

@@ -7,16 +7,27 @@ Cross-field rules live in the model that owns the fields and say how to fix the 
 from __future__ import annotations
 
 import re
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ftune.recipe.methods import CAUSAL_LM, CLASSIFICATION, MethodConfig, Strict, method_class
+from ftune.recipe.methods import MethodConfig, Strict, method_class
+from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION, TaskName
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 BUILTIN_MODELS = ("smollm2-135m-instruct", "all-minilm-l6-v2")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+FINISHED_RUN = "finished_run"  # validation context of a run directory's saved recipe
+
+
+def checks_paths(info: ValidationInfo) -> bool:
+    """False when re-reading a finished run's recipe: its inputs may be gone (the run was moved or
+    copied elsewhere), and eval/merge/export need only what the run directory holds."""
+    return not (info.context or {}).get(FINISHED_RUN, False)
 
 
 def _existing_path(value: str, what: str) -> str:
@@ -38,8 +49,8 @@ class ModelConfig(Strict):
 
     @field_validator("name_or_path")
     @classmethod
-    def _known_source(cls, value: str) -> str:
-        if value in BUILTIN_MODELS:
+    def _known_source(cls, value: str, info: ValidationInfo) -> str:
+        if value in BUILTIN_MODELS or not checks_paths(info):
             return value
         looks_local = value.startswith((".", "/", "~")) or value.endswith(".gguf") or Path(value).expanduser().exists()
         if looks_local:
@@ -81,11 +92,15 @@ FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "preference": ("prompt", "chosen", "rejected", "system"),
 }
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-CHAT_TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "configs" / "chat_templates"
+
+
+def chat_template_dir():
+    """The built-in chat templates: package data, so a wheel install has them too."""
+    return resources.files("ftune") / "chat_templates"
 
 
 def chat_template_names() -> list[str]:
-    return sorted(path.stem for path in CHAT_TEMPLATE_DIR.glob("*.jinja"))
+    return sorted(entry.name.removesuffix(".jinja") for entry in chat_template_dir().iterdir() if entry.name.endswith(".jinja"))
 
 
 def is_inline_template(value: str) -> bool:
@@ -112,9 +127,9 @@ class DatasetSource(Strict):
 
     @field_validator("path")
     @classmethod
-    def _exists(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
+    def _exists(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or not checks_paths(info):
+            return value
         resolved = Path(_existing_path(value, "dataset file"))
         if resolved.is_dir():
             if not any(p.suffix in DATA_SUFFIXES for p in resolved.iterdir() if p.is_file()):
@@ -179,7 +194,7 @@ class DataConfig(Strict):
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens; default trains on responses only.")
     chat_template: str | None = Field(
         None,
-        description="Chat template: a name in configs/chat_templates (chatml, llama3, alpaca), a .jinja file, or inline Jinja; "
+        description="Chat template: a built-in name (chatml, llama3, alpaca), a .jinja file, or inline Jinja; "
         "default = the tokenizer's own.",
     )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation that has none.")
@@ -230,8 +245,8 @@ class DataConfig(Strict):
 
     @field_validator("chat_template")
     @classmethod
-    def _known_template(cls, value: str | None) -> str | None:
-        if value is None or is_inline_template(value) or value in chat_template_names():
+    def _known_template(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or is_inline_template(value) or value in chat_template_names() or not checks_paths(info):
             return value
         if Path(value).expanduser().is_file():
             return str(Path(value).expanduser().resolve())
@@ -307,7 +322,7 @@ class MergeConfig(Strict):
 
 
 class Recipe(Strict):
-    task: Literal["causal_lm", "classification"] = Field(CAUSAL_LM, description="What the model learns.")
+    task: TaskName = Field(CAUSAL_LM, description="What the model learns.")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig

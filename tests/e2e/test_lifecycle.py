@@ -46,18 +46,19 @@ def invoke(*args: str, input: str | None = None):
 
 def build_run(root: Path, tiny_llama_dir, data_files, **sections) -> Path:
     """A finished run directory as ``ftune train`` leaves it, with random non-zero adapter weights."""
-    from ftune.data import build_datasets, save_label_names
+    from ftune.data import build_datasets
     from ftune.methods import apply_method
     from ftune.model import load_base_model, load_tokenizer
     from ftune.run_dir import prepare_run_dir, write_json_atomic
-    from ftune.train import save_artifacts
+    from ftune.train import save_artifacts, save_run_data
 
     train, eval_file = data_files
     recipe = validate_recipe(recipe_dict(tiny_llama_dir, train, eval_file, root, **sections))
     run = prepare_run_dir(recipe, overwrite=True, resume=False)
     tokenizer = load_tokenizer(recipe.model)
-    labels = build_datasets(recipe.data, tokenizer, recipe.task).label_names
-    save_label_names(run.root, labels)
+    splits = build_datasets(recipe.data, tokenizer, recipe.task)
+    labels = splits.label_names
+    save_run_data(run, splits)
     base = load_base_model(recipe.model, recipe.quantization, task=recipe.task, labels=labels)
     model = apply_method(base, recipe.method, recipe.task)
     generator = torch.Generator().manual_seed(1)
@@ -83,7 +84,7 @@ def trained_run(tmp_path_factory, tiny_llama_dir, alpaca_files) -> Path:
 
 
 def adapter_logits(run_dir: Path, ids: list[int]) -> torch.Tensor:
-    from ftune.inference import load_model
+    from ftune.tuned import load_model
     from ftune.run_dir import load_run
 
     run, recipe = load_run(run_dir)
@@ -135,7 +136,8 @@ def test_lifecycle_through_the_cli(trained_run, tmp_path, alpaca_files):
     assert (tmp_path / "st" / "config.json").is_file() and (tmp_path / "st.verify.json").is_file()
 
     # generate streams the same greedy reply the eval generator produces, for the adapter and the merged model.
-    from ftune.inference import generate_replies, load_model
+    from ftune.generation import generate_replies
+    from ftune.tuned import load_model
     from ftune.run_dir import load_run
 
     run_obj, recipe = load_run(run)
@@ -309,7 +311,7 @@ def classification_files(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_classification_run_merges_and_evaluates(tmp_path, tiny_llama_dir, classification_files):
     from ftune.evaluate import run_evaluation
-    from ftune.inference import load_plain_model
+    from ftune.tuned import load_plain_model
     from ftune.merge import run_merge
 
     run = build_run(tmp_path / "run", tiny_llama_dir, classification_files, task="classification")
@@ -331,10 +333,10 @@ def test_classification_run_merges_and_evaluates(tmp_path, tiny_llama_dir, class
     ("prompt", {}), ("prefix", {}), ("ptuning", {}), ("lora", {"quantization": {"bits": 4}}),
 ])
 def test_eval_scores_prompt_learning_and_quantized_runs(method, sections, tmp_path, tiny_llama_dir, alpaca_files):
-    from ftune.data.tokenize import tokenize_conversations
-    from ftune.evaluate import eval_conversations, response_loss, run_evaluation
-    from ftune.inference import load_model
+    from ftune.data.heldout import load_heldout, tokenize_heldout
+    from ftune.evaluate import response_loss, run_evaluation
     from ftune.run_dir import load_run
+    from ftune.tuned import load_model
 
     run_dir = build_run(tmp_path / "run", tiny_llama_dir, alpaca_files, method={"name": method}, **sections)
     report = run_evaluation(run_dir, max_samples=4, echo=lambda *_: None)
@@ -343,19 +345,18 @@ def test_eval_scores_prompt_learning_and_quantized_runs(method, sections, tmp_pa
     # The response loss equals the model's own loss (peft shifts labels past virtual tokens itself).
     run, recipe = load_run(run_dir)
     model, tokenizer = load_model(run, recipe)
-    conversation = eval_conversations(recipe, "eval")[:1]
-    [example], _ = tokenize_conversations(tokenizer, conversation, max_length=64, train_on_prompt=False)
+    [example] = tokenize_heldout(tokenizer, load_heldout(run, recipe)[:1], recipe.data)
     with torch.no_grad():
         own = model(input_ids=torch.tensor([example["input_ids"]]), labels=torch.tensor([example["labels"]])).loss.item()
-    assert response_loss(model, tokenizer, conversation, recipe) == pytest.approx(own, rel=1e-5)
+    assert response_loss(model, tokenizer, [example], batch_size=8) == pytest.approx(own, rel=1e-5)
 
 
 def test_full_fine_tune_exports_its_own_weights(tmp_path, tiny_llama_dir, alpaca_files):
-    from ftune.merge import export_run
+    from ftune.export import run_export
 
     run = build_run(tmp_path / "run", tiny_llama_dir, alpaca_files, method={"name": "full"})
     messages = []
-    report = export_run(run, "gguf", quant="f32", echo=messages.append)
+    report = run_export(run, "gguf", quant="f32", echo=messages.append)
     assert report.passed and report.max_abs_logit_diff <= report.tolerance
     assert not (run / "merged").exists() and str(run / "model") in messages[0]
     assert invoke("generate", run, "--prompt", "moon", "--max-new-tokens", "3", "--merged").exit_code == 0

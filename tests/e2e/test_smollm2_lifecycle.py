@@ -43,7 +43,7 @@ def monkeypatch_module():
 
 
 def greedy(model, tokenizer, prompts):
-    from ftune.inference import generate_replies
+    from ftune.generation import generate_replies
 
     return generate_replies(model, tokenizer, prompts, max_new_tokens=16, batch_size=PROMPTS)
 
@@ -51,8 +51,9 @@ def greedy(model, tokenizer, prompts):
 def test_merged_and_gguf_exports_generate_like_the_adapter(quickstart_run):
     from transformers import AutoModelForCausalLM
 
-    from ftune.evaluate import eval_conversations
-    from ftune.inference import load_merged, load_model, prompt_and_reference
+    from ftune.data.heldout import conversations, load_heldout
+    from ftune.generation import prompt_and_reference
+    from ftune.tuned import load_merged, load_model
     from ftune.run_dir import load_run
 
     run_dir = quickstart_run
@@ -61,7 +62,7 @@ def test_merged_and_gguf_exports_generate_like_the_adapter(quickstart_run):
     assert parity["passed"] and parity["next_token_agreement"] == 1.0
 
     run, recipe = load_run(run_dir)
-    prompts = [prompt_and_reference(c)[0] for c in eval_conversations(recipe, "eval")[:PROMPTS]]
+    prompts = [prompt_and_reference(c)[0] for c in conversations(load_heldout(run, recipe))[:PROMPTS]]
     adapter, tokenizer = load_model(run, recipe)
     expected = greedy(adapter, tokenizer, prompts)
     del adapter

@@ -40,7 +40,7 @@ def test_lora_trains_adapter_only_and_writes_a_complete_run_dir(make_recipe, tin
     assert lora_b and all(t.abs().sum() > 0 for t in lora_b)  # B starts at zero: non-zero means it trained
     assert not any("base_layer" in name or "embed" in name for name in adapter)
 
-    from ftune.inference import load_model
+    from ftune.tuned import load_model
 
     model, _ = load_model(run, load_recipe(run.recipe))
     original = base_state(tiny_llama_dir)

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from ftune.data.collate import AutoCollator, PackCollator, PadCollator, build_collator, linear_cost_in_tokens
-from ftune.data.tokenize import IGNORE_INDEX, tokenize_conversations
+from ftune.data.formats import Record
+from ftune.data.tokenize import IGNORE_INDEX, tokenize_records
 from ftune.errors import FtuneError
 
 WORDS = ["red", "blue", "green cat", "dog", "sun moon tree", "the cat", "a dog", "tree"]
@@ -19,7 +20,7 @@ def examples(tiny_llama_dir):
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     conversations = [[{"role": "user", "content": f"Repeat {w} {i} times."}, {"role": "assistant", "content": " ".join([w] * i)}]
                      for i, w in enumerate(WORDS, start=1)]
-    return tokenizer, tokenize_conversations(tokenizer, conversations, max_length=128, train_on_prompt=False)[0]
+    return tokenizer, tokenize_records(tokenizer, [Record("chat", c, f"row {i}", 0) for i, c in enumerate(conversations)], max_length=128)[0][:]
 
 
 def load(tiny_llama_dir, attention="sdpa"):

@@ -9,22 +9,9 @@ import torch
 
 from tests.conftest import recipe_dict
 from ftune.errors import FtuneError
-from ftune.evaluate import (
-    EvalData,
-    EvalReport,
-    accuracy,
-    check_thresholds,
-    confusion_matrix,
-    exact_match,
-    format_table,
-    longest_common_subsequence,
-    macro_f1,
-    parse_thresholds,
-    rouge_l,
-    score_classification,
-    score_generation,
-    token_f1,
-)
+from ftune.data.formats import Record
+from ftune.evaluate import EvalReport, check_thresholds, format_table, parse_thresholds, score_classification, score_generation
+from ftune.metrics import accuracy, confusion_matrix, exact_match, longest_common_subsequence, macro_f1, rouge_l, token_f1
 from ftune.recipe import validate_recipe
 
 
@@ -90,16 +77,16 @@ def test_generation_scores_with_known_predictions(recipe, tiny_llama_dir, monkey
     """Generation is replaced by fixed answers, so every text metric has a known value; the loss is real."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import ftune.inference
+    import ftune.generation
 
     conversations = [
         [{"role": "user", "content": f"Repeat {w}"}, {"role": "assistant", "content": w}] for w in ("red sun", "blue", "cat", "red sun")
     ]
     answers = ["red sun", "blue", "cat dog", "sun red"]  # exact, exact, extra word, swapped words
-    monkeypatch.setattr(ftune.inference, "generate_replies", lambda model, tok, prompts, **kw: answers[: len(prompts)])
+    monkeypatch.setattr(ftune.generation, "generate_replies", lambda model, tok, prompts, **kw: answers[: len(prompts)])
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    metrics, rows = score_generation(model, tokenizer, EvalData(conversations), recipe)
+    metrics, rows = score_generation(model, tokenizer, [Record("chat", c, f"row {i}", 0) for i, c in enumerate(conversations)], recipe)
     assert metrics["exact_match"] == pytest.approx(0.5)
     assert metrics["token_f1"] == pytest.approx((1 + 1 + 2 / 3 + 1) / 4)
     assert metrics["rouge_l"] == pytest.approx((1 + 1 + 2 / 3 + 0.5) / 4)
@@ -132,7 +119,7 @@ def test_classification_scores_with_known_logits(recipe):
         {"input_ids": [14, 8, 9, 9], "labels": 2},
     ]
     model = FixedClassifier({11: [5.0, 0.0, 0.0], 12: [0.0, 5.0, 0.0], 13: [0.0, 0.0, 5.0], 14: [0.0, 5.0, 0.0]})
-    metrics, rows = score_classification(model, tokenizer, EvalData(examples, names), recipe)
+    metrics, rows = score_classification(model, tokenizer, examples, recipe, names)
     assert metrics["accuracy"] == 0.75
     assert metrics["confusion_matrix"] == {"labels": names, "rows_true_columns_predicted": [[1, 0, 0], [0, 1, 0], [0, 1, 1]]}
     assert metrics["macro_f1"] == pytest.approx((1 + 2 / 3 + 2 / 3) / 3)

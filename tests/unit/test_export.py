@@ -20,18 +20,11 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-import ftune.export as export
+import ftune.gguf as gguf_writer
 from ftune.errors import FtuneError
-from ftune.export import (
-    FORMATS,
-    GGUF_QUANTS,
-    LOGIT_TOLERANCE,
-    SUPPORTED_GGUF_ARCHITECTURES,
-    UnsupportedExport,
-    compare_logits,
-    export_gguf,
-    export_safetensors,
-)
+from ftune.export import FORMATS, LOGIT_TOLERANCE, export_gguf, export_safetensors
+from ftune.gguf import GGUF_QUANTS, SUPPORTED_GGUF_ARCHITECTURES, UnsupportedExport
+from ftune.parity import compare_logits
 
 TOKENIZER_DIR = pathlib.Path(__file__).resolve().parents[1] / "assets" / "tiny-tokenizer"
 CHAT = [
@@ -137,7 +130,7 @@ def test_untied_embeddings_write_output_tensor(tiny_dir, tmp_path):
 
 
 def test_verification_catches_missing_rope_permutation(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(export, "_permute_for_rope", lambda weights, n_head: weights)
+    monkeypatch.setattr(gguf_writer, "_permute_for_rope", lambda weights, n_head: weights)
     report = export_gguf(tiny_dir, tmp_path / "unpermuted.gguf", quant="f32")
     assert not report.passed
     assert report.max_abs_logit_diff > 100 * report.tolerance
@@ -237,15 +230,16 @@ def test_compare_logits(tiny_dir):
     model = LlamaForCausalLM.from_pretrained(tiny_dir).eval()
     other = LlamaForCausalLM.from_pretrained(tiny_dir).eval()
     ids = torch.arange(10, 30).reshape(2, 10)
-    assert compare_logits(model, other, ids) == (0.0, 1.0)
+    same = compare_logits(model, other, ids)
+    assert (same.max_abs_diff, same.agreement) == (0.0, 1.0) and same.scale > 0
 
     with torch.no_grad():
         other.lm_head.weight.mul_(-1)  # flips the ranking of every token
-    diff, agreement = compare_logits(model, other, [list(range(5)), list(range(5, 25))])
-    assert diff > 0.1 and agreement < 0.5
+    flipped = compare_logits(model, other, [list(range(5)), list(range(5, 25))])
+    assert flipped.max_abs_diff > 0.1 and flipped.agreement < 0.5
 
 
 def test_formats_dispatch_and_tolerance_table():
-    assert FORMATS == {"safetensors": export_safetensors, "gguf": export_gguf}
+    assert {name: f.write for name, f in FORMATS.items()} == {"safetensors": export_safetensors, "gguf": export_gguf}
     assert set(LOGIT_TOLERANCE) == {"safetensors", *GGUF_QUANTS}
     assert "llama" in SUPPORTED_GGUF_ARCHITECTURES

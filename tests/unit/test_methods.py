@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ftune.errors import FtuneError
+from ftune.run_dir import RunDir
 from ftune.methods import METHODS, apply_method, count_parameters, method_callbacks
 from ftune.recipe.methods import METHOD_CLASSES, method_class, method_names
 
@@ -149,7 +150,7 @@ def test_every_method_is_covered():
 def test_method_trains_exactly_its_parameters_and_reloads(bases, tmp_path, base, task, bits, config, trainable_pattern):
     load = loader(bases[base], task, bits)
     model = apply_method(load(), config, task)
-    callbacks = method_callbacks(model, config, SimpleNamespace(root=tmp_path))
+    callbacks = method_callbacks(model, config, RunDir(tmp_path))
     batch = make_batch(model, task)
 
     named = dict(model.named_parameters())
@@ -226,7 +227,7 @@ def test_pissa_is_saved_as_a_plain_lora_for_the_original_base(bases, tmp_path):
 def test_adalora_allocation_shrinks_ranks_and_records_them(bases, tmp_path):
     config = method("adalora", init_r=6, target_r=2, dropout=0.0, tinit=1, tfinal=2, target_modules=["q_proj", "v_proj"])
     model = apply_method(loader(bases["llama"], "causal_lm")(), config, "causal_lm")
-    run_steps(model, make_batch(model, "causal_lm"), method_callbacks(model, config, SimpleNamespace(root=tmp_path)), steps=10)
+    run_steps(model, make_batch(model, "causal_lm"), method_callbacks(model, config, RunDir(tmp_path)), steps=10)
     record = json.loads((tmp_path / "adalora_ranks.json").read_text())
     assert len(record["ranks"]) == 4 and record["initial_total_rank"] == 24
     assert record["total_rank"] == sum(record["ranks"].values()) == 2 * 4  # budget: target_r per layer
@@ -236,7 +237,7 @@ def test_adalora_allocation_shrinks_ranks_and_records_them(bases, tmp_path):
 def test_adalora_schedule_must_leave_steps_to_allocate(bases):
     config = method("adalora", tinit=2, tfinal=2)
     model = apply_method(loader(bases["llama"], "causal_lm")(), config, "causal_lm")
-    [callback] = method_callbacks(model, config, SimpleNamespace(root=Path(".")))
+    [callback] = method_callbacks(model, config, RunDir(Path(".")))
     with pytest.raises(FtuneError, match=r"method.tinit \+ method.tfinal .* 4 optimizer steps"):
         callback.on_train_begin(None, SimpleNamespace(max_steps=4), None)
 

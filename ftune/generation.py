@@ -1,0 +1,39 @@
+"""Generating replies with a loaded model: greedy by default, stopping where training taught the model to stop.
+
+Used by eval (batched, scored against references) and by generate/chat (streamed).
+"""
+
+from __future__ import annotations
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
+    """Split a conversation before its last assistant turn: what the model sees, and what it should say."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
+
+
+def generation_options(tokenizer, *, max_new_tokens: int, temperature: float = 0.0) -> dict:
+    """Greedy unless a temperature is given; stop at the template's end of turn like training taught."""
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    return dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+
+
+def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy replies for each prompt conversation, batched with left padding."""
+    import torch
+
+    tokenizer.padding_side = "left"
+    device = model_device(model)
+    replies = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[start : start + batch_size]]
+        batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
+        with torch.no_grad():
+            output = model.generate(**batch, **generation_options(tokenizer, max_new_tokens=max_new_tokens))
+        new_tokens = output[:, batch["input_ids"].shape[1] :]
+        replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+    return [reply.strip() for reply in replies]

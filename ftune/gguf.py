@@ -1,0 +1,186 @@
+"""GGUF writer: a Hugging Face causal LM folder -> one llama.cpp GGUF file with tokenizer and chat template.
+
+Written with the ``gguf`` package's own writer and tensor-name map, so names and metadata keys are
+llama.cpp's; q/k rows are permuted to llama.cpp's rotary layout where the architecture needs it.
+``ftune.export`` verifies every file this writes by loading it back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from ftune.errors import FtuneError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0")
+DEFAULT_QUANT = "f16"
+
+# model_type -> (llama.cpp architecture, whether q/k rows are permuted). llama.cpp runs mistral as
+# llama; it runs qwen2 with NEOX rotary, which already matches Hugging Face's rotate-half layout.
+_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+SUPPORTED_GGUF_ARCHITECTURES = tuple(_ARCHITECTURES)
+
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+
+
+class UnsupportedExport(FtuneError):
+    """The model or the requested options cannot be exported to the requested format."""
+
+
+def check_gguf_support(config: Any, quant: str) -> None:
+    """Refuse, before any weights load, what the writer cannot express."""
+    if quant not in GGUF_QUANTS:
+        raise UnsupportedExport(f"--quant {quant!r}: expected one of {', '.join(GGUF_QUANTS)}")
+    if config.model_type not in _ARCHITECTURES:
+        raise UnsupportedExport(
+            f"GGUF export does not support model_type {config.model_type!r}; "
+            f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
+        )
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UnsupportedExport(f"GGUF export supports only default rotary embeddings, not {rope['rope_type']!r}")
+
+
+def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str) -> list[str]:
+    """Write the GGUF file at ``path``; returns notes on tensors stored other than as asked."""
+    import gguf
+
+    config = model.config
+    arch_name, permute_qk = _ARCHITECTURES[config.model_type]
+    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+
+    writer = gguf.GGUFWriter(path, arch_name)
+    writer.add_name(name)
+    writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[quant]])
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    _add_tokenizer(writer, tokenizer, config.vocab_size)
+    if quant == "q8_0":
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    fallbacks: list[str] = []
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # llama.cpp reuses token_embd when output.weight is absent
+        mapped = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise UnsupportedExport(f"no GGUF tensor name for {hf_name!r} in architecture {arch_name!r}")
+        kind, gguf_name = mapped
+        data = tensor.detach().float().numpy()
+        if permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+            data = _permute_for_rope(data, heads if kind == gguf.MODEL_TENSOR.ATTN_Q else kv_heads)
+        data, stored = _encode(data, qtype)
+        if tensor.dim() > 1 and stored != qtype:
+            fallbacks.append(gguf_name)
+        writer.add_tensor(gguf_name, data, raw_dtype=stored)
+
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    finally:
+        writer.close()
+    if not fallbacks:
+        return []
+    return [f"q8_0 needs rows divisible by 32; stored as f16 instead: {', '.join(fallbacks)}"]
+
+
+def _permute_for_rope(weights: "np.ndarray", n_head: int) -> "np.ndarray":
+    """Reorder q/k rows from Hugging Face's rotate-half layout to llama.cpp's interleaved pairs.
+
+    Same as llama.cpp's ``LlamaModel.permute``; transformers' GGUF loader applies the inverse.
+    """
+    return (
+        weights.reshape(n_head, 2, weights.shape[0] // n_head // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
+
+
+def _encode(data: "np.ndarray", qtype: Any) -> tuple["np.ndarray", Any]:
+    """Quantize one tensor; norms and other 1-D tensors stay f32 as llama.cpp expects."""
+    import gguf
+
+    types = gguf.GGMLQuantizationType
+    if data.ndim == 1:
+        return data, types.F32
+    block_size = gguf.GGML_QUANT_SIZES[qtype][0]
+    if data.shape[-1] % block_size:
+        qtype = types.F16
+    return gguf.quants.quantize(data, qtype), qtype
+
+
+def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
+    """Byte-level BPE vocabulary, merges, special ids and chat template, under llama.cpp's keys."""
+    import gguf
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model", {})
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise UnsupportedExport("GGUF export supports byte-level BPE tokenizers only (like GPT-2, Llama 3, Qwen2)")
+
+    tokens = {index: token for token, index in model["vocab"].items()}
+    types = dict.fromkeys(tokens, gguf.TokenType.NORMAL)
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
+    if max(tokens) >= vocab_size:
+        raise UnsupportedExport(f"tokenizer has ids up to {max(tokens)} but the model's vocab_size is {vocab_size}")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
+    # llama.cpp needs one token per embedding row; rows the tokenizer never emits get placeholders.
+    writer.add_token_list([tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)])
+    writer.add_token_types([types.get(i, gguf.TokenType.UNUSED) for i in range(vocab_size)])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+
+    for key in ("bos", "eos", "pad", "unk"):
+        if (token_id := getattr(tokenizer, f"{key}_token_id")) is not None:
+            getattr(writer, f"add_{key}_token_id")(token_id)
+    with_special, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    writer.add_add_bos_token(with_special[:1] != plain[:1] and with_special[0] == tokenizer.bos_token_id)
+    writer.add_add_eos_token(with_special[-1:] != plain[-1:] and with_special[-1] == tokenizer.eos_token_id)
+    if isinstance(tokenizer.chat_template, str):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
+    """The ``tokenizer.ggml.pre`` name that makes llama.cpp split text the way this tokenizer does.
+
+    Unrecognised shapes get "default"; the tokenizer round trip check then reports any mismatch.
+    """
+    parts: Sequence[dict] = (pre_tokenizer or {}).get("pretokenizers") or ([pre_tokenizer] if pre_tokenizer else [])
+    shape = [(p["type"], p.get("individual_digits"), p.get("use_regex")) for p in parts]
+    if shape == [("ByteLevel", None, True)]:
+        return "gpt-2"
+    if shape == [("Digits", True, None), ("ByteLevel", None, True)]:
+        return "smollm"
+    if len(parts) == 2 and shape[0][0] == "Split" and shape[1] == ("ByteLevel", None, False):
+        try:  # transformers' private table of llama.cpp's split regexes; if it moves, the round trip check decides
+            from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
+        except ImportError:
+            return "default"
+
+        regex = parts[0].get("pattern", {}).get("Regex")
+        return next((name for name, known in GGUF_PRE_TOKENIZER_SPLITS.items() if known == regex), "default")
+    return "default"
