@@ -19,9 +19,8 @@ from pathlib import Path
 from ftune.errors import FtuneError
 from ftune.methods.heads import task_head_names
 from ftune.methods.peft_family import INITIAL_ADAPTER_ATTR, PEFT_TASK_TYPES, check_target_modules, targets, wrap_with_peft
+from ftune.recipe.methods import CONVERTED_INITS
 
-LORA_INIT = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora"}
-CONVERTED_INITS = ("pissa", "olora")
 
 
 def apply_lora(model, config, task: str):
@@ -39,7 +38,7 @@ def apply_lora(model, config, task: str):
         modules_to_save=list(dict.fromkeys([*config.modules_to_save, *task_head_names(model, task)])) or None,
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
-        init_lora_weights=LORA_INIT[config.init],
+        init_lora_weights=True if config.init == "default" else config.init,  # peft's name for B=0
     )
     wrapped = wrap_with_peft(model, peft_config, "lora")
     if config.init in CONVERTED_INITS:

@@ -103,6 +103,11 @@ class BitfitMethod(MethodBase):
     name: Literal["bitfit"]
 
 
+# SVD/QR initialisations that move part of the base weight into the adapter; saved converted back to
+# a plain LoRA on the original base.
+CONVERTED_INITS = ("pissa", "olora")
+
+
 class LoraMethod(MethodBase):
     """Low-rank adapters (LoRA) and its variants: rsLoRA scaling, DoRA, PiSSA/OLoRA initialisation."""
 
@@ -127,14 +132,14 @@ class LoraMethod(MethodBase):
 
     @model_validator(mode="after")
     def _variants_combine(self) -> LoraMethod:
-        if self.use_dora and self.init in ("pissa", "olora"):
+        if self.use_dora and self.init in CONVERTED_INITS:
             raise ValueError(f"use_dora cannot combine with init: {self.init} (its adapter cannot be converted back to the original base); pick one")
         return self
 
     def recipe_problems(self, recipe: Any) -> list[str]:
         bits = recipe.quantization.bits
         problems = []
-        if bits and self.init in ("pissa", "olora"):
+        if bits and self.init in CONVERTED_INITS:
             # PiSSA refuses quantized weights; OLoRA re-quantizes the residual base, so its adapter
             # would no longer reproduce the trained model on the original quantized base.
             problems.append(
