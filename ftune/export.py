@@ -19,7 +19,7 @@ from ftune.errors import FtuneError
 from ftune.gguf import DEFAULT_QUANT, GGUF_QUANTS, UnsupportedExport, check_gguf_support, write_gguf
 from ftune.parity import compare_logits
 from ftune.recipe.tasks import CLASSIFICATION
-from ftune.run_dir import RunDir, atomic_dir, atomic_file, load_run, verification_report, write_json_atomic
+from ftune.run_dir import RunDir, atomic_dir, atomic_file, load_run, run_lock, verification_report, write_json_atomic
 
 # Largest max-abs logit difference accepted after the round trip, as a fraction of the largest
 # |reference logit|, because rounding error grows with logit scale (~4 in the unit tests' tiny
@@ -191,9 +191,10 @@ def run_export(run_dir, fmt: str, *, quant: str | None = None, out: str | Path |
             "(ftune merge) is already a plain safetensors model for AutoModelForSequenceClassification"
         )
     quiet_libraries()
-    source = complete_weights(run, recipe, echo=echo)
-    target = Path(out).expanduser().resolve() if out else run.export_dir / export_format.default_name(options)
-    echo(f"Exporting {source} as {fmt}{''.join(' ' + str(v) for v in options.values())} to {target}...")
-    report = export_format.write(source, target, **options)
-    write_json_atomic(verification_report(target), report.to_dict())
+    with run_lock(run.root, echo=echo):
+        source = complete_weights(run, recipe, echo=echo)
+        target = Path(out).expanduser().resolve() if out else run.export_dir / export_format.default_name(options)
+        echo(f"Exporting {source} as {fmt}{''.join(' ' + str(v) for v in options.values())} to {target}...")
+        report = export_format.write(source, target, **options)
+        write_json_atomic(verification_report(target), report.to_dict())
     return report

@@ -22,7 +22,7 @@ from ftune.errors import FtuneError
 from ftune.recipe import Recipe, method_class
 from ftune.recipe.schema import QuantizationConfig
 from ftune.recipe.tasks import TASKS
-from ftune.run_dir import RunDir, atomic_dir, load_run, write_json_atomic
+from ftune.run_dir import RunDir, atomic_dir, load_run, run_lock, write_json_atomic
 
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
 # Default parity tolerance, as a fraction of the largest |reference logit| (see ftune.parity). Measured on a SmolLM2 LoRA run: float32 2e-6 (rounding
@@ -145,6 +145,12 @@ def run_merge(run_dir, *, out: str | Path | None = None, dtype: str | None = Non
     Returns the report either way; ``report.passed`` is False (and nothing was written) when the
     merged model's logits stray beyond tolerance.
     """
+    run, recipe = load_run(run_dir)
+    with run_lock(run.root, echo=echo):
+        return merge_into(run, recipe, out=out, dtype=dtype, echo=echo)
+
+
+def merge_into(run: RunDir, recipe: Recipe, *, out, dtype, echo) -> MergeReport:
     from transformers import AutoTokenizer
 
     from ftune.data.heldout import load_heldout, parity_inputs
@@ -153,7 +159,6 @@ def run_merge(run_dir, *, out: str | Path | None = None, dtype: str | None = Non
     from ftune.runtime import quiet_libraries
     from ftune.tuned import load_model, load_plain_model
 
-    run, recipe = load_run(run_dir)
     if run.has_complete_weights():
         raise FtuneError(
             f"{run.root}: the run already holds complete weights in {run.model} (method '{recipe.method.name}'); "

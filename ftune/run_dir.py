@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,9 +73,93 @@ class RunDir:
     def is_complete(self) -> bool:
         return self.summary.is_file() and self.model.is_dir()
 
+    def checkpoint_folders(self) -> list[Path]:
+        """Every ``checkpoints/checkpoint-N`` folder, oldest step first, complete or not."""
+        found = [p for p in self.checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+        return sorted(found, key=checkpoint_step)
+
+    def incomplete_checkpoints(self) -> list[Path]:
+        """Checkpoints a crash cut short: the Trainer writes them in place, so only the marker tells."""
+        return [p for p in self.checkpoint_folders() if not (p / CHECKPOINT_COMPLETE).is_file()]
+
     def last_checkpoint(self) -> Path | None:
-        found = sorted(self.checkpoints.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-        return found[-1] if found else None
+        """The newest checkpoint whose every file was written and synced."""
+        complete = [p for p in self.checkpoint_folders() if (p / CHECKPOINT_COMPLETE).is_file()]
+        return complete[-1] if complete else None
+
+    def is_empty(self) -> bool:
+        return not self.root.exists() or not any(p.name != LOCK_FILE for p in self.root.iterdir())
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
+def mark_checkpoint_complete(checkpoint: Path) -> None:
+    """Sync every file of a checkpoint the Trainer just wrote, then mark it complete (the marker goes last)."""
+    for path in checkpoint.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    write_text_atomic(checkpoint / CHECKPOINT_COMPLETE, "complete\n")
+    _sync_dir(checkpoint)
+
+
+def _sync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def run_lock(root: Path, *, echo=print) -> Iterator[None]:
+    """Hold ``RUN/.ftune.lock`` (pid and host) while this process writes the run directory.
+
+    A lock held by a live process is refused with its pid; one left by a process that is gone is
+    taken over with a note. O_EXCL creation makes the check and the claim one step.
+    """
+    if root.exists() and not root.is_dir():
+        raise FtuneError(f"output_dir: {root} exists and is not a directory")
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / LOCK_FILE
+    me = f"{os.getpid()} {socket.gethostname()}"
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = lock.read_text(encoding="utf-8").split() if lock.is_file() else []
+            if holder == me.split():  # this process already holds it (export merging first)
+                yield
+                return
+            if len(holder) == 2 and _holder_alive(int(holder[0]), holder[1]):
+                raise FtuneError(
+                    f"{root}: another ftune process (pid {holder[0]} on {holder[1]}) is writing this run directory; "
+                    "wait for it to finish or stop it, or pick another output directory"
+                ) from None
+            echo(f"note: {root} was locked by a process that no longer runs (pid {' on '.join(holder) or 'unknown'}); taking over")
+            lock.unlink(missing_ok=True)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(me + "\n")
+    try:
+        yield
+    finally:
+        if lock.is_file() and lock.read_text(encoding="utf-8").strip() == me:
+            lock.unlink()
+
+
+def _holder_alive(pid: int, host: str) -> bool:
+    if host != socket.gethostname():
+        return True  # another machine's process (shared storage): its liveness cannot be checked from here
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def recipe_yaml(recipe: Recipe) -> str:
@@ -93,10 +178,10 @@ def prepare_run_dir(recipe: Recipe, *, overwrite: bool, resume: bool, write: boo
         return run
     if run.root.exists() and not run.root.is_dir():
         raise FtuneError(f"output_dir: {run.root} exists and is not a directory")
-    existing = run.root.exists() and any(run.root.iterdir())
+    existing = not run.is_empty()
     if resume:
-        if not existing or run.last_checkpoint() is None:
-            raise FtuneError(f"--resume: {run.root} has no checkpoint to continue from; run without --resume")
+        if not existing:
+            raise FtuneError(f"--resume: {run.root} holds no run to continue; run without --resume")
         if run.recipe.is_file() and run.recipe.read_text(encoding="utf-8") != recipe_yaml(recipe):
             raise FtuneError(
                 f"--resume: the recipe differs from the one {run.root} was started with ({run.recipe}); "
@@ -108,13 +193,17 @@ def prepare_run_dir(recipe: Recipe, *, overwrite: bool, resume: bool, write: boo
             "or choose another output_dir (--set output_dir=...)"
         )
     if existing and overwrite:
-        shutil.rmtree(run.root)
+        for path in run.root.iterdir():
+            if path.name != LOCK_FILE:  # held by this run
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     run.root.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run.recipe, recipe_yaml(recipe))
     return run
 
 
 PARITY_FILE = "parity.json"
+CHECKPOINT_COMPLETE = "ftune-complete"  # written last into a checkpoint folder
+LOCK_FILE = ".ftune.lock"
 
 
 def verification_report(output: Path) -> Path:

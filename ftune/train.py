@@ -6,12 +6,15 @@ Trainer owns the loop; ftune adds callbacks for progress, metrics and method-spe
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
 import resource
+import shutil
 import sys
 import time
+from contextlib import contextmanager, nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -21,7 +24,10 @@ from ftune.methods import apply_method, count_parameters, method_callbacks, save
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.recipe import Recipe
 from ftune.errors import FtuneError
-from ftune.run_dir import RunDir, atomic_dir, prepare_run_dir, save_label_names, write_json_atomic, write_jsonl_atomic
+from ftune.run_dir import (
+    RunDir, atomic_dir, checkpoint_step, mark_checkpoint_complete, prepare_run_dir, run_lock, save_label_names,
+    write_json_atomic, write_jsonl_atomic, write_text_atomic,
+)
 from ftune.runtime import quiet_libraries
 
 
@@ -37,15 +43,24 @@ def seed_everything(seed: int) -> None:
 
 
 def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo=print) -> RunDir:
+    """Train as ``recipe`` says; rank 0 holds the run directory's lock throughout."""
     quiet_libraries()
     main = is_main_process()
-    echo = echo if main else (lambda *_: None)
+    root = Path(recipe.output_dir).expanduser().resolve()
+    with run_lock(root, echo=echo) if main else nullcontext():
+        return train_into(recipe, overwrite=overwrite, resume=resume, echo=echo if main else (lambda *_: None))
+
+
+def train_into(recipe: Recipe, *, overwrite: bool, resume: bool, echo) -> RunDir:
     started = datetime.now(timezone.utc)
-    run = prepare_run_dir(recipe, overwrite=overwrite, resume=resume, write=main)
+    run = prepare_run_dir(recipe, overwrite=overwrite, resume=resume, write=is_main_process())
+    checkpoint = resume_point(run, echo) if resume else None
+    if resume and is_main_process():
+        truncate_metrics(run, step=checkpoint_step(checkpoint) if checkpoint else 0)  # forget steps logged after it
     tokenizer = load_tokenizer(recipe.model)
     splits = build_datasets(recipe.data, tokenizer, recipe.task)
     echo(describe_splits(splits))
-    if main:
+    if is_main_process():
         save_run_data(run, splits)
     seed_everything(recipe.training.seed)  # new heads and adapter weights are drawn from it
     base = load_base_model(recipe.model, recipe.quantization, task=recipe.task, labels=splits.label_names)
@@ -53,22 +68,80 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     trainable, total = count_parameters(model)
     echo(f"Method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
     trainer = build_trainer(model, tokenizer, splits, recipe, run, echo=echo)
-    if resume:
-        truncate_metrics(run, step=int(run.last_checkpoint().name.split("-")[-1]))
     clock = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(run.last_checkpoint()) if resume else None)
-    wall = time.perf_counter() - clock
-    eval_metrics = trainer.evaluate() if splits.eval else {}
-    if not trainer.is_world_process_zero():
-        return run
-    save_artifacts(trainer.model, tokenizer, recipe, run)
-    summary = build_summary(result, eval_metrics, trainer, wall, trainable, total)
-    save_loss_plot(run)
-    write_json_atomic(run.manifest, build_manifest(recipe, started))
-    write_json_atomic(run.summary, summary)  # last: its presence marks the run complete
+    with disk_errors_explained(run):
+        trained_here = train_or_restore(trainer, checkpoint, echo)
+        wall = time.perf_counter() - clock
+        eval_metrics = trainer.evaluate() if splits.eval else {}
+        if not trainer.is_world_process_zero():
+            return run
+        save_artifacts(trainer.model, tokenizer, recipe, run)
+        summary = build_summary(run, eval_metrics, trainer, wall, trained_here, trainable, total)
+        save_loss_plot(run)
+        write_json_atomic(run.manifest, build_manifest(recipe, started))
+        write_json_atomic(run.summary, summary)  # last: its presence marks the run complete
     echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
     return run
+
+
+def resume_point(run: RunDir, echo) -> Path | None:
+    """The newest complete checkpoint; incomplete ones (a crash mid-save) are named and removed. None
+    when the run was interrupted before its first complete checkpoint: it then starts from step 0."""
+    for broken in run.incomplete_checkpoints():
+        if is_main_process():
+            echo(f"Skipping {broken.name}: it was not completely written (interrupted while saving); removing it")
+            shutil.rmtree(broken, ignore_errors=True)
+    checkpoint = run.last_checkpoint()
+    echo(f"Resuming from {checkpoint.name}" if checkpoint else "No complete checkpoint yet; training from step 0")
+    return checkpoint
+
+
+def train_or_restore(trainer, checkpoint: Path | None, echo) -> int:
+    """Train (from ``checkpoint`` if given) and return the optimizer steps taken here; a checkpoint of a
+    run whose training had finished is only restored, so a resume never trains past the last step."""
+    from transformers import TrainerState
+
+    if checkpoint is not None:
+        state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+        if state.max_steps and state.global_step >= state.max_steps:
+            echo(f"Training had finished at step {state.global_step}; completing the run's remaining stages")
+            # The Trainer's own checkpoint loader (weights or adapter), as train(resume_from_checkpoint=) uses it.
+            trainer._load_from_checkpoint(str(checkpoint))
+            trainer.state = state
+            return 0
+        start = state.global_step
+    else:
+        start = 0
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint is not None else None)
+    return trainer.state.global_step - start
+
+
+# Write failures a user fixes by freeing space or fixing permissions, not bugs.
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
+
+
+@contextmanager
+def disk_errors_explained(run: RunDir):
+    """Turn a failed write (full disk, no permission) into one line naming the path, the free space and the need."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        path = Path(err.filename) if err.filename else run.checkpoints
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+        raise FtuneError(
+            f"cannot write {path}: {err.strerror or err}; {free / 2**20:,.0f} MiB free there, about {largest_save_mb(run):,.0f} MiB "
+            "needed per checkpoint; free space (or fix permissions) and continue with ftune train --resume"
+        ) from err
+
+
+def largest_save_mb(run: RunDir) -> float:
+    """Size of the biggest complete checkpoint so far (what the next save needs), or of the saved model."""
+    sizes = [sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) for folder in [*run.checkpoint_folders(), run.model] if folder.is_dir()]
+    return max(sizes, default=0) / 2**20
 
 
 def save_run_data(run: RunDir, splits) -> None:
@@ -141,10 +214,22 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, echo
         eval_dataset=splits.eval or None,
         data_collator=batching.collator,
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(run.metrics, echo=echo), *method_callbacks(model, recipe.method, run)],
+        callbacks=[MetricsCallback(run.metrics, echo=echo), checkpoint_marker(), *method_callbacks(model, recipe.method, run)],
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def checkpoint_marker():
+    """A Trainer callback that marks each checkpoint complete once the Trainer has written all of it."""
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+
+    return MarkComplete()
 
 
 def truncate_metrics(run: RunDir, *, step: int) -> None:
@@ -152,7 +237,7 @@ def truncate_metrics(run: RunDir, *, step: int) -> None:
     if not run.metrics.is_file():
         return
     kept = [line for line in run.metrics.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step]
-    run.metrics.write_text("".join(line + "\n" for line in kept))
+    write_text_atomic(run.metrics, "".join(line + "\n" for line in kept))
 
 
 def save_artifacts(model, tokenizer, recipe: Recipe, run: RunDir) -> None:
@@ -169,14 +254,29 @@ def peak_memory_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def build_summary(result, eval_metrics: dict, trainer, wall: float, trainable: int, total: int) -> dict:
-    tokens = trainer.state.num_input_tokens_seen
+def logged_train_loss(run: RunDir) -> float | None:
+    """Mean training loss over the whole run, from the logged steps (each log averages the steps since the
+    previous one), so a resumed run reports the same figure as an uninterrupted one."""
+    total = steps = previous = 0
+    records = [json.loads(line) for line in run.metrics.read_text().splitlines() if line] if run.metrics.is_file() else []
+    for record in records:
+        if "loss" in record:
+            span = record["step"] - previous
+            total, steps, previous = total + record["loss"] * span, steps + span, record["step"]
+    return total / steps if steps else None
+
+
+def build_summary(run: RunDir, eval_metrics: dict, trainer, wall: float, trained_here: int, trainable: int, total: int) -> dict:
+    """Final figures; speed and wall time are those of the steps trained by this process."""
+    state = trainer.state
+    tokens = state.num_input_tokens_seen
+    per_step = tokens / max(state.global_step, 1)
     summary = {
-        "train_loss": result.training_loss,
-        "steps": trainer.state.global_step,
-        "epochs": trainer.state.epoch,
+        "train_loss": logged_train_loss(run),
+        "steps": state.global_step,
+        "epochs": state.epoch,
         "tokens_seen": tokens,
-        "tokens_per_second": tokens / wall if wall else 0.0,
+        "tokens_per_second": per_step * trained_here / wall if wall and trained_here else 0.0,
         "wall_time_s": wall,
         "peak_memory_mb": peak_memory_mb(),
         "trainable_params": trainable,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ftune.errors import FtuneError, raise_problems
 from ftune.recipe.schema import DATA_SUFFIXES, DatasetSource
+from ftune.text_files import read_utf8
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def source_name(source: DatasetSource) -> str:
 
 
 def _text(path: Path) -> str:
-    return path.read_text(encoding="utf-8-sig")  # -sig: spreadsheet exports often start with a BOM
+    return read_utf8(path, shown=shown_path(path))  # spreadsheet exports often start with a BOM: dropped
 
 
 def _json_lines(name: str, text: str, problems: list[str]) -> list[Row]:

@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from ftune.errors import FtuneError
+from ftune.text_files import read_utf8
 from ftune.recipe.methods import method_class, method_names
 from ftune.recipe.schema import FINISHED_RUN, Recipe
 
@@ -26,7 +27,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     path = Path(path)
     if not path.is_file():
         raise FtuneError(f"{path}: recipe file not found")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     try:
         raw = yaml.safe_load(text)
         lines = _line_index(yaml.compose(text))
@@ -108,6 +109,8 @@ def _user_loc(loc: Loc) -> Loc:
 
 def _describe(err: dict, source: str, lines: dict[Loc, int], overridden: set[Loc]) -> str:
     loc = _user_loc(tuple(err["loc"]))
+    if err["type"] == "union_tag_not_found" and (typo := _misspelt_name(err.get("input"))):
+        loc = loc + (typo,)
     dotted = ".".join(map(str, loc)) or "recipe"
     if any(loc[: len(o)] == o or o[: len(loc)] == loc for o in overridden):
         where = " (--set)"
@@ -133,11 +136,20 @@ def _message(err: dict, loc: Loc) -> str:
     if kind == "union_tag_invalid":
         return f"unknown method {ctx.get('tag')!r}{_did_you_mean(str(ctx.get('tag')), method_names())} (available: {', '.join(method_names())})"
     if kind == "union_tag_not_found":
+        typo = _misspelt_name(value)
+        if typo:
+            return f"unknown key '{typo}'. Did you mean 'name'? (it picks the method: {', '.join(method_names())})"
         return f"'name' is required; available: {', '.join(method_names())}"
     message = err["msg"].removeprefix("Value error, ").replace("Input should be", "must be")
     if kind.endswith(("_type", "_parsing")) or kind.startswith(("greater", "less")):
         message += f", got {value!r}"
     return message
+
+
+def _misspelt_name(section: Any) -> str | None:
+    """The key of a method section without ``name`` that looks like a misspelt ``name``."""
+    keys = [str(k) for k in section] if isinstance(section, dict) else []
+    return next((k for k in keys if _close(k, ["name"])), None)
 
 
 def _close(word: str, options: list[str]) -> list[str]:

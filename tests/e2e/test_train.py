@@ -115,9 +115,9 @@ def test_resume_reproduces_the_uninterrupted_loss_curve(make_recipe, tmp_path, m
     assert losses(resumed) == pytest.approx(losses(straight), abs=1e-6)
 
 
-def test_resume_without_checkpoint_is_a_user_error(make_recipe):
+def test_resume_of_nothing_is_a_user_error(make_recipe):
     result = runner.invoke(app, ["train", str(make_recipe()), "--resume"])
-    assert result.exit_code == 2 and "no checkpoint" in result.stderr
+    assert result.exit_code == 2 and "holds no run to continue" in result.stderr
 
 
 def test_crash_while_saving_leaves_no_complete_looking_run(make_recipe, tmp_path, monkeypatch):
