@@ -202,6 +202,8 @@ def prepare_run_dir(recipe: Recipe, *, overwrite: bool, resume: bool, write: boo
 
 
 PARITY_FILE = "parity.json"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 CHECKPOINT_COMPLETE = "ftune-complete"  # written last into a checkpoint folder
 LOCK_FILE = ".ftune.lock"
 
@@ -218,6 +220,7 @@ def atomic_file(target: Path) -> Iterator[Path]:
     fd, staging = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
     os.close(fd)
     staging = Path(staging)
+    os.chmod(staging, 0o666 & ~_UMASK)  # mkstemp makes it private; a run's files are as readable as any other
     try:
         yield staging
         with open(staging, "rb") as written:
