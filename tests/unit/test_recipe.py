@@ -127,3 +127,24 @@ def test_every_shipped_recipe_validates(monkeypatch):
     assert recipes
     for path in recipes:
         load_recipe(path)
+
+
+def test_misspelt_method_name_is_named_with_its_line(tmp_path, data_file):
+    [problem] = errors_of(write(tmp_path, base_text(data_file, method="  nme: lora\n  r: 8\n")))
+    assert "method.nme (line 4): unknown key 'nme'. Did you mean 'name'?" in problem and "lora" in problem
+
+
+def test_recipe_that_is_not_utf8_names_the_line(tmp_path, data_file):
+    path = tmp_path / "r.yaml"
+    path.write_bytes(base_text(data_file).encode() + b"# caf\xe9 notes\n")
+    [problem] = errors_of(path)
+    assert problem.startswith(f"{path}:6: not UTF-8 text (byte 0xe9 at column 6)")
+
+
+def test_data_file_that_is_not_utf8_names_the_line(tmp_path):
+    from ftune.data.sources import read_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(FtuneError, match=r"rows.jsonl:2: not UTF-8 text \(byte 0xe9"):
+        read_rows(str(path))
