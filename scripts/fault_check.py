@@ -167,9 +167,11 @@ def main(argv: list[str] | None = None) -> int:
         same, kills = 0, 0
         for index in range(args.runs):
             run_dir = scratch / f"run-{index}"
-            kills += run_until_complete(args.recipe, run_dir, args.overrides, rng, horizon, args.max_kills)
+            run_kills = run_until_complete(args.recipe, run_dir, args.overrides, rng, horizon, args.max_kills)
+            kills += run_kills
             problems = identical(reference, outcome(run_dir))
             same += not problems
+            print(f"run {index}: {'identical' if not problems else 'DIFFERENT'} after {run_kills} kill(s)", flush=True)
             for problem in problems:
                 print(f"run {index}: {problem}", file=sys.stderr)
             shutil.rmtree(run_dir, ignore_errors=True)
