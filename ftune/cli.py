@@ -73,10 +73,13 @@ def validate(recipe: Path = RecipeArg, overrides: List[str] = SetOption, quiet: 
     from ftune.recipe import load_recipe
     from ftune.run_dir import recipe_yaml
 
+    from ftune.hardware import preview_precision
+
     resolved = load_recipe(recipe, overrides)
     if not quiet:
         typer.echo(recipe_yaml(resolved), nl=False)
         typer.echo(f"# {recipe}: OK", err=True)
+        typer.echo(f"# training.mixed_precision: {preview_precision(resolved.training.mixed_precision)}", err=True)
 
 
 @app.command()

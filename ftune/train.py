@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ftune import __version__
 from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits, save_label_names
+from ftune.hardware import Precision, resolve_precision
 from ftune.methods import apply_method, count_parameters, method_callbacks, save_method_artifact
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.recipe import Recipe
@@ -36,10 +37,14 @@ def seed_everything(seed: int) -> None:
 
 
 def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo=print) -> RunDir:
-    quiet_libraries()
     main = is_main_process()
     echo = echo if main else (lambda *_: None)
     started = datetime.now(timezone.utc)
+    precision = resolve_precision(recipe.training.mixed_precision)  # before any loading: a refusal costs nothing
+    echo(precision.describe(recipe.training.mixed_precision))
+    if precision.warning:
+        echo(f"warning: {precision.warning}")
+    quiet_libraries()
     run = prepare_run_dir(recipe, overwrite=overwrite, resume=resume, write=main)
     tokenizer = load_tokenizer(recipe.model)
     splits = build_datasets(recipe.data, tokenizer, recipe.task)
@@ -51,7 +56,7 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     model = apply_method(base, recipe.method, recipe.task)
     trainable, total = count_parameters(model)
     echo(f"Method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
-    trainer = build_trainer(model, tokenizer, splits, recipe, run, echo=echo)
+    trainer = build_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo)
     if resume:
         truncate_metrics(run, step=int(run.last_checkpoint().name.split("-")[-1]))
     clock = time.perf_counter()
@@ -63,14 +68,14 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     save_artifacts(trainer.model, tokenizer, recipe, run)
     summary = build_summary(result, eval_metrics, trainer, wall, trainable, total)
     save_loss_plot(run)
-    write_json_atomic(run.manifest, build_manifest(recipe, started))
+    write_json_atomic(run.manifest, build_manifest(recipe, started, precision=precision))
     write_json_atomic(run.summary, summary)  # last: its presence marks the run complete
     echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
     return run
 
 
-def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool):
+def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, precision: Precision):
     import torch
     from transformers import TrainingArguments
 
@@ -88,8 +93,8 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool):
         weight_decay=train.weight_decay,
         max_grad_norm=train.max_grad_norm,
         optim=train.optimizer,
-        bf16=train.mixed_precision == "bf16",
-        fp16=train.mixed_precision == "fp16",
+        bf16=precision.mode == "bf16",
+        fp16=precision.mode == "fp16",
         gradient_checkpointing=train.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
         logging_steps=train.logging_steps,
@@ -110,7 +115,7 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool):
     )
 
 
-def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, echo=print):
+def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, precision: Precision, echo=print):
     from transformers import PrinterCallback, Trainer
 
     from ftune.progress import MetricsCallback
@@ -119,7 +124,7 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, echo
     echo(batching.note)
     trainer = Trainer(
         model=model,
-        args=build_training_arguments(recipe, run, has_eval=bool(splits.eval)),
+        args=build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision),
         train_dataset=splits.train,
         eval_dataset=splits.eval or None,
         data_collator=batching.collator,
@@ -171,7 +176,7 @@ def build_summary(result, eval_metrics: dict, trainer, wall: float, trainable: i
     return summary
 
 
-def build_manifest(recipe: Recipe, started: datetime) -> dict:
+def build_manifest(recipe: Recipe, started: datetime, *, precision: Precision) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -189,6 +194,7 @@ def build_manifest(recipe: Recipe, started: datetime) -> dict:
         "model_source": resolve_model_source(recipe.model).location,
         "data_fingerprint": data_fingerprint(recipe.data),
         "seed": recipe.training.seed,
+        "mixed_precision": {"requested": recipe.training.mixed_precision, "used": precision.mode, "reason": precision.reason},
         "hardware": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

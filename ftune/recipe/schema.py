@@ -277,13 +277,23 @@ class TrainingConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optimizer: Literal[OPTIMIZERS] = Field("adamw_torch", description="Optimizer; *_8bit and paged_* use bitsandbytes.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision; bf16 speeds up CPUs with AVX512-BF16 and modern GPUs.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast precision, resolved once at launch: auto = bf16 on GPUs and CPUs with native bfloat16 "
+        "(AVX512-BF16/AMX), fp16 on GPUs without it, else no (float32); bf16 on other CPUs runs ~50x slower.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
     logging_steps: int = Field(5, gt=0, description="Log loss every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null = only at the end.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (what --resume continues from).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk.")
     seed: int = Field(42, description="Seed for initialisation and data order.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: object) -> object:
+        # YAML 1.1 reads unquoted no/off/false as the boolean False.
+        return "no" if value is False else value
 
 
 class EvaluationConfig(Strict):

@@ -1,0 +1,159 @@
+"""Hardware resolution: each machine is faked by monkeypatching the probes, so no case needs the hardware."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from ftune import hardware
+from ftune.cli import app
+from ftune.errors import FtuneError
+from ftune.hardware import resolve_precision
+from ftune.recipe import load_recipe
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def machine(monkeypatch):
+    """Fake a machine: machine(cuda=..., cuda_bf16=..., mps=..., mps_bf16=..., cpu_bf16=..., flags=...)."""
+
+    def fake(*, cuda=False, cuda_bf16=False, mps=False, mps_bf16=False, cpu_bf16=False, gpu="Tesla V100-SXM2-16GB", flags=("avx2",)):
+        for probe, value in {
+            "cuda_available": cuda,
+            "cuda_bf16_supported": cuda_bf16,
+            "cuda_device_name": gpu,
+            "mps_available": mps,
+            "mps_bf16_supported": mps_bf16,
+            "cpu_native_bf16": cpu_bf16,
+            "cheap_cpu_flags": set(flags),
+            "cheap_nvidia_gpu_present": cuda,
+            "cheap_is_apple_silicon": mps,
+        }.items():
+            monkeypatch.setattr(hardware, probe, lambda value=value: value)
+
+    return fake
+
+
+def test_auto_on_a_bf16_gpu_is_bf16(machine):
+    machine(cuda=True, cuda_bf16=True, gpu="NVIDIA A100-SXM4-40GB")
+    precision = resolve_precision("auto")
+    assert (precision.mode, precision.warning) == ("bf16", None)
+    assert "A100" in precision.reason
+
+
+def test_auto_on_a_gpu_without_bf16_is_fp16_with_the_overflow_caveat(machine):
+    machine(cuda=True, cuda_bf16=False, gpu="Tesla T4")
+    precision = resolve_precision("auto")
+    assert precision.mode == "fp16" and "Tesla T4 has no bfloat16" in precision.reason
+    assert "bfloat16" in precision.warning and "overflow" in precision.warning and "mixed_precision: no" in precision.warning
+
+
+def test_explicit_bf16_on_a_gpu_without_bf16_is_refused(machine):
+    machine(cuda=True, cuda_bf16=False, gpu="Tesla V100")
+    with pytest.raises(FtuneError, match="bf16 is not supported on Tesla V100; use fp16 or auto"):
+        resolve_precision("bf16")
+
+
+def test_auto_on_a_cpu_with_native_bf16_is_bf16(machine):
+    machine(cpu_bf16=True)
+    assert resolve_precision("auto").mode == "bf16"
+
+
+def test_auto_on_a_cpu_without_native_bf16_is_fp32(machine):
+    machine(cpu_bf16=False)
+    precision = resolve_precision("auto")
+    assert (precision.mode, precision.warning) == ("no", None)
+    assert "no native bfloat16" in precision.reason
+
+
+def test_explicit_bf16_on_a_cpu_without_native_bf16_warns_it_is_50x_slower_and_how_to_switch(machine):
+    machine(cpu_bf16=False)
+    precision = resolve_precision("bf16")
+    assert precision.mode == "bf16"  # the user asked; keep it, but say what it costs
+    assert "~50x slower" in precision.warning and "--set training.mixed_precision=auto" in precision.warning
+
+
+def test_explicit_bf16_on_a_cpu_with_native_bf16_does_not_warn(machine):
+    machine(cpu_bf16=True)
+    assert resolve_precision("bf16").warning is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_fp16_on_cpu_is_refused_with_the_reason(machine, native):
+    machine(cpu_bf16=native)
+    with pytest.raises(FtuneError, match="fp16 needs a GPU") as refused:
+        resolve_precision("fp16")
+    assert len(refused.value.problems) == 1 and "--set training.mixed_precision=auto" in str(refused.value)
+
+
+def test_apple_gpu_uses_bf16_only_where_metal_has_it(machine):
+    machine(mps=True, mps_bf16=True)
+    assert resolve_precision("auto").mode == "bf16"
+    machine(mps=True, mps_bf16=False)
+    assert resolve_precision("auto").mode == "no"
+    with pytest.raises(FtuneError, match="macOS 14"):
+        resolve_precision("bf16")
+
+
+def test_no_stays_no_everywhere(machine):
+    for case in ({"cuda": True, "cuda_bf16": True}, {"mps": True, "mps_bf16": True}, {"cpu_bf16": True}):
+        machine(**case)
+        assert resolve_precision("no").mode == "no"
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert {"avx2", "avx512_bf16"} <= hardware.cheap_cpu_flags(cpuinfo)
+    assert hardware.cheap_cpu_flags(tmp_path / "missing") == set()
+
+
+@pytest.mark.parametrize(
+    ("case", "requested", "expected"),
+    [
+        ({"flags": ("avx2",)}, "auto", "auto -> no (CPU has no avx512_bf16/amx_bf16; float32)"),
+        ({"flags": ("avx2", "amx_bf16")}, "auto", "auto -> bf16 (CPU has avx512_bf16/amx_bf16)"),
+        ({"flags": ("avx2",)}, "bf16", "~50x slower"),
+        ({"flags": ("avx2",)}, "fp16", "refused at launch"),
+        ({"cuda": True}, "auto", "resolved at launch"),
+        ({"flags": ()}, "auto", "resolved at launch from the hardware"),
+    ],
+)
+def test_validate_previews_the_resolution_without_torch(machine, make_recipe, case, requested, expected):
+    machine(**case)
+    result = runner.invoke(app, ["validate", str(make_recipe()), "--set", f"training.mixed_precision={requested}"])
+    assert result.exit_code == 0, result.output
+    line = next(line for line in result.stderr.splitlines() if line.startswith("# training.mixed_precision: "))
+    assert expected in line
+
+
+@pytest.mark.parametrize("spelling", ["no", "off", "false", "'no'"])
+def test_yaml_false_means_no_in_the_file_and_in_set(make_recipe, tmp_path, spelling):
+    path = make_recipe()
+    text = path.read_text().replace("training:\n", f"training:\n  mixed_precision: {spelling}\n", 1)
+    path.write_text(text)
+    assert load_recipe(path).training.mixed_precision == "no"
+    assert load_recipe(make_recipe(), [f"training.mixed_precision={spelling}"]).training.mixed_precision == "no"
+
+
+def test_default_is_auto_and_true_is_not_a_precision(make_recipe):
+    assert load_recipe(make_recipe()).training.mixed_precision == "auto"
+    with pytest.raises(FtuneError, match=r"training.mixed_precision \(--set\): True is not one of auto, no, bf16, fp16"):
+        load_recipe(make_recipe(), ["training.mixed_precision=yes"])
+
+
+def test_shipped_recipes_all_say_auto():
+    from tests.conftest import REPO
+
+    recipes = sorted((REPO / "recipes").glob("*/*.yaml"))
+    assert recipes and all("  mixed_precision: auto" in path.read_text() for path in recipes)
+
+
+def test_train_refuses_fp16_on_cpu_in_one_line_before_loading_anything(machine, make_recipe, tmp_path):
+    machine(cpu_bf16=False)
+    result = runner.invoke(app, ["train", str(make_recipe()), "--set", "training.mixed_precision=fp16"])
+    assert result.exit_code == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "fp16 needs a GPU" in errors[0]
+    assert not (tmp_path / "run").exists()
