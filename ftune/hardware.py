@@ -9,6 +9,7 @@ at launch.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 from dataclasses import dataclass
@@ -191,3 +192,66 @@ def preview_precision(requested: str) -> str:
     if requested == "bf16" and not native:
         return f"bf16: ~{CPU_BF16_SLOWDOWN}x slower than float32 on this CPU (no avx512_bf16/amx_bf16); {SWITCH_TO_AUTO}"
     return requested
+
+
+# --- threads -------------------------------------------------------------------------------------
+
+
+def cheap_affinity_cpus() -> int:
+    """CPUs this process may run on (taskset, cpusets); os.cpu_count() where affinity is not exposed."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs granted by a cgroup CPU quota (containers, CI runners), or None when unlimited or unknown.
+
+    cgroup v2 writes ``cpu.max`` as "QUOTA PERIOD" (QUOTA "max" = unlimited); v1 splits it into
+    ``cpu/cpu.cfs_quota_us`` (-1 = unlimited) and ``cpu/cpu.cfs_period_us``, both in microseconds.
+    """
+    try:
+        quota, _, period = (root / "cpu.max").read_text().strip().partition(" ")
+        if quota == "max":
+            return None
+        return int(quota) / int(period or 100000)
+    except (OSError, ValueError):
+        pass
+    for folder in (root / "cpu", root / "cpu,cpuacct", root):
+        try:
+            quota_us = int((folder / "cpu.cfs_quota_us").read_text())
+            period_us = int((folder / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            continue
+        return quota_us / period_us if quota_us > 0 and period_us > 0 else None
+    return None
+
+
+@dataclass(frozen=True)
+class Threads:
+    count: int
+    reason: str
+
+
+def resolve_threads(requested: int | None) -> Threads:
+    """Intra-op threads for torch: the recipe's value, or the CPUs really available split across local ranks.
+
+    torch defaults to every core of the host even when a cgroup quota grants two, and the
+    oversubscribed threads then stall each other.
+    """
+    if requested is not None:
+        return Threads(requested, "training.threads")
+    affinity, quota = cheap_affinity_cpus(), cgroup_cpu_limit()
+    cpus = affinity if quota is None else max(1, min(affinity, math.floor(quota)))
+    reason = f"{affinity} CPUs in the affinity mask" + (f", cgroup quota {quota:g}" if quota is not None else "")
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if ranks > 1:
+        reason += f", shared by {ranks} local processes"
+    return Threads(max(1, cpus // ranks), reason)
+
+
+def apply_threads(threads: Threads) -> None:
+    import torch
+
+    torch.set_num_threads(threads.count)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ftune import __version__
 from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits, save_label_names
-from ftune.hardware import Precision, resolve_precision
+from ftune.hardware import Precision, Threads, apply_threads, resolve_precision, resolve_threads
 from ftune.methods import apply_method, count_parameters, method_callbacks, save_method_artifact
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.recipe import Recipe
@@ -44,6 +44,9 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     echo(precision.describe(recipe.training.mixed_precision))
     if precision.warning:
         echo(f"warning: {precision.warning}")
+    threads = resolve_threads(recipe.training.threads)
+    apply_threads(threads)
+    echo(f"threads: {threads.count} ({threads.reason})")
     quiet_libraries()
     run = prepare_run_dir(recipe, overwrite=overwrite, resume=resume, write=main)
     tokenizer = load_tokenizer(recipe.model)
@@ -68,7 +71,7 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     save_artifacts(trainer.model, tokenizer, recipe, run)
     summary = build_summary(result, eval_metrics, trainer, wall, trainable, total)
     save_loss_plot(run)
-    write_json_atomic(run.manifest, build_manifest(recipe, started, precision=precision))
+    write_json_atomic(run.manifest, build_manifest(recipe, started, precision=precision, threads=threads))
     write_json_atomic(run.summary, summary)  # last: its presence marks the run complete
     echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
@@ -176,7 +179,7 @@ def build_summary(result, eval_metrics: dict, trainer, wall: float, trainable: i
     return summary
 
 
-def build_manifest(recipe: Recipe, started: datetime, *, precision: Precision) -> dict:
+def build_manifest(recipe: Recipe, started: datetime, *, precision: Precision, threads: Threads) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -198,6 +201,7 @@ def build_manifest(recipe: Recipe, started: datetime, *, precision: Precision) -
         "hardware": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
+            "threads": {"used": threads.count, "reason": threads.reason},
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         },
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],

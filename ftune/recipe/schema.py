@@ -283,6 +283,9 @@ class TrainingConfig(Strict):
         "(AVX512-BF16/AMX), fp16 on GPUs without it, else no (float32); bf16 on other CPUs runs ~50x slower.",
     )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch's kernels; null = the CPUs this process may use (affinity mask, cgroup quota)."
+    )
     logging_steps: int = Field(5, gt=0, description="Log loss every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null = only at the end.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (what --resume continues from).")

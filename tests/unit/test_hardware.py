@@ -157,3 +157,64 @@ def test_train_refuses_fp16_on_cpu_in_one_line_before_loading_anything(machine, 
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "fp16 needs a GPU" in errors[0]
     assert not (tmp_path / "run").exists()
+
+
+def cgroup(tmp_path, files: dict[str, str]):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("files", "cpus"),
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "200000 100000\n"}, 2.0),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+        ({"cpu,cpuacct/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/cpu.cfs_period_us": "100000\n"}, 0.5),
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),
+    ],
+)
+def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path, files, cpus):
+    assert hardware.cgroup_cpu_limit(cgroup(tmp_path, files)) == cpus
+
+
+@pytest.mark.parametrize(
+    ("affinity", "quota", "ranks", "expected"),
+    [(2, None, None, 2), (8, 2.0, None, 2), (8, 2.5, None, 2), (4, 0.5, None, 1), (8, None, "2", 4), (1, None, "4", 1)],
+)
+def test_threads_follow_the_cpus_this_process_may_use(monkeypatch, affinity, quota, ranks, expected):
+    monkeypatch.setattr(hardware, "cheap_affinity_cpus", lambda: affinity)
+    monkeypatch.setattr(hardware, "cgroup_cpu_limit", lambda: quota)
+    if ranks:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    threads = hardware.resolve_threads(None)
+    assert threads.count == expected
+    assert f"{affinity} CPUs in the affinity mask" in threads.reason
+    assert ("cgroup quota" in threads.reason) == (quota is not None)
+
+
+def test_explicit_threads_win_and_must_be_positive(monkeypatch, make_recipe):
+    monkeypatch.setattr(hardware, "cheap_affinity_cpus", lambda: 64)
+    assert hardware.resolve_threads(3) == hardware.Threads(3, "training.threads")
+    assert load_recipe(make_recipe(), ["training.threads=3"]).training.threads == 3
+    assert load_recipe(make_recipe()).training.threads is None
+    with pytest.raises(FtuneError, match=r"training.threads \(--set\): must be greater than or equal to 1"):
+        load_recipe(make_recipe(), ["training.threads=0"])
+
+
+def test_applied_threads_reach_torch():
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        hardware.apply_threads(hardware.Threads(1, "test"))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
