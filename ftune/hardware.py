@@ -255,3 +255,57 @@ def apply_threads(threads: Threads) -> None:
     import torch
 
     torch.set_num_threads(threads.count)
+
+
+# --- device and memory ---------------------------------------------------------------------------
+
+
+def cheap_device() -> str:
+    """'cuda' where an NVIDIA driver lists a GPU, else 'cpu' (file probes only; Apple GPUs plan as CPU memory)."""
+    return "cuda" if cheap_nvidia_gpu_present() else "cpu"
+
+
+def cheap_meminfo(meminfo: Path = Path("/proc/meminfo")) -> dict[str, int]:
+    """The numeric fields of /proc/meminfo (or /proc/self/status), in KiB; empty where the file does not exist."""
+    try:
+        lines = meminfo.read_text().splitlines()
+    except OSError:
+        return {}
+    values = {}
+    for key, _, value in (line.partition(":") for line in lines):
+        number = value.split()[0] if value.split() else ""
+        if number.isdigit():
+            values[key] = int(number)
+    return values
+
+
+def cgroup_memory_free_mib(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """Memory left under a cgroup limit (v2 memory.max - memory.current, v1 limit - usage), or None if unlimited."""
+    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (root / limit_file).read_text().strip()
+            usage = int((root / usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or int(limit) >= 2**60:  # v1 writes "no limit" as a huge number
+            return None
+        return (int(limit) - usage) / 2**20
+    return None
+
+
+def free_memory_mib(device: str) -> float | None:
+    """Memory a new run may use on ``device`` (MiB), or None where it cannot be known."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.mem_get_info()[0] / 2**20
+    available = cheap_meminfo().get("MemAvailable")
+    if available is None:
+        return None
+    cgroup = cgroup_memory_free_mib()
+    return min(available / 1024, cgroup) if cgroup is not None else available / 1024
+
+
+def current_rss_mib() -> float:
+    """Resident memory of this process now (the baseline a probe subtracts); 0 where /proc is missing."""
+    return cheap_meminfo(Path("/proc/self/status")).get("VmRSS", 0) / 1024

@@ -12,14 +12,17 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from ftune import __version__
 from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits, save_label_names
-from ftune.hardware import Precision, Threads, apply_threads, resolve_precision, resolve_threads
+from ftune.hardware import Precision, Threads, apply_threads, free_memory_mib, resolve_precision, resolve_threads
 from ftune.methods import apply_method, count_parameters, method_callbacks, save_method_artifact
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
+from ftune.plan import check_fits
 from ftune.recipe import Recipe
 from ftune.run_dir import RunDir, atomic_dir, prepare_run_dir, write_json_atomic
 from ftune.runtime import quiet_libraries
@@ -30,13 +33,19 @@ def is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def train_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def seed_everything(seed: int) -> None:
     from transformers import set_seed
 
     set_seed(seed)
 
 
-def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, echo=print) -> RunDir:
+def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False, echo=print) -> RunDir:
     main = is_main_process()
     echo = echo if main else (lambda *_: None)
     started = datetime.now(timezone.utc)
@@ -47,35 +56,54 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     threads = resolve_threads(recipe.training.threads)
     apply_threads(threads)
     echo(f"threads: {threads.count} ({threads.reason})")
+    if main and not force:
+        check_fits(recipe, device=train_device(), free_mib=free_memory_mib(train_device()), echo=echo)
     quiet_libraries()
     run = prepare_run_dir(recipe, overwrite=overwrite, resume=resume, write=main)
-    tokenizer = load_tokenizer(recipe.model)
-    splits = build_datasets(recipe.data, tokenizer, recipe.task)
-    echo(describe_splits(splits))
-    if main:
-        save_label_names(run.root, splits.label_names)
-    seed_everything(recipe.training.seed)  # new heads and adapter weights are drawn from it
-    base = load_base_model(recipe.model, recipe.quantization, task=recipe.task, labels=splits.label_names)
-    model = apply_method(base, recipe.method, recipe.task)
-    trainable, total = count_parameters(model)
-    echo(f"Method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
-    trainer = build_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo)
+    session = build_session(recipe, run, precision=precision, echo=echo)
+    trainer = session.trainer
     if resume:
         truncate_metrics(run, step=int(run.last_checkpoint().name.split("-")[-1]))
     clock = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(run.last_checkpoint()) if resume else None)
     wall = time.perf_counter() - clock
-    eval_metrics = trainer.evaluate() if splits.eval else {}
+    eval_metrics = trainer.evaluate() if session.splits.eval else {}
     if not trainer.is_world_process_zero():
         return run
-    save_artifacts(trainer.model, tokenizer, recipe, run)
-    summary = build_summary(result, eval_metrics, trainer, wall, trainable, total)
+    save_artifacts(trainer.model, session.tokenizer, recipe, run)
+    summary = build_summary(result, eval_metrics, trainer, wall, session.trainable, session.total)
     save_loss_plot(run)
     write_json_atomic(run.manifest, build_manifest(recipe, started, precision=precision, threads=threads))
     write_json_atomic(run.summary, summary)  # last: its presence marks the run complete
     echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
     return run
+
+
+@dataclass
+class Session:
+    """Everything a run trains with, built but not started: what ``ftune train`` and ``ftune plan --probe`` share."""
+
+    trainer: Any
+    tokenizer: Any
+    splits: Any
+    trainable: int
+    total: int
+
+
+def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=print, callbacks: tuple = ()) -> Session:
+    tokenizer = load_tokenizer(recipe.model)
+    splits = build_datasets(recipe.data, tokenizer, recipe.task)
+    echo(describe_splits(splits))
+    if is_main_process():
+        save_label_names(run.root, splits.label_names)
+    seed_everything(recipe.training.seed)  # new heads and adapter weights are drawn from it
+    base = load_base_model(recipe.model, recipe.quantization, task=recipe.task, labels=splits.label_names)
+    model = apply_method(base, recipe.method, recipe.task)
+    trainable, total = count_parameters(model)
+    echo(f"Method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
+    trainer = build_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks)
+    return Session(trainer, tokenizer, splits, trainable, total)
 
 
 def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, precision: Precision):
@@ -118,7 +146,7 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, pre
     )
 
 
-def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, precision: Precision, echo=print):
+def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, precision: Precision, echo=print, callbacks: tuple = ()):
     from transformers import PrinterCallback, Trainer
 
     from ftune.progress import MetricsCallback
@@ -132,7 +160,7 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, prec
         eval_dataset=splits.eval or None,
         data_collator=batching.collator,
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(run.metrics, echo=echo), *method_callbacks(model, recipe.method, run)],
+        callbacks=[MetricsCallback(run.metrics, echo=echo), *method_callbacks(model, recipe.method, run), *callbacks],
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
