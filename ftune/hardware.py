@@ -309,3 +309,72 @@ def free_memory_mib(device: str) -> float | None:
 def current_rss_mib() -> float:
     """Resident memory of this process now (the baseline a probe subtracts); 0 where /proc is missing."""
     return cheap_meminfo(Path("/proc/self/status")).get("VmRSS", 0) / 1024
+
+
+# --- GPU path ------------------------------------------------------------------------------------
+
+AMPERE = (8, 0)  # first generation with bf16 tensor cores, TF32 and flash-attention 2 support
+
+
+def flash_attn_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+@dataclass(frozen=True)
+class Attention:
+    implementation: str
+    reason: str
+
+
+def resolve_attention(requested: str, dtype_name: str) -> Attention:
+    """The attention kernel: flash_attention_2 where it runs (package, Ampere+ GPU, 16-bit weights), else sdpa.
+
+    ``dtype_name`` is the resolved weight dtype ("bfloat16", "float16", "float32"): flash-attention
+    kernels have no float32 path.
+    """
+    if requested not in ("auto", "flash_attention_2"):
+        return Attention(requested, "model.attn_implementation")
+    blocker = None
+    if not cuda_available():
+        blocker = "no CUDA GPU"
+    elif cuda_capability() < AMPERE:
+        blocker = f"{cuda_device_name()} is older than Ampere (compute capability {'.'.join(map(str, cuda_capability()))} < 8.0)"
+    elif not flash_attn_installed():
+        blocker = "the flash-attn package is not installed (pip install flash-attn)"
+    elif dtype_name not in ("bfloat16", "float16"):
+        blocker = f"model.dtype resolves to {dtype_name}; flash attention needs bfloat16 or float16 weights"
+    if blocker is None:
+        return Attention("flash_attention_2", f"flash-attn on {cuda_device_name()}")
+    if requested == "flash_attention_2":
+        raise FtuneError(f"model.attn_implementation: flash_attention_2 cannot run here: {blocker}; use auto or sdpa")
+    return Attention("sdpa", f"flash attention unavailable: {blocker}")
+
+
+def resolve_tf32() -> bool:
+    """TF32 for float32 matmuls on Ampere+ GPUs: ~8x the float32 tensor throughput, 10-bit mantissa inputs."""
+    return cuda_available() and cuda_capability() >= AMPERE
+
+
+def apply_tf32(enabled: bool) -> None:
+    import torch
+
+    if enabled:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+@dataclass(frozen=True)
+class Loader:
+    pin_memory: bool
+    workers: int
+
+
+def resolve_loader(*, cuda: bool, cpus: int) -> Loader:
+    """DataLoader settings: on CPU the training threads need every core (and pinning is pointless);
+    on a GPU, pinned host memory and a few workers keep batches ready while the GPU computes."""
+    if not cuda:
+        return Loader(pin_memory=False, workers=0)
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return Loader(pin_memory=True, workers=max(0, min(4, cpus // ranks - 1)))  # one core stays with the training process

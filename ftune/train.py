@@ -19,7 +19,18 @@ from typing import Any
 
 from ftune import __version__
 from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits, save_label_names
-from ftune.hardware import Precision, Threads, apply_threads, free_memory_mib, resolve_precision, resolve_threads
+from ftune.hardware import (
+    Precision,
+    Threads,
+    apply_tf32,
+    apply_threads,
+    cheap_affinity_cpus,
+    free_memory_mib,
+    resolve_loader,
+    resolve_precision,
+    resolve_tf32,
+    resolve_threads,
+)
 from ftune.methods import apply_method, count_parameters, method_callbacks, save_method_artifact
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.plan import check_fits
@@ -56,6 +67,10 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     threads = resolve_threads(recipe.training.threads)
     apply_threads(threads)
     echo(f"threads: {threads.count} ({threads.reason})")
+    tf32 = resolve_tf32()
+    apply_tf32(tf32)
+    if tf32:
+        echo("tf32: on for float32 matmuls (Ampere+ GPU)")
     if main and not force:
         check_fits(recipe, device=train_device(), free_mib=free_memory_mib(train_device()), echo=echo)
     quiet_libraries()
@@ -73,7 +88,7 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     save_artifacts(trainer.model, session.tokenizer, recipe, run)
     summary = build_summary(result, eval_metrics, trainer, wall, session.trainable, session.total)
     save_loss_plot(run)
-    write_json_atomic(run.manifest, build_manifest(recipe, started, precision=precision, threads=threads))
+    write_json_atomic(run.manifest, build_manifest(recipe, started, precision=precision, threads=threads, tf32=tf32, model=trainer.model))
     write_json_atomic(run.summary, summary)  # last: its presence marks the run complete
     echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
@@ -102,6 +117,7 @@ def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=pri
     model = apply_method(base, recipe.method, recipe.task)
     trainable, total = count_parameters(model)
     echo(f"Method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
+    echo(f"attention: {base.config._attn_implementation}")
     trainer = build_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks)
     return Session(trainer, tokenizer, splits, trainable, total)
 
@@ -111,6 +127,8 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, pre
     from transformers import TrainingArguments
 
     train = recipe.training
+    cuda = torch.cuda.is_available()
+    loader = resolve_loader(cuda=cuda, cpus=cheap_affinity_cpus())
     return TrainingArguments(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=train.batch_size,
@@ -137,12 +155,13 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, pre
         save_total_limit=train.save_total_limit,
         seed=train.seed,
         data_seed=train.seed,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not cuda,
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
+        dataloader_num_workers=loader.workers,
+        dataloader_pin_memory=loader.pin_memory,
     )
 
 
@@ -207,7 +226,7 @@ def build_summary(result, eval_metrics: dict, trainer, wall: float, trainable: i
     return summary
 
 
-def build_manifest(recipe: Recipe, started: datetime, *, precision: Precision, threads: Threads) -> dict:
+def build_manifest(recipe: Recipe, started: datetime, *, precision: Precision, threads: Threads, tf32: bool = False, model=None) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -230,6 +249,8 @@ def build_manifest(recipe: Recipe, started: datetime, *, precision: Precision, t
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "threads": {"used": threads.count, "reason": threads.reason},
+            "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
+            "tf32": tf32,
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         },
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],

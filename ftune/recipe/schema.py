@@ -34,7 +34,11 @@ class ModelConfig(Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when loading from the hub.")
     dtype: DType = Field("auto", description="Weight dtype: auto picks bfloat16 on GPUs that support it, float32 on CPU.")
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with a hub model. Off unless you trust it.")
-    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel: auto = flash_attention_2 where the flash-attn package, an Ampere+ GPU and 16-bit "
+        "weights meet, else sdpa.",
+    )
 
     @field_validator("name_or_path")
     @classmethod

@@ -56,6 +56,8 @@ def test_lora_trains_adapter_only_and_writes_a_complete_run_dir(make_recipe, tin
     precision = manifest["mixed_precision"]
     assert precision["requested"] == "auto" and precision["used"] in ("no", "bf16") and precision["reason"]
     assert f"mixed precision: auto -> {precision['used']} ({precision['reason']})" in result.output
+    assert manifest["hardware"]["attention"] == "sdpa" and "attention: sdpa" in result.output  # no flash-attn on CPU
+    assert manifest["hardware"]["tf32"] is False or torch.cuda.is_available()  # TF32 needs an Ampere+ GPU
     threads = manifest["hardware"]["threads"]
     assert threads["used"] == torch.get_num_threads() >= 1 and f"threads: {threads['used']} ({threads['reason']})" in result.output
     assert [r["step"] for r in map(json.loads, run.metrics.read_text().splitlines()) if "loss" in r] == [1, 2, 3, 4]

@@ -218,3 +218,102 @@ def test_applied_threads_reach_torch():
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture
+def gpu(monkeypatch, machine):
+    """Fake a CUDA GPU of a compute capability, with or without the flash-attn package."""
+
+    def fake(capability=(8, 0), *, flash=True, name="NVIDIA A100-SXM4-80GB"):
+        machine(cuda=True, cuda_bf16=capability >= (8, 0), gpu=name)
+        monkeypatch.setattr(hardware, "cuda_capability", lambda: capability)
+        monkeypatch.setattr(hardware, "flash_attn_installed", lambda: flash)
+
+    return fake
+
+
+def test_flash_attention_on_ampere_with_the_package_and_16bit_weights(gpu):
+    gpu((8, 0), flash=True)
+    assert hardware.resolve_attention("auto", "bfloat16").implementation == "flash_attention_2"
+    gpu((9, 0), flash=True, name="NVIDIA H100")
+    assert hardware.resolve_attention("auto", "float16").implementation == "flash_attention_2"
+
+
+@pytest.mark.parametrize(
+    ("capability", "flash", "dtype", "why"),
+    [
+        ((7, 0), True, "float16", "older than Ampere (compute capability 7.0 < 8.0)"),
+        ((8, 6), False, "bfloat16", "flash-attn package is not installed"),
+        ((8, 0), True, "float32", "flash attention needs bfloat16 or float16"),
+    ],
+)
+def test_auto_attention_falls_back_to_sdpa_and_says_why(gpu, capability, flash, dtype, why):
+    gpu(capability, flash=flash, name="Tesla V100" if capability < (8, 0) else "NVIDIA A10")
+    attention = hardware.resolve_attention("auto", dtype)
+    assert attention.implementation == "sdpa" and why in attention.reason
+    with pytest.raises(FtuneError, match=f"flash_attention_2 cannot run here: .*{why.split(' (')[0][:20]}"):
+        hardware.resolve_attention("flash_attention_2", dtype)
+
+
+def test_auto_attention_on_cpu_is_sdpa_and_explicit_choices_are_kept(machine):
+    machine()
+    assert hardware.resolve_attention("auto", "float32") == hardware.Attention("sdpa", "flash attention unavailable: no CUDA GPU")
+    assert hardware.resolve_attention("eager", "float32").implementation == "eager"
+
+
+def test_tf32_only_on_ampere_and_newer(gpu, machine):
+    gpu((8, 0))
+    assert hardware.resolve_tf32() is True
+    gpu((7, 5), name="Tesla T4")
+    assert hardware.resolve_tf32() is False
+    machine()
+    assert hardware.resolve_tf32() is False
+
+
+def test_tf32_reaches_torch():
+    import torch
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        hardware.apply_tf32(True)
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+@pytest.mark.parametrize(
+    ("cuda", "cpus", "ranks", "expected"),
+    [(False, 16, None, (False, 0)), (True, 16, None, (True, 4)), (True, 2, None, (True, 1)), (True, 1, None, (True, 0)), (True, 8, "4", (True, 1))],
+)
+def test_dataloader_is_sized_to_the_machine(monkeypatch, cuda, cpus, ranks, expected):
+    if ranks:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
+    else:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    loader = hardware.resolve_loader(cuda=cuda, cpus=cpus)
+    assert (loader.pin_memory, loader.workers) == expected
+
+
+def test_training_arguments_carry_the_gpu_choices(machine, monkeypatch, make_recipe, tmp_path):
+    import torch
+
+    from ftune.run_dir import RunDir
+    from ftune.train import build_training_arguments
+
+    monkeypatch.setattr(hardware, "cheap_affinity_cpus", lambda: 2)
+    recipe = load_recipe(make_recipe())
+    args = build_training_arguments(recipe, RunDir(tmp_path), has_eval=True, precision=hardware.Precision("no", "test"))
+    assert (args.dataloader_pin_memory, args.dataloader_num_workers) == ((True, 1) if torch.cuda.is_available() else (False, 0))
+    assert not args.bf16 and not args.fp16
+    args = build_training_arguments(recipe, RunDir(tmp_path), has_eval=True, precision=hardware.Precision("bf16", "test"))
+    assert args.bf16 and not args.fp16
+
+
+def test_the_model_loads_with_the_resolved_attention(machine, tiny_llama_dir):
+    from ftune.model import load_base_model
+    from ftune.recipe.schema import ModelConfig, QuantizationConfig
+
+    machine()
+    model = load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), QuantizationConfig())
+    assert model.config._attn_implementation == "sdpa"
