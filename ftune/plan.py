@@ -376,7 +376,7 @@ def format_probe(result: ProbeResult, plan: MemoryPlan) -> str:
     return "\n".join([
         f"Probe: {result.steps} steps, {result.step_time_s:.3f} s/step, {result.tokens_per_second:,.0f} tokens/s",
         f"  {what}: {result.peak_mib:,.1f} MiB measured vs {plan.total_mib:,.1f} MiB planned "
-        f"({100 * plan.total_mib / result.peak_mib:.0f}%); process before loading: {result.baseline_mib:,.1f} MiB",
+        f"(plan = {100 * plan.total_mib / result.peak_mib:.0f}% of measured); process before loading: {result.baseline_mib:,.1f} MiB",
         f"  trainable parameters: {result.trainable:,} measured vs {plan.trainable:,} planned",
         f"  projected: {result.total_steps:,} steps x {result.step_time_s:.3f} s = {format_duration(result.projected_s)} "
         "(training only; evaluation and saving add to it)",
