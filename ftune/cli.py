@@ -114,7 +114,8 @@ def plan(
     import json
 
     from ftune.hardware import cheap_device, free_memory_mib
-    from ftune.plan import format_plan, format_probe, plan_recipe, run_probe
+    from ftune.plan import format_plan, plan_recipe
+    from ftune.probe import format_probe, run_probe
     from ftune.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides)

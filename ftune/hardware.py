@@ -205,19 +205,23 @@ def cheap_affinity_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
     """CPUs granted by a cgroup CPU quota (containers, CI runners), or None when unlimited or unknown.
 
-    cgroup v2 writes ``cpu.max`` as "QUOTA PERIOD" (QUOTA "max" = unlimited); v1 splits it into
-    ``cpu/cpu.cfs_quota_us`` (-1 = unlimited) and ``cpu/cpu.cfs_period_us``, both in microseconds.
+    cgroup v2 writes ``cpu.max`` as "QUOTA PERIOD" (QUOTA "max" = unlimited) in the process's own
+    cgroup and each ancestor, the tightest one applying; v1 splits it into ``cpu.cfs_quota_us``
+    (-1 = unlimited) and ``cpu.cfs_period_us``, both in microseconds.
     """
-    try:
-        quota, _, period = (root / "cpu.max").read_text().strip().partition(" ")
-        if quota == "max":
-            return None
-        return int(quota) / int(period or 100000)
-    except (OSError, ValueError):
-        pass
+    limits = []
+    for folder in _own_cgroup_folders(root, membership):
+        try:
+            quota, _, period = (folder / "cpu.max").read_text().strip().partition(" ")
+            if quota != "max":
+                limits.append(int(quota) / int(period or 100000))
+        except (OSError, ValueError):
+            continue
+    if limits:
+        return min(limits)
     for folder in (root / "cpu", root / "cpu,cpuacct", root):
         try:
             quota_us = int((folder / "cpu.cfs_quota_us").read_text())
@@ -226,6 +230,16 @@ def cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
             continue
         return quota_us / period_us if quota_us > 0 and period_us > 0 else None
     return None
+
+
+def _own_cgroup_folders(root: Path, membership: Path) -> list[Path]:
+    """The v2 cgroup folders of this process, its own first, then each ancestor up to ``root``."""
+    try:
+        line = next((l for l in membership.read_text().splitlines() if l.startswith("0::")), "0::/")
+    except OSError:
+        line = "0::/"
+    own = root / line[3:].strip().lstrip("/")
+    return [own, *[parent for parent in own.parents if parent == root or root in parent.parents]]
 
 
 @dataclass(frozen=True)
@@ -279,18 +293,33 @@ def cheap_meminfo(meminfo: Path = Path("/proc/meminfo")) -> dict[str, int]:
     return values
 
 
-def cgroup_memory_free_mib(root: Path = Path("/sys/fs/cgroup")) -> float | None:
-    """Memory left under a cgroup limit (v2 memory.max - memory.current, v1 limit - usage), or None if unlimited."""
-    for limit_file, usage_file in (("memory.max", "memory.current"), ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+def cgroup_memory_free_mib(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """Memory left under the tightest cgroup limit (v2 memory.max - memory.current in the own cgroup or
+    an ancestor; v1 limit_in_bytes - usage_in_bytes of the memory controller's cgroup), or None if unlimited."""
+    folders = [(f / "memory.max", f / "memory.current") for f in _own_cgroup_folders(root, membership)]
+    v1 = _v1_cgroup_folder(root / "memory", membership, "memory")
+    folders += [(v1 / "memory.limit_in_bytes", v1 / "memory.usage_in_bytes"), (root / "memory" / "memory.limit_in_bytes", root / "memory" / "memory.usage_in_bytes")]
+    free = []
+    for limit_file, usage_file in folders:
         try:
-            limit = (root / limit_file).read_text().strip()
-            usage = int((root / usage_file).read_text())
+            limit = limit_file.read_text().strip()
+            usage = int(usage_file.read_text())
         except (OSError, ValueError):
             continue
-        if limit == "max" or int(limit) >= 2**60:  # v1 writes "no limit" as a huge number
-            return None
-        return (int(limit) - usage) / 2**20
-    return None
+        if limit != "max" and int(limit) < 2**60:  # v1 writes "no limit" as a huge number
+            free.append((int(limit) - usage) / 2**20)
+    return min(free) if free else None
+
+
+def _v1_cgroup_folder(mount: Path, membership: Path, controller: str) -> Path:
+    try:
+        for line in membership.read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controller in controllers.split(","):
+                return mount / path.lstrip("/")
+    except (OSError, ValueError):
+        pass
+    return mount
 
 
 def free_memory_mib(device: str) -> float | None:

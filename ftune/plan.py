@@ -1,17 +1,16 @@
-"""Plan stage: how much memory a recipe needs and how long it will take, before any weights load.
+"""Plan stage: how much memory a recipe needs, before any weights load.
 
 ``estimate_memory`` reads only the model's ``config.json`` and counts parameters from the
 architecture (decoder LMs of the Llama family, BERT-style encoders), so ``ftune plan`` answers in
-well under a second and ``ftune train`` can refuse a run that cannot fit. ``run_probe`` then trains
-a few real steps with the recipe's settings, through the same building blocks as ``ftune train``,
-to measure step time, throughput and peak memory. The activation coefficients were calibrated
-against such probes on float32 CPU runs (full fine-tuning, LoRA, QLoRA).
+well under a second and ``ftune train`` can refuse a run that cannot fit. The activation
+coefficients were calibrated against ``ftune.probe`` measurements of float32 CPU runs (full
+fine-tuning, LoRA, QLoRA).
 """
 
 from __future__ import annotations
 
 import json
-import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -190,7 +189,7 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu") -> Mem
     else:
         optimizer = trainable * OPTIMIZER_BYTES[train.optimizer]
     tokens = train.batch_size * recipe.data.max_length
-    act_bytes = 2 if device != "cpu" and train.mixed_precision != "no" else 4
+    act_bytes = 2 if autocast_16bit(train.mixed_precision, device) else 4
     h, i, kv = ACTIVATIONS[layout.kind]
     per_layer = (h * layout.hidden + i * layout.intermediate + kv * layout.kv_width) * act_bytes
     logits = 0 if recipe.is_classification else LOGIT_COPIES * layout.vocab * 4  # the loss upcasts logits to float32
@@ -203,7 +202,9 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu") -> Mem
         # bitsandbytes' CPU path dequantizes each 4-bit weight to float32 and autograd keeps that copy.
         activations += layout.linear_params * 4
     eval_act = tokens * (2 * layout.hidden * act_bytes + (2 * layout.vocab * 4 if logits else 0))  # no graph kept
-    notes = [] if not approximate else [f"trainable parameters of method '{recipe.method.name}' are approximate; --probe measures them"]
+    notes = [f"trainable parameters of method '{recipe.method.name}' are approximate; --probe measures them"] if approximate else []
+    if act_bytes == 2:
+        notes.append("activations assume 16-bit autocast halves them (the coefficients are calibrated in float32); --probe measures them")
     return MemoryPlan(
         parameters=layout.total_params,
         trainable=trainable,
@@ -219,6 +220,15 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu") -> Mem
         device=device,
         notes=notes,
     )
+
+
+def autocast_16bit(requested: str, device: str) -> bool:
+    """Whether training will autocast to bf16/fp16, as far as file probes can tell (train resolves it exactly)."""
+    from ftune.hardware import cheap_cpu_flags
+
+    if requested != "auto":
+        return requested != "no"
+    return device != "cpu" or bool(cheap_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
 def format_plan(recipe: Recipe, plan: MemoryPlan) -> str:
@@ -289,6 +299,8 @@ def check_fits(recipe: Recipe, *, device: str, free_mib: float | None, echo=prin
     except FtuneError as unknown:  # an architecture the planner cannot lay out must still train
         echo(f"memory plan: unavailable ({unknown})")
         return None
+    if device == "cpu":
+        free_mib /= int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # local ranks share the host's memory
     echo(f"memory plan: ~{plan.total_mib:,.0f} MiB of {free_mib:,.0f} MiB free ({device})")
     if plan.total_mib <= free_mib:
         return plan
@@ -298,94 +310,3 @@ def check_fits(recipe: Recipe, *, device: str, free_mib: float | None, echo=prin
         + (f"cheapest fix: {fix}" if fix else "no single setting fits; use a smaller model or a larger machine")
         + "; --force trains anyway"
     )
-
-
-@dataclass
-class ProbeResult:
-    steps: int
-    step_time_s: float
-    tokens_per_second: float
-    peak_mib: float
-    baseline_mib: float
-    trainable: int
-    total_steps: int
-    projected_s: float
-    device: str
-
-
-def run_probe(recipe: Recipe, steps: int, *, echo=print) -> ProbeResult:
-    """Train ``steps`` optimizer steps with the recipe's settings in a scratch run directory and measure them."""
-    import tempfile
-    import time
-
-    import torch
-    from transformers import TrainerCallback
-
-    from ftune.hardware import apply_threads, current_rss_mib, resolve_precision, resolve_threads
-    from ftune.run_dir import prepare_run_dir
-    from ftune.runtime import quiet_libraries
-    from ftune.train import build_session, peak_memory_mb
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.tokens, self._start = [], [], 0.0
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self._start = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self._start)
-            self.tokens.append(state.num_input_tokens_seen)
-            control.should_save = False  # a probe keeps nothing
-
-    precision = resolve_precision(recipe.training.mixed_precision)
-    apply_threads(resolve_threads(recipe.training.threads))
-    quiet_libraries()
-    with tempfile.TemporaryDirectory(prefix="ftune-probe-") as scratch:
-        training = recipe.training.model_copy(update={"max_steps": steps, "eval_steps": None})
-        probe = recipe.model_copy(update={"training": training, "output_dir": scratch})
-        run = prepare_run_dir(probe, overwrite=True, resume=False)
-        baseline = current_rss_mib()
-        timer = StepTimer()
-        session = build_session(probe, run, precision=precision, echo=echo, callbacks=(timer,))
-        session.trainer.train()
-        peak = peak_memory_mb()
-        rows = len(session.splits.train)
-    # The first step pays for kernel selection and allocator warm-up; the rest are the run's pace.
-    timed = timer.times[1:] or timer.times
-    tokens = (timer.tokens[-1] - timer.tokens[0]) if len(timer.tokens) > 1 else timer.tokens[-1]
-    step_time = sum(timed) / len(timed)
-    train = recipe.training
-    per_epoch = max(1, math.ceil(rows / train.batch_size) // train.gradient_accumulation_steps)
-    total_steps = train.max_steps or math.ceil(per_epoch * train.epochs)
-    return ProbeResult(
-        steps=len(timer.times),
-        step_time_s=step_time,
-        tokens_per_second=tokens / sum(timed) if sum(timed) else 0.0,
-        peak_mib=peak,
-        baseline_mib=baseline,
-        trainable=session.trainable,
-        total_steps=total_steps,
-        projected_s=total_steps * step_time,
-        device="cuda" if torch.cuda.is_available() else "cpu",
-    )
-
-
-def format_probe(result: ProbeResult, plan: MemoryPlan) -> str:
-    what = "peak allocated (torch.cuda)" if result.device == "cuda" else "peak RSS"
-    return "\n".join([
-        f"Probe: {result.steps} steps, {result.step_time_s:.3f} s/step, {result.tokens_per_second:,.0f} tokens/s",
-        f"  {what}: {result.peak_mib:,.1f} MiB measured vs {plan.total_mib:,.1f} MiB planned "
-        f"(plan = {100 * plan.total_mib / result.peak_mib:.0f}% of measured); process before loading: {result.baseline_mib:,.1f} MiB",
-        f"  trainable parameters: {result.trainable:,} measured vs {plan.trainable:,} planned",
-        f"  projected: {result.total_steps:,} steps x {result.step_time_s:.3f} s = {format_duration(result.projected_s)} "
-        "(training only; evaluation and saving add to it)",
-    ])
-
-
-def format_duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"

@@ -60,22 +60,12 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     main = is_main_process()
     echo = echo if main else (lambda *_: None)
     started = datetime.now(timezone.utc)
-    precision = resolve_precision(recipe.training.mixed_precision)  # before any loading: a refusal costs nothing
-    echo(precision.describe(recipe.training.mixed_precision))
-    if precision.warning:
-        echo(f"warning: {precision.warning}")
-    threads = resolve_threads(recipe.training.threads)
-    apply_threads(threads)
-    echo(f"threads: {threads.count} ({threads.reason})")
-    tf32 = resolve_tf32()
-    apply_tf32(tf32)
-    if tf32:
-        echo("tf32: on for float32 matmuls (Ampere+ GPU)")
-    if main and not force:
+    launch = prepare_hardware(recipe, echo=echo)  # before any loading: a refusal costs nothing
+    if not force:
         check_fits(recipe, device=train_device(), free_mib=free_memory_mib(train_device()), echo=echo)
     quiet_libraries()
     run = prepare_run_dir(recipe, overwrite=overwrite, resume=resume, write=main)
-    session = build_session(recipe, run, precision=precision, echo=echo)
+    session = build_session(recipe, run, precision=launch.precision, echo=echo)
     trainer = session.trainer
     if resume:
         truncate_metrics(run, step=int(run.last_checkpoint().name.split("-")[-1]))
@@ -88,11 +78,36 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     save_artifacts(trainer.model, session.tokenizer, recipe, run)
     summary = build_summary(result, eval_metrics, trainer, wall, session.trainable, session.total)
     save_loss_plot(run)
-    write_json_atomic(run.manifest, build_manifest(recipe, started, precision=precision, threads=threads, tf32=tf32, model=trainer.model))
+    write_json_atomic(run.manifest, build_manifest(recipe, started, launch=launch, model=trainer.model))
     write_json_atomic(run.summary, summary)  # last: its presence marks the run complete
     echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
     return run
+
+
+@dataclass(frozen=True)
+class Launch:
+    """The hardware decisions of a run, made once before anything loads."""
+
+    precision: Precision
+    threads: Threads
+    tf32: bool
+
+
+def prepare_hardware(recipe: Recipe, *, echo=print) -> Launch:
+    """Resolve and apply precision, threads and TF32, saying what was chosen and why."""
+    precision = resolve_precision(recipe.training.mixed_precision)
+    echo(precision.describe(recipe.training.mixed_precision))
+    if precision.warning:
+        echo(f"warning: {precision.warning}")
+    threads = resolve_threads(recipe.training.threads)
+    apply_threads(threads)
+    echo(f"threads: {threads.count} ({threads.reason})")
+    tf32 = resolve_tf32()
+    apply_tf32(tf32)
+    if tf32:
+        echo("tf32: on for float32 matmuls (Ampere+ GPU)")
+    return Launch(precision, threads, tf32)
 
 
 @dataclass
@@ -226,7 +241,7 @@ def build_summary(result, eval_metrics: dict, trainer, wall: float, trainable: i
     return summary
 
 
-def build_manifest(recipe: Recipe, started: datetime, *, precision: Precision, threads: Threads, tf32: bool = False, model=None) -> dict:
+def build_manifest(recipe: Recipe, started: datetime, *, launch: Launch, model=None) -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     import torch
@@ -244,13 +259,13 @@ def build_manifest(recipe: Recipe, started: datetime, *, precision: Precision, t
         "model_source": resolve_model_source(recipe.model).location,
         "data_fingerprint": data_fingerprint(recipe.data),
         "seed": recipe.training.seed,
-        "mixed_precision": {"requested": recipe.training.mixed_precision, "used": precision.mode, "reason": precision.reason},
+        "mixed_precision": {"requested": recipe.training.mixed_precision, "used": launch.precision.mode, "reason": launch.precision.reason},
         "hardware": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "threads": {"used": threads.count, "reason": threads.reason},
+            "threads": {"used": launch.threads.count, "reason": launch.threads.reason},
             "attention": getattr(getattr(model, "config", None), "_attn_implementation", None),
-            "tf32": tf32,
+            "tf32": launch.tf32,
             "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         },
         "command": [Path(sys.argv[0]).name, *sys.argv[1:]],

@@ -180,7 +180,16 @@ def cgroup(tmp_path, files: dict[str, str]):
     ],
 )
 def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path, files, cpus):
-    assert hardware.cgroup_cpu_limit(cgroup(tmp_path, files)) == cpus
+    assert hardware.cgroup_cpu_limit(cgroup(tmp_path, files), membership=tmp_path / "no-such-file") == cpus
+
+
+def test_the_tightest_quota_of_the_own_cgroup_and_its_ancestors_applies(tmp_path):
+    root = cgroup(tmp_path / "fs", {"cpu.max": "max 100000\n", "ci/cpu.max": "400000 100000\n", "ci/job/cpu.max": "max 100000\n"})
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/ci/job\n")
+    assert hardware.cgroup_cpu_limit(root, membership) == 4.0
+    membership.write_text("0::/\n")
+    assert hardware.cgroup_cpu_limit(root, membership) is None
 
 
 @pytest.mark.parametrize(

@@ -152,4 +152,14 @@ def test_cgroup_memory_limit_is_read_from_v2_and_v1_files(tmp_path, files, free)
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert hardware.cgroup_memory_free_mib(tmp_path) == free
+    assert hardware.cgroup_memory_free_mib(tmp_path, membership=tmp_path / "no-such-file") == free
+
+
+def test_cgroup_memory_limit_of_the_own_v1_cgroup(tmp_path):
+    job = tmp_path / "memory" / "runner" / "job1"
+    job.mkdir(parents=True)
+    (job / "memory.limit_in_bytes").write_text(str(4 * 2**30))
+    (job / "memory.usage_in_bytes").write_text(str(2**30))
+    membership = tmp_path / "cgroup"
+    membership.write_text("5:cpu,cpuacct:/\n4:memory:/runner/job1\n0::/\n")
+    assert hardware.cgroup_memory_free_mib(tmp_path, membership) == 3 * 1024
