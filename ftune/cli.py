@@ -111,6 +111,7 @@ def plan(
     as_json: bool = typer.Option(False, "--json", help="Print the plan (and probe) as JSON."),
 ) -> None:
     """Estimate memory (weights, gradients, optimizer, activations) and tokens per step from the model config alone."""
+    import contextlib
     import json
 
     from ftune.hardware import cheap_device, free_memory_mib
@@ -120,19 +121,21 @@ def plan(
 
     resolved = load_recipe(recipe, overrides)
     device = cheap_device()
-    estimate = plan_recipe(resolved, device=device)
-    free = free_memory_mib(device) if device == "cpu" else None  # the GPU's free memory needs torch; train checks it
-    report = {"plan": estimate.as_dict(), "free_mib": free}
-    if not as_json:
-        typer.echo(format_plan(resolved, estimate))
-        if free is not None:
-            verdict = "fits" if estimate.total_mib <= free else "does NOT fit (ftune train will refuse it without --force)"
-            typer.echo(f"Free memory: {free:,.0f} MiB: {verdict}")
-    if probe:
-        result = run_probe(resolved, probe, echo=lambda line: typer.echo(line, err=True))
-        report["probe"] = vars(result)
+    # With --json, stdout carries the JSON alone; progress (a first GGUF import, probe steps) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        estimate = plan_recipe(resolved, device=device)
+        free = free_memory_mib(device) if device == "cpu" else None  # the GPU's free memory needs torch; train checks it
+        report = {"plan": estimate.as_dict(), "free_mib": free}
         if not as_json:
-            typer.echo(format_probe(result, estimate))
+            typer.echo(format_plan(resolved, estimate))
+            if free is not None:
+                verdict = "fits" if estimate.total_mib <= free else "does NOT fit (ftune train will refuse it without --force)"
+                typer.echo(f"Free memory: {free:,.0f} MiB: {verdict}")
+        if probe:
+            result = run_probe(resolved, probe, echo=lambda line: typer.echo(line, err=True))
+            report["probe"] = vars(result)
+            if not as_json:
+                typer.echo(format_probe(result, estimate))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
 
