@@ -43,15 +43,21 @@ class Layout:
     layers: int
     vocab: int
     linears: tuple[tuple[str, int, int, bool], ...]
-    other_params: int  # embeddings, norms, untied head, pooler
+    layer_norm_params: int  # per layer
+    other_params: int  # embeddings, final norm, untied head, pooler
+    other_biases: int  # bias vectors outside the layer linears (LayerNorm and pooler biases), for BitFit
 
     @property
     def linear_params(self) -> int:
         return self.layers * sum(i * o + (o if b else 0) for _, i, o, b in self.linears)
 
     @property
+    def layer_params(self) -> int:
+        return self.linear_params // self.layers + self.layer_norm_params
+
+    @property
     def total_params(self) -> int:
-        return self.linear_params + self.other_params
+        return self.linear_params + self.layers * self.layer_norm_params + self.other_params
 
 
 def read_model_config(recipe: Recipe) -> dict:
@@ -88,8 +94,8 @@ def build_layout(config: dict) -> Layout:
             ("intermediate.dense", hidden, intermediate, True), ("output.dense", intermediate, hidden, True),
         )
         embeddings = (vocab + config.get("max_position_embeddings", 512) + config.get("type_vocab_size", 2)) * hidden
-        other = embeddings + 2 * hidden + layers * 4 * hidden + hidden * hidden + hidden  # LayerNorms, pooler
-        return Layout("encoder", hidden, intermediate, hidden, layers, vocab, linears, other)
+        other = embeddings + 2 * hidden + hidden * hidden + hidden  # embedding LayerNorm, pooler
+        return Layout("encoder", hidden, intermediate, hidden, layers, vocab, linears, 4 * hidden, other, layers * 2 * hidden + 2 * hidden)
     head_dim = config.get("head_dim") or hidden // heads
     kv = config.get("num_key_value_heads") or heads
     attn_bias = bool(config.get("attention_bias", config.get("model_type") == "qwen2"))
@@ -101,8 +107,8 @@ def build_layout(config: dict) -> Layout:
         ("mlp.down_proj", intermediate, hidden, mlp_bias),
     )
     tied = config.get("tie_word_embeddings", True)
-    other = vocab * hidden * (1 if tied else 2) + layers * 2 * hidden + hidden
-    return Layout("decoder", hidden, intermediate, kv * head_dim, layers, vocab, linears, other)
+    other = vocab * hidden * (1 if tied else 2) + hidden  # embeddings (+ untied head), final RMSNorm
+    return Layout("decoder", hidden, intermediate, kv * head_dim, layers, vocab, linears, 2 * hidden, other, 0)
 
 
 def targeted(layout: Layout, targets) -> list[tuple[str, int, int, bool]]:
@@ -117,14 +123,14 @@ def trainable_shapes(recipe: Recipe, layout: Layout) -> tuple[list[tuple[int, in
     method, L, H = recipe.method, layout.layers, layout.hidden
     name = method.name
     rank = getattr(method, "r", None) or getattr(method, "init_r", None) or 8
+    layer = [(o, i) for _, i, o, _ in layout.linears] + [(o, 1) for _, _, o, bias in layout.linears if bias] + [(layout.layer_norm_params, 1)]
     if name == "full":
-        shapes = [(o, i) for _, i, o, _ in layout.linears] * L + [(layout.other_params, 1)]
-        return shapes, False
+        return layer * L + [(layout.other_params, 1)], False
     if name == "freeze":
         count = method.trainable_layers if isinstance(method.trainable_layers, int) else len(method.trainable_layers)
-        return [(o, i) for _, i, o, _ in layout.linears] * count, False
+        return layer * count, bool(method.extra_modules)  # extra modules are named, not sized, in the config
     if name == "bitfit":
-        return [(o, 1) for _, _, o, bias in layout.linears if bias] * L, False
+        return [(o, 1) for _, _, o, bias in layout.linears if bias] * L + [(layout.other_biases, 1)], False
     if name in ("prompt", "ptuning"):
         return [(method.num_virtual_tokens, H)], name == "ptuning"
     if name in ("prefix", "ptuning_v2"):
@@ -180,7 +186,10 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu") -> Mem
         weights = layout.total_params * weight_bytes
     shapes, approximate = trainable_shapes(recipe, layout)
     if recipe.is_classification:
-        shapes.append((len(recipe.data.labels or ("a", "b")), layout.hidden))
+        labels = len(recipe.data.labels or ("a", "b"))
+        shapes.append((labels, layout.hidden))
+        if layout.kind == "encoder":
+            shapes.append((labels, 1))  # BERT's classifier has a bias; a decoder's score head does not
     trainable = sum(a * b for a, b in shapes)
     in_weights = recipe.method.name in ("full", "freeze", "bitfit")  # trained tensors are the weights themselves
     master = 4  # trained tensors and their gradients stay float32 (peft upcasts adapters)

@@ -163,3 +163,38 @@ def test_cgroup_memory_limit_of_the_own_v1_cgroup(tmp_path):
     membership = tmp_path / "cgroup"
     membership.write_text("5:cpu,cpuacct:/\n4:memory:/runner/job1\n0::/\n")
     assert hardware.cgroup_memory_free_mib(tmp_path, membership) == 3 * 1024
+
+
+def tiny_bert(tmp_path):
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from tests.conftest import TOKENIZER_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                        pad_token_id=tokenizer.pad_token_id)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    tokenizer.save_pretrained(tmp_path / "bert")
+    return tmp_path / "bert"
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"name": "full"}, {"name": "bitfit"}, {"name": "freeze", "trainable_layers": 1}, {"name": "lora", "r": 4, "target_modules": ["query", "value"]}],
+)
+def test_trainable_count_matches_the_wrapped_encoder(tmp_path, method):
+    from ftune.methods import apply_method, count_parameters
+    from ftune.model import load_base_model
+    from tests.conftest import write_jsonl, write_recipe
+
+    model_dir = tiny_bert(tmp_path)
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"text": f"text {i}", "label": "ab"[i % 2]} for i in range(8)])
+    recipe = {"task": "classification", "model": {"name_or_path": str(model_dir)}, "data": {"train": str(rows), "eval_split": 2, "labels": ["a", "b"]},
+              "method": method, "output_dir": str(tmp_path / "run")}
+    loaded = load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe))
+    model = apply_method(load_base_model(loaded.model, loaded.quantization, task="classification", labels=["a", "b"]), loaded.method, "classification")
+    trainable, total = count_parameters(model)
+    estimate = estimate_memory(loaded, config_of(model_dir))
+    assert estimate.trainable == trainable
+    if method["name"] == "full":
+        assert estimate.parameters + 2 * 32 + 2 == total  # the plan counts the base; the head (32 x 2 + bias) comes on top
