@@ -259,7 +259,12 @@ def build_manifest(recipe: Recipe, started: datetime, *, launch: Launch, model=N
         "model_source": resolve_model_source(recipe.model).location,
         "data_fingerprint": data_fingerprint(recipe.data),
         "seed": recipe.training.seed,
-        "mixed_precision": {"requested": recipe.training.mixed_precision, "used": launch.precision.mode, "reason": launch.precision.reason},
+        "mixed_precision": {
+            "requested": recipe.training.mixed_precision,
+            "used": launch.precision.mode,
+            "reason": launch.precision.reason,
+            "warning": launch.precision.warning,
+        },
         "hardware": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),

@@ -54,7 +54,7 @@ def test_lora_trains_adapter_only_and_writes_a_complete_run_dir(make_recipe, tin
     manifest = json.loads(run.manifest.read_text())
     assert manifest["versions"]["torch"] and len(manifest["data_fingerprint"]) == 64 and manifest["seed"] == 42
     precision = manifest["mixed_precision"]
-    assert precision["requested"] == "auto" and precision["used"] in ("no", "bf16") and precision["reason"]
+    assert precision["requested"] == "auto" and precision["used"] in ("no", "bf16") and precision["reason"] and precision["warning"] is None
     assert f"mixed precision: auto -> {precision['used']} ({precision['reason']})" in result.output
     assert manifest["hardware"]["attention"] == "sdpa" and "attention: sdpa" in result.output  # no flash-attn on CPU
     assert manifest["hardware"]["tf32"] is False or torch.cuda.is_available()  # TF32 needs an Ampere+ GPU
