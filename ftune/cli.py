@@ -74,10 +74,13 @@ def validate(recipe: Path = RecipeArg, overrides: List[str] = SetOption, quiet: 
     from ftune.recipe import load_recipe
     from ftune.run_dir import recipe_yaml
 
+    from ftune.hardware import preview_precision
+
     resolved = load_recipe(recipe, overrides)
     if not quiet:
         typer.echo(recipe_yaml(resolved), nl=False)
         typer.echo(f"# {recipe}: OK", err=True)
+        typer.echo(f"# training.mixed_precision: {preview_precision(resolved.training.mixed_precision)}", err=True)
 
 
 @app.command()
@@ -87,6 +90,7 @@ def train(
     overrides: List[str] = SetOption,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output_dir."),
     resume: bool = typer.Option(False, "--resume", help="Continue output_dir from its last checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Train even where the memory plan exceeds the free memory."),
 ) -> None:
     """Fine-tune a model as the recipe says and write a run directory."""
     from ftune.recipe import load_recipe
@@ -94,9 +98,47 @@ def train(
     resolved = load_recipe(recipe, overrides)
     from ftune.train import is_main_process, run_training
 
-    run = run_training(resolved, overwrite=overwrite, resume=resume, echo=typer.echo)
+    run = run_training(resolved, overwrite=overwrite, resume=resume, force=force, echo=typer.echo)
     if is_main_process():
         typer.echo(f"Run directory: {run.root}")
+
+
+@app.command()
+@user_errors
+def plan(
+    recipe: Path = RecipeArg,
+    overrides: List[str] = SetOption,
+    probe: int = typer.Option(0, "--probe", min=0, help="Also train N steps with the recipe's settings and measure time and memory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the plan (and probe) as JSON."),
+) -> None:
+    """Estimate memory (weights, gradients, optimizer, activations) and tokens per step from the model config alone."""
+    import contextlib
+    import json
+
+    from ftune.hardware import cheap_device, free_memory_mib
+    from ftune.plan import format_plan, plan_recipe
+    from ftune.probe import format_probe, run_probe
+    from ftune.recipe import load_recipe
+
+    resolved = load_recipe(recipe, overrides)
+    device = cheap_device()
+    # With --json, stdout carries the JSON alone; progress (a first GGUF import, probe steps) goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
+        estimate = plan_recipe(resolved, device=device)
+        free = free_memory_mib(device) if device == "cpu" else None  # the GPU's free memory needs torch; train checks it
+        report = {"plan": estimate.as_dict(), "free_mib": free}
+        if not as_json:
+            typer.echo(format_plan(resolved, estimate))
+            if free is not None:
+                verdict = "fits" if estimate.total_mib <= free else "does NOT fit (ftune train will refuse it without --force)"
+                typer.echo(f"Free memory: {free:,.0f} MiB: {verdict}")
+        if probe:
+            result = run_probe(resolved, probe, echo=lambda line: typer.echo(line, err=True))
+            report["probe"] = vars(result)
+            if not as_json:
+                typer.echo(format_probe(result, estimate))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
 
 
 @app.command()

@@ -177,12 +177,14 @@ def load_base_model(
     import transformers
 
     source = ModelSource(location, True) if location else resolve_model_source(config)
+    from ftune.hardware import resolve_attention
+
     dtype = resolve_dtype(config.dtype)
     kwargs = dict(
         revision=config.revision,
         trust_remote_code=config.trust_remote_code,
         dtype=dtype,
-        attn_implementation=config.attn_implementation,
+        attn_implementation=resolve_attention(config.attn_implementation, str(dtype).removeprefix("torch.")).implementation,
         quantization_config=quantization_config(quant, dtype),
         use_safetensors=None if source.is_local else True,
     )

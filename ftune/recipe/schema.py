@@ -28,7 +28,11 @@ class ModelConfig(Strict):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) when loading from the hub.")
     dtype: DType = Field("auto", description="Weight dtype: auto picks bfloat16 on GPUs that support it, float32 on CPU.")
     trust_remote_code: bool = Field(False, description="Run modelling code shipped with a hub model. Off unless you trust it.")
-    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="Attention kernel.")
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = Field(
+        "auto",
+        description="Attention kernel: auto = flash_attention_2 where the flash-attn package, an Ampere+ GPU and 16-bit "
+        "weights meet, else sdpa.",
+    )
 
     @field_validator("name_or_path")
     @classmethod
@@ -78,13 +82,26 @@ class TrainingConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     optimizer: Literal[OPTIMIZERS] = Field("adamw_torch", description="Optimizer; *_8bit and paged_* use bitsandbytes.")
-    mixed_precision: Literal["no", "bf16", "fp16"] = Field("no", description="Autocast precision; bf16 speeds up CPUs with AVX512-BF16 and modern GPUs.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto",
+        description="Autocast precision, resolved once at launch: auto = bf16 on GPUs and CPUs with native bfloat16 "
+        "(AVX512-BF16/AMX), fp16 on GPUs without it, else no (float32); bf16 on other CPUs runs ~50x slower.",
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward: less memory, ~30% slower.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads for torch's kernels; null = the CPUs this process may use (affinity mask, cgroup quota)."
+    )
     logging_steps: int = Field(5, gt=0, description="Log loss every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null = only at the end.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (what --resume continues from).")
     save_total_limit: int = Field(2, gt=0, description="Checkpoints kept on disk.")
     seed: int = Field(42, description="Seed for initialisation and data order.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value: object) -> object:
+        # YAML 1.1 reads unquoted no/off/false as the boolean False.
+        return "no" if value is False else value
 
 
 class EvaluationConfig(Strict):

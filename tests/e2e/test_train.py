@@ -53,6 +53,13 @@ def test_lora_trains_adapter_only_and_writes_a_complete_run_dir(make_recipe, tin
     assert 0 < summary["trainable_share"] < 0.1 and summary["tokens_per_second"] > 0 and "eval_loss" in summary
     manifest = json.loads(run.manifest.read_text())
     assert manifest["versions"]["torch"] and len(manifest["data_fingerprint"]) == 64 and manifest["seed"] == 42
+    precision = manifest["mixed_precision"]
+    assert precision["requested"] == "auto" and precision["used"] in ("no", "bf16") and precision["reason"] and precision["warning"] is None
+    assert f"mixed precision: auto -> {precision['used']} ({precision['reason']})" in result.output
+    assert manifest["hardware"]["attention"] == "sdpa" and "attention: sdpa" in result.output  # no flash-attn on CPU
+    assert manifest["hardware"]["tf32"] is False or torch.cuda.is_available()  # TF32 needs an Ampere+ GPU
+    threads = manifest["hardware"]["threads"]
+    assert threads["used"] == torch.get_num_threads() >= 1 and f"threads: {threads['used']} ({threads['reason']})" in result.output
     assert [r["step"] for r in map(json.loads, run.metrics.read_text().splitlines()) if "loss" in r] == [1, 2, 3, 4]
 
 
