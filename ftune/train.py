@@ -19,15 +19,19 @@ from pathlib import Path
 from typing import Any
 
 from ftune import __version__
+from ftune.checkpoints import (
+    checkpoint_marker, disk_errors_explained, is_main_process, logged_train_loss, resume_point, train_or_restore, truncate_metrics,
+)
 from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits
+from ftune.errors import FtuneError
+from ftune.hardware import (
+    Precision, Threads, apply_tf32, apply_threads, cheap_affinity_cpus, free_memory_mib, resolve_loader, resolve_precision,
+    resolve_tf32, resolve_threads,
+)
 from ftune.methods import apply_method, count_parameters, method_callbacks, save_method_artifact
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.plan import check_fits
 from ftune.recipe import Recipe
-from ftune.checkpoints import (
-    checkpoint_marker, disk_errors_explained, is_main_process, logged_train_loss, resume_point, train_or_restore, truncate_metrics,
-)
-from ftune.errors import FtuneError
 from ftune.run_dir import RunDir, atomic_dir, checkpoint_step, prepare_run_dir, run_lock, save_label_names, write_json_atomic, write_jsonl_atomic
 from ftune.runtime import quiet_libraries
 

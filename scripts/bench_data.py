@@ -95,7 +95,8 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.path.insert(0, str(REPO))
     from ftune.model import load_tokenizer
-    from ftune.recipe.schema import DataConfig, ModelConfig
+    from ftune.recipe.data import DataConfig
+    from ftune.recipe.schema import ModelConfig
     from ftune.runtime import quiet_libraries
 
     quiet_libraries()

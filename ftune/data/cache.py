@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ftune.data.sources import source_fingerprint
 from ftune.data.tokenize import TokenizedExamples, TokenizeStats
-from ftune.recipe.schema import DataConfig
+from ftune.recipe.data import DataConfig
 
 # Bump when the same inputs would tokenize differently (masking rules, stored layout).
 CACHE_VERSION = 2  # 2: entries carry the held-out records

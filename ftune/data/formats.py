@@ -15,7 +15,7 @@ from typing import Callable
 from ftune.data.sources import Row
 from ftune.errors import FtuneError, raise_problems
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
-from ftune.recipe.schema import FORMAT_FIELDS, DatasetSource
+from ftune.recipe.data import FORMAT_FIELDS, DatasetSource
 
 ROLES = ("system", "user", "assistant")
 # ShareGPT speaker names seen in the wild -> chat roles.

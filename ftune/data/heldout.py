@@ -15,7 +15,7 @@ from ftune.data.formats import Record, assign_label_ids, rows_to_records
 from ftune.data.sources import read_rows
 from ftune.data.tokenize import tokenize_records
 from ftune.errors import FtuneError, raise_problems
-from ftune.recipe.schema import DATA_SUFFIXES
+from ftune.recipe.data import DATA_SUFFIXES
 from ftune.recipe.tasks import CLASSIFICATION
 from ftune.run_dir import RunDir, read_jsonl, run_labels
 

@@ -19,7 +19,7 @@ from ftune.data.splits import carve_eval, drop_eval_duplicates, mix_sources
 from ftune.data.templates import install_chat_template
 from ftune.data.tokenize import TokenizedExamples, TokenizeStats, tokenize_records
 from ftune.errors import MAX_LISTED_PROBLEMS, FtuneError
-from ftune.recipe.schema import DataConfig
+from ftune.recipe.data import DataConfig
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 
 

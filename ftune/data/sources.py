@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftune.errors import FtuneError, raise_problems
-from ftune.recipe.schema import DATA_SUFFIXES, DatasetSource
+from ftune.recipe.data import DATA_SUFFIXES, DatasetSource
 from ftune.text_files import read_utf8
 
 

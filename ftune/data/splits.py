@@ -14,7 +14,7 @@ import random
 from ftune.data.formats import Record
 from ftune.data.sources import source_name
 from ftune.errors import FtuneError
-from ftune.recipe.schema import DataConfig
+from ftune.recipe.data import DataConfig
 
 
 def seeded_order(seed: int, record: Record) -> str:

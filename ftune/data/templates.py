@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ftune.errors import FtuneError
-from ftune.recipe.schema import DataConfig, chat_template_dir, chat_template_names, is_inline_template
+from ftune.recipe.data import DataConfig, chat_template_dir, chat_template_names, is_inline_template
 
 
 def read_chat_template(value: str) -> str:

@@ -10,7 +10,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ftune.recipe.methods import Strict
 from ftune.recipe.paths import HUB_ID, checks_paths, existing_path
-from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
+from ftune.recipe.tasks import CLASSIFICATION
 
 # Fields each row format reads; ``columns:`` maps them to a dataset's own column names. The
 # converters live in ftune.data.formats, which checks at import that it covers exactly these.

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ValidationError
 from ftune.errors import FtuneError
 from ftune.text_files import read_utf8
 from ftune.recipe.methods import method_class, method_names
-from ftune.recipe.schema import FINISHED_RUN, Recipe
+from ftune.recipe.paths import FINISHED_RUN
+from ftune.recipe.schema import Recipe
 
 Loc = tuple[str | int, ...]
 

@@ -11,9 +11,9 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from ftune.recipe.data import DATA_SUFFIXES, FORMAT_FIELDS, DataConfig, DatasetSource, chat_template_dir, chat_template_names, is_inline_template
+from ftune.recipe.data import DataConfig
 from ftune.recipe.methods import MethodConfig, Strict, method_class
-from ftune.recipe.paths import FINISHED_RUN, HUB_ID, checks_paths, existing_path
+from ftune.recipe.paths import HUB_ID, checks_paths, existing_path
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION, TaskName
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]

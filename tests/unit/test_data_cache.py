@@ -10,7 +10,7 @@ import ftune.data as data
 from ftune.data import build_datasets
 from ftune.data.cache import cache_root
 from ftune.data.tokenize import TokenizedExamples
-from ftune.recipe.schema import DataConfig
+from ftune.recipe.data import DataConfig
 from tests.conftest import TOKENIZER_DIR, write_jsonl
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from ftune.data import build_datasets, load_records
 from ftune.errors import FtuneError
-from ftune.recipe.schema import DataConfig
+from ftune.recipe.data import DataConfig
 from tests.conftest import TOKENIZER_DIR, write_jsonl
 
 HELD_OUT = {

@@ -11,7 +11,7 @@ import pytest
 from ftune.data import load_records
 from ftune.data.sources import read_source
 from ftune.errors import FtuneError
-from ftune.recipe.schema import DatasetSource, DataConfig
+from ftune.recipe.data import DatasetSource, DataConfig
 from tests.conftest import write_jsonl
 
 ROWS = [{"instruction": f"say {w}", "output": w} for w in ("red", "blue", "green", "cat")]
@@ -79,7 +79,7 @@ def test_an_unreadable_file_names_the_entry(tmp_path):
         load_records(DataConfig(train=[str(good), str(broken)], eval_split=1))
     binary = tmp_path / "c.jsonl"
     binary.write_bytes(b"\xff\xfe\x00bad")
-    with pytest.raises(FtuneError, match=r"^data.train.1.path: cannot read .*c.jsonl"):
+    with pytest.raises(FtuneError, match=r"^data.train.1.path: .*c.jsonl:1: not UTF-8 text \(byte 0xff"):
         load_records(DataConfig(train=[str(good), str(binary)], eval_split=1))
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from ftune.data import load_records
 from ftune.errors import FtuneError
-from ftune.recipe.schema import DataConfig
+from ftune.recipe.data import DataConfig
 from tests.conftest import REPO, write_jsonl
 
 ROWS = [{"instruction": "repeat", "input": str(i), "output": str(i)} for i in range(40)]
@@ -36,7 +36,7 @@ def test_count_split_holds_out_that_many_rows(tmp_path):
 
 def test_split_does_not_depend_on_python_hash_seed(tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", ROWS)
-    code = (f"from ftune.data import load_records; from ftune.recipe.schema import DataConfig\n"
+    code = (f"from ftune.data import load_records; from ftune.recipe.data import DataConfig\n"
             f"print(sorted(r.origin for r in load_records(DataConfig(train={str(path)!r}, eval_split=0.2)).eval))")
     outputs = {
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,

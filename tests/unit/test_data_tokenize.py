@@ -11,7 +11,7 @@ from ftune.data.formats import Record
 from ftune.data.templates import install_chat_template
 from ftune.data.tokenize import IGNORE_INDEX, tokenize_records
 from ftune.errors import FtuneError
-from ftune.recipe.schema import DataConfig
+from ftune.recipe.data import DataConfig
 from tests.conftest import TOKENIZER_DIR, write_jsonl
 
 CONVERSATION = [

@@ -49,7 +49,7 @@ def test_wheel_ships_the_chat_templates(tmp_path):
 
 def test_built_in_templates_are_found_as_package_data():
     from ftune.data.templates import read_chat_template
-    from ftune.recipe.schema import chat_template_names
+    from ftune.recipe.data import chat_template_names
 
     assert {"chatml", "llama3", "alpaca"} <= set(chat_template_names())
     assert "<|im_start|>" in read_chat_template("chatml")
