@@ -71,16 +71,17 @@ def main_options(
 @user_errors
 def validate(recipe: Path = RecipeArg, overrides: List[str] = SetOption, quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success.")) -> None:
     """Check a recipe (schema and cross-field rules) without loading anything heavy; print the resolved recipe."""
+    from ftune.hardware import preview_precision, resolve_threads
     from ftune.recipe import load_recipe
     from ftune.run_dir import recipe_yaml
-
-    from ftune.hardware import preview_precision
 
     resolved = load_recipe(recipe, overrides)
     if not quiet:
         typer.echo(recipe_yaml(resolved), nl=False)
         typer.echo(f"# {recipe}: OK", err=True)
         typer.echo(f"# training.mixed_precision: {preview_precision(resolved.training.mixed_precision)}", err=True)
+        threads = resolve_threads(resolved.training.threads)
+        typer.echo(f"# training.threads: {threads.count} ({threads.reason})", err=True)
 
 
 @app.command()

@@ -128,6 +128,15 @@ def test_validate_previews_the_resolution_without_torch(machine, make_recipe, ca
     assert expected in line
 
 
+def test_validate_previews_threads_with_the_reason(make_recipe, monkeypatch):
+    monkeypatch.setattr("ftune.hardware.cheap_affinity_cpus", lambda: 6)
+    monkeypatch.setattr("ftune.hardware.cgroup_cpu_limit", lambda *args: 2.5)
+    result = runner.invoke(app, ["validate", str(make_recipe())])
+    assert "# training.threads: 2 (6 CPUs in the affinity mask, cgroup quota 2.5)" in result.stderr.splitlines()
+    result = runner.invoke(app, ["validate", str(make_recipe()), "--set", "training.threads=3"])
+    assert "# training.threads: 3 (training.threads)" in result.stderr.splitlines()
+
+
 @pytest.mark.parametrize("spelling", ["no", "off", "false", "'no'"])
 def test_yaml_false_means_no_in_the_file_and_in_set(make_recipe, tmp_path, spelling):
     path = make_recipe()
