@@ -1,5 +1,10 @@
 """Row formats: each turns one raw row into a record of one kind (chat, text, classification, preference).
 
+Chat rows may call tools: ShareGPT ``function_call`` / ``observation`` turns and OpenAI-style
+``tool_calls`` / ``role: tool`` messages both become the chat-template form (see ``ftune.data.tools``),
+with the row's ``tools`` column, or the entry's ``tools:``, kept on the record for the template.
+Preference rows in every layout become one (prompt messages, chosen, rejected) triple.
+
 ``FORMATS`` is the dispatch table: per format, the record kind it yields, the columns that identify
 it when the recipe says ``format: auto``, the tasks it can serve, and its converter. A recipe's
 ``columns:`` mapping renames a dataset's columns to the format's fields before conversion, and
@@ -13,14 +18,19 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ftune.data.sources import Row
+from ftune.data.tools import ToolError, tool_call, tool_calls_of_text, tool_schemas
 from ftune.errors import FtuneError, raise_problems
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
+from ftune.recipe.data import TOOL_FORMATS
 from ftune.recipe.schema import FORMAT_FIELDS, DatasetSource
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
+CALL = "function_call"  # the ShareGPT speaker whose value is a JSON call; it becomes an assistant turn with tool_calls
 # ShareGPT speaker names seen in the wild -> chat roles.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
+                  CALL: CALL, "observation": "tool", "tool": "tool", "function": "tool"}
+MESSAGE_ROLES = {role: role for role in ROLES}
 
 
 class RowError(ValueError):
@@ -40,11 +50,13 @@ class Record:
     value: object  # messages | text | [text, label] | {"prompt": messages, "chosen": str, "rejected": str}
     origin: str
     source: int  # index of the recipe entry in its split (mixing weights are per entry)
+    tools: list[dict] | None = None  # chat: tool schemas for the template's tools= argument
 
     @property
     def content_key(self) -> str:
         """Canonical text of the record: equal for exact duplicates, whatever file or format they came from."""
-        return json.dumps([self.kind, self.value], sort_keys=True, ensure_ascii=False)
+        parts = [self.kind, self.value] + ([self.tools] if self.tools else [])
+        return json.dumps(parts, sort_keys=True, ensure_ascii=False)
 
 
 def text_field(row: dict, name: str, *, required: bool = True, allow_empty: bool = False) -> str:
@@ -60,6 +72,40 @@ def text_field(row: dict, name: str, *, required: bool = True, allow_empty: bool
     return value
 
 
+def turn_text(turn: dict, field: str, key: str, index: int, *, allow_empty: bool) -> str:
+    try:
+        return text_field(turn, key, allow_empty=allow_empty)
+    except RowError as exc:
+        raise RowError(field, exc.problem, f"[{index}].{key}") from exc
+
+
+def tool_result(turn: dict, field: str, key: str, index: int) -> dict:
+    """A ``role: tool`` turn; a result given as a JSON value rather than text is kept as its JSON text."""
+    content = turn.get(key)
+    if isinstance(content, (dict, list, int, float, bool)):
+        content = json.dumps(content, ensure_ascii=False)
+    message = {"role": "tool", "content": turn_text({key: content}, field, key, index, allow_empty=True)}
+    for extra in ("name", "tool_call_id"):
+        if isinstance(turn.get(extra), str):
+            message[extra] = turn[extra]  # some templates label results with the function or the call id
+    return message
+
+
+def assistant_calls(turn: dict, field: str, key: str, index: int) -> dict:
+    """An OpenAI-style assistant turn with ``tool_calls`` (its text may be empty or null)."""
+    calls = turn["tool_calls"]
+    if not isinstance(calls, list) or not calls:
+        raise RowError(field, "must be a non-empty list of {function: {name, arguments}} calls", f"[{index}].tool_calls")
+    parsed = []
+    for number, call in enumerate(calls):
+        try:
+            parsed.append(tool_call(call))
+        except ToolError as exc:
+            raise RowError(field, str(exc), f"[{index}].tool_calls[{number}]") from exc
+    content = turn_text(turn, field, key, index, allow_empty=True) if turn.get(key) is not None else ""
+    return {"role": "assistant", "content": content, "tool_calls": parsed}
+
+
 def chat_turns(row: dict, field: str, role_key: str, content_key: str, role_names: dict[str, str], *, learn: bool = True) -> list[dict]:
     turns = row.get(field)
     if turns is None:
@@ -73,14 +119,44 @@ def chat_turns(row: dict, field: str, role_key: str, content_key: str, role_name
         role = role_names.get(turn.get(role_key)) if isinstance(turn.get(role_key), str) else None
         if role is None:
             raise RowError(field, f"must be one of {', '.join(role_names)}, got {turn.get(role_key)!r}", f"[{index}].{role_key}")
-        try:
-            content = text_field(turn, content_key, allow_empty=role == "system")
-        except RowError as exc:
-            raise RowError(field, exc.problem, f"[{index}].{content_key}") from exc
-        messages.append({"role": role, "content": content})
+        if role == CALL:
+            try:
+                calls = tool_calls_of_text(turn_text(turn, field, content_key, index, allow_empty=False))
+            except ToolError as exc:
+                raise RowError(field, str(exc), f"[{index}].{content_key}") from exc
+            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
+        elif role == "tool":
+            messages.append(tool_result(turn, field, content_key, index))
+        elif role == "assistant" and turn.get("tool_calls") is not None:
+            messages.append(assistant_calls(turn, field, content_key, index))
+        else:
+            content = turn_text(turn, field, content_key, index, allow_empty=role == "system")
+            messages.append({"role": role, "content": content})
     if learn and not any(m["role"] == "assistant" for m in messages):
         raise RowError(field, "has no assistant turn to learn from")
     return messages
+
+
+def row_tools(row: dict, default: list[dict] | None) -> list[dict] | None:
+    """The row's ``tools`` column (a list or a JSON string of one), else the entry's ``tools:``."""
+    value = row.get("tools")
+    if value is None or value == "" or value == []:
+        return default
+    try:
+        return tool_schemas(value) or default
+    except ToolError as exc:
+        raise RowError("tools", str(exc)) from exc
+
+
+def check_called_names(messages: list[dict], tools: list[dict] | None) -> None:
+    if not tools:
+        return
+    known = [tool["function"]["name"] for tool in tools]
+    for message in messages:
+        for call in message.get("tool_calls", ()):
+            if call["function"]["name"] not in known:
+                raise RowError("tools", f"has no function '{call['function']['name']}', which the conversation calls "
+                               f"(tools: {', '.join(known)})")
 
 
 def with_system(row: dict, messages: list[dict]) -> list[dict]:
@@ -103,7 +179,7 @@ def sharegpt_record(row: dict) -> list[dict]:
 
 
 def messages_record(row: dict) -> list[dict]:
-    return chat_turns(row, "messages", "role", "content", {role: role for role in ROLES})
+    return chat_turns(row, "messages", "role", "content", MESSAGE_ROLES)
 
 
 def text_record(row: dict) -> str:
@@ -123,16 +199,73 @@ def classification_record(row: dict) -> list:
     return [text_field(row, "text"), label]
 
 
+def response(row: dict, name: str) -> tuple[list[dict] | None, str]:
+    """A preference response: a string, one message object (role/content or from/value), or a message list
+    ending with the assistant's reply; a list's earlier turns are returned as the prompt it implies."""
+    value = row.get(name)
+    if isinstance(value, dict):
+        role = value.get("role", value.get("from", "assistant"))
+        if SHAREGPT_ROLES.get(role) != "assistant":
+            raise RowError(name, f"must be the assistant's reply, got a message from {role!r}", ".role" if "role" in value else ".from")
+        key = "content" if "content" in value or "value" not in value else "value"
+        try:
+            return None, text_field(value, key)
+        except RowError as exc:
+            raise RowError(name, exc.problem, f".{key}") from exc
+    if isinstance(value, list):
+        keys = ("from", "value") if value and isinstance(value[0], dict) and "from" in value[0] else ("role", "content")
+        messages = chat_turns(row, name, *keys, SHAREGPT_ROLES if keys[0] == "from" else MESSAGE_ROLES)
+        if messages[-1]["role"] != "assistant" or messages[-1].get("tool_calls"):
+            raise RowError(name, "must end with the assistant's reply", f"[{len(messages) - 1}]")
+        return messages[:-1], messages[-1]["content"]
+    return None, text_field(row, name)
+
+
+def preference_triple(row: dict, prompt: list[dict] | None) -> dict:
+    (chosen_prefix, chosen), (rejected_prefix, rejected) = response(row, "chosen"), response(row, "rejected")
+    implied = chosen_prefix or None
+    if (rejected_prefix or None) != implied:
+        raise RowError("rejected", "has other turns before the reply than 'chosen'; both must answer the same prompt")
+    if prompt is None:
+        if implied is None:
+            raise RowError("prompt", ("is missing" if "prompt" not in row else "is null")
+                           + "; give it, or chosen/rejected as message lists that start with the prompt")
+        prompt = implied
+    elif implied is not None and implied != prompt:
+        raise RowError("chosen", "repeats prompt turns that differ from 'prompt'; give only the reply, or drop 'prompt'")
+    if chosen.strip() == rejected.strip():
+        raise RowError("rejected", "is identical to 'chosen'; a preference pair needs two different responses")
+    return {"prompt": with_system(row, prompt), "chosen": chosen, "rejected": rejected}
+
+
 def preference_record(row: dict) -> dict:
     prompt = row.get("prompt")
     if isinstance(prompt, list):
-        messages = chat_turns(row, "prompt", "role", "content", {role: role for role in ROLES}, learn=False)
-    else:
-        messages = [{"role": "user", "content": text_field(row, "prompt")}]
-    chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
-    if chosen.strip() == rejected.strip():
-        raise RowError("rejected", "is identical to 'chosen'; a preference pair needs two different responses")
-    return {"prompt": with_system(row, messages), "chosen": chosen, "rejected": rejected}
+        return preference_triple(row, chat_turns(row, "prompt", "role", "content", MESSAGE_ROLES, learn=False))
+    if prompt is None:
+        return preference_triple(row, None)
+    return preference_triple(row, [{"role": "user", "content": text_field(row, "prompt")}])
+
+
+def sharegpt_preference_record(row: dict) -> dict:
+    return preference_triple(row, chat_turns(row, "conversations", "from", "value", SHAREGPT_ROLES, learn=False))
+
+
+def kto_label(row: dict, name: str) -> bool:
+    label = row.get(name)
+    if not isinstance(label, bool):
+        raise RowError(name, f"must be true (desirable) or false (undesirable), got {label!r}")
+    return label
+
+
+def kto_record(row: dict) -> dict:
+    return {"prompt": [{"role": "user", "content": text_field(row, "prompt")}], "completion": text_field(row, "completion"),
+            "label": kto_label(row, "label")}
+
+
+def sharegpt_kto_record(row: dict) -> dict:
+    messages = sharegpt_record(row)
+    return {"prompt": messages[:-1], "completion": messages[-1]["content"], "label": kto_label(row, "kto_tag")}
 
 
 @dataclass(frozen=True)
@@ -149,7 +282,11 @@ FORMATS: dict[str, Format] = {
     "messages": Format("chat", frozenset({"messages"}), frozenset({CAUSAL_LM}), messages_record),
     "text": Format("text", frozenset({"text"}), frozenset({CAUSAL_LM}), text_record),
     "classification": Format("classification", frozenset({"text", "label"}), frozenset({CLASSIFICATION}), classification_record),
-    "preference": Format("preference", frozenset({"prompt", "chosen", "rejected"}), frozenset({CAUSAL_LM}), preference_record),
+    "preference": Format("preference", frozenset({"chosen", "rejected"}), frozenset({CAUSAL_LM}), preference_record),
+    "sharegpt_preference": Format("preference", frozenset({"conversations", "chosen", "rejected"}), frozenset({CAUSAL_LM}),
+                                  sharegpt_preference_record),
+    "kto": Format("kto", frozenset({"prompt", "completion", "label"}), frozenset({CAUSAL_LM}), kto_record),
+    "sharegpt_kto": Format("kto", frozenset({"conversations", "kto_tag"}), frozenset({CAUSAL_LM}), sharegpt_kto_record),
 }
 assert FORMATS.keys() == FORMAT_FIELDS.keys(), "ftune.recipe.schema.FORMAT_FIELDS and FORMATS list different formats"
 
@@ -181,6 +318,17 @@ def detect_format(keys: set[str], task: str, *, key: str, shown: str) -> str:
     return best[0]
 
 
+def refuse_unsupported(name: str, *, key: str, shown: str) -> None:
+    """KTO rows are recognised, so the refusal can say what they are and how to use them today."""
+    if FORMATS[name].kind == "kto":
+        label = "kto_tag" if name == "sharegpt_kto" else "label"
+        raise FtuneError(
+            f"{key}.format: {shown} holds KTO rows (one completion with a boolean {label}), unpaired preference data "
+            "that no ftune stage trains on yet; pair a good and a bad completion of each prompt into chosen/rejected "
+            "rows (format: preference), or keep the good completions as chat rows"
+        )
+
+
 def resolve_format(source: DatasetSource, rows: list[Row], task: str, *, key: str, shown: str) -> str:
     """The entry's format, checking that its columns (mapped or not) exist in the data."""
     present: set[str] = set()
@@ -191,6 +339,7 @@ def resolve_format(source: DatasetSource, rows: list[Row], task: str, *, key: st
             raise FtuneError(f"{key}.columns.{field}: column '{column}' is not in {shown} (columns: {', '.join(sorted(present))})")
     keys = set(renamed(dict.fromkeys(present), source.columns))
     name = detect_format(keys, task, key=key, shown=shown) if source.format == "auto" else source.format
+    refuse_unsupported(name, key=key, shown=shown)
     missing = sorted(FORMATS[name].keys - keys)
     if missing:
         raise FtuneError(
@@ -208,19 +357,26 @@ def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[
 
 
 def convert_rows(rows: list[Row], name: str, columns: dict[str, str], *, source: int, system_prompt: str | None,
-                 problems: list[str]) -> list[Record]:
-    """Records of the rows that convert cleanly; each failing row adds one line to ``problems``."""
+                 problems: list[str], tools: list[dict] | None = None) -> list[Record]:
+    """Records of the rows that convert cleanly; each failing row adds one line to ``problems``.
+
+    ``tools`` are the entry's schemas, for rows without a ``tools`` column of their own.
+    """
     fmt = FORMATS[name]
     records = []
     for row in rows:
+        fields = renamed(row.fields, columns)
         try:
-            value = fmt.convert(renamed(row.fields, columns))
+            value = fmt.convert(fields)
+            row_schemas = row_tools(fields, tools) if name in TOOL_FORMATS else None
+            if row_schemas:
+                check_called_names(value, row_schemas)
         except RowError as exc:
             problems.append(f"{row.origin}: {exc.describe(columns)}")
             continue
         if fmt.kind == "chat":
             value = with_system_prompt(value, system_prompt)
-        records.append(Record(fmt.kind, value, row.origin, source))
+        records.append(Record(fmt.kind, value, row.origin, source, row_schemas or None))
     return records
 
 
@@ -262,7 +418,9 @@ def rows_to_records(rows: list[Row], task: str, *, system_prompt: str | None = N
     keys: set[str] = set()
     for row in rows:
         keys.update(row.fields)
-    name = detect_format(keys, task, key=key, shown=rows[0].origin.rsplit(":", 1)[0])
+    shown = rows[0].origin.rsplit(":", 1)[0]
+    name = detect_format(keys, task, key=key, shown=shown)
+    refuse_unsupported(name, key=key, shown=shown)
     problems: list[str] = []
     records = convert_rows(rows, name, {}, source=0, system_prompt=system_prompt, problems=problems)
     raise_problems(problems)
