@@ -67,7 +67,7 @@ class ToolSchema(Strict):
     @classmethod
     def _bare_function(cls, value: object) -> object:
         """Accept a bare {name, description, parameters} function as LLaMA-Factory and OpenAI's older API write it."""
-        if isinstance(value, dict) and "function" not in value and "name" in value:
+        if isinstance(value, dict) and "function" not in value and "type" not in value:
             return {"type": "function", "function": value}
         return value
 
@@ -89,8 +89,9 @@ class DatasetSource(Strict):
     )
     tools: list[ToolSchema] | None = Field(
         None,
-        description="Tool schemas offered in every conversation of this entry (rows with their own tools column "
-        "keep theirs); formats sharegpt and messages only.",
+        description="Tool schemas offered in every conversation of this entry, each {name, description, parameters: "
+        "JSON schema} or {type: function, function: {...}}; rows with their own tools column keep theirs; formats "
+        "sharegpt and messages only.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map a format field to this dataset's column, e.g. {instruction: question, output: answer}."
