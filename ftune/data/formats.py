@@ -17,31 +17,14 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
+from ftune.data.preference import kto_record, preference_record, sharegpt_kto_record, sharegpt_preference_record
 from ftune.data.sources import Row
-from ftune.data.tools import ToolError, tool_call, tool_calls_of_text, tool_schemas
+from ftune.data.turns import (MESSAGE_ROLES, SHAREGPT_ROLES, RowError, chat_turns, check_called_names, row_tools, text_field,
+                              with_system)
 from ftune.errors import FtuneError, raise_problems
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 from ftune.recipe.data import TOOL_FORMATS
 from ftune.recipe.schema import FORMAT_FIELDS, DatasetSource
-
-ROLES = ("system", "user", "assistant", "tool")
-CALL = "function_call"  # the ShareGPT speaker whose value is a JSON call; it becomes an assistant turn with tool_calls
-# ShareGPT speaker names seen in the wild -> chat roles.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
-                  CALL: CALL, "observation": "tool", "tool": "tool", "function": "tool"}
-MESSAGE_ROLES = {role: role for role in ROLES}
-
-
-class RowError(ValueError):
-    """A problem with one field of one row; the caller names the row's origin and the user's column name."""
-
-    def __init__(self, field: str, problem: str, detail: str = "") -> None:
-        super().__init__(problem)
-        self.field, self.problem, self.detail = field, problem, detail
-
-    def describe(self, columns: dict[str, str]) -> str:
-        return f"field '{columns.get(self.field, self.field)}{self.detail}' {self.problem}"
 
 
 @dataclass(frozen=True)
@@ -57,113 +40,6 @@ class Record:
         """Canonical text of the record: equal for exact duplicates, whatever file or format they came from."""
         parts = [self.kind, self.value] + ([self.tools] if self.tools else [])
         return json.dumps(parts, sort_keys=True, ensure_ascii=False)
-
-
-def text_field(row: dict, name: str, *, required: bool = True, allow_empty: bool = False) -> str:
-    value = row.get(name)
-    if value is None:
-        if required:
-            raise RowError(name, "is missing" if name not in row else "is null")
-        return ""
-    if not isinstance(value, str):
-        raise RowError(name, f"must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise RowError(name, "is empty")
-    return value
-
-
-def turn_text(turn: dict, field: str, key: str, index: int, *, allow_empty: bool) -> str:
-    try:
-        return text_field(turn, key, allow_empty=allow_empty)
-    except RowError as exc:
-        raise RowError(field, exc.problem, f"[{index}].{key}") from exc
-
-
-def tool_result(turn: dict, field: str, key: str, index: int) -> dict:
-    """A ``role: tool`` turn; a result given as a JSON value rather than text is kept as its JSON text."""
-    content = turn.get(key)
-    if isinstance(content, (dict, list, int, float, bool)):
-        content = json.dumps(content, ensure_ascii=False)
-    message = {"role": "tool", "content": turn_text({key: content}, field, key, index, allow_empty=True)}
-    for extra in ("name", "tool_call_id"):
-        if isinstance(turn.get(extra), str):
-            message[extra] = turn[extra]  # some templates label results with the function or the call id
-    return message
-
-
-def assistant_calls(turn: dict, field: str, key: str, index: int) -> dict:
-    """An OpenAI-style assistant turn with ``tool_calls`` (its text may be empty or null)."""
-    calls = turn["tool_calls"]
-    if not isinstance(calls, list) or not calls:
-        raise RowError(field, "must be a non-empty list of {function: {name, arguments}} calls", f"[{index}].tool_calls")
-    parsed = []
-    for number, call in enumerate(calls):
-        try:
-            parsed.append(tool_call(call))
-        except ToolError as exc:
-            raise RowError(field, str(exc), f"[{index}].tool_calls[{number}]") from exc
-    content = turn_text(turn, field, key, index, allow_empty=True) if turn.get(key) is not None else ""
-    return {"role": "assistant", "content": content, "tool_calls": parsed}
-
-
-def chat_turns(row: dict, field: str, role_key: str, content_key: str, role_names: dict[str, str], *, learn: bool = True) -> list[dict]:
-    turns = row.get(field)
-    if turns is None:
-        raise RowError(field, "is missing" if field not in row else "is null")
-    if not isinstance(turns, list) or not turns:
-        raise RowError(field, f"must be a non-empty list of {{{role_key}, {content_key}}} objects")
-    messages = []
-    for index, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RowError(field, f"must be an object with {role_key} and {content_key}", f"[{index}]")
-        role = role_names.get(turn.get(role_key)) if isinstance(turn.get(role_key), str) else None
-        if role is None:
-            raise RowError(field, f"must be one of {', '.join(role_names)}, got {turn.get(role_key)!r}", f"[{index}].{role_key}")
-        if role == CALL:
-            try:
-                calls = tool_calls_of_text(turn_text(turn, field, content_key, index, allow_empty=False))
-            except ToolError as exc:
-                raise RowError(field, str(exc), f"[{index}].{content_key}") from exc
-            messages.append({"role": "assistant", "content": "", "tool_calls": calls})
-        elif role == "tool":
-            messages.append(tool_result(turn, field, content_key, index))
-        elif role == "assistant" and turn.get("tool_calls") is not None:
-            messages.append(assistant_calls(turn, field, content_key, index))
-        else:
-            content = turn_text(turn, field, content_key, index, allow_empty=role == "system")
-            messages.append({"role": role, "content": content})
-    if learn and not any(m["role"] == "assistant" for m in messages):
-        raise RowError(field, "has no assistant turn to learn from")
-    return messages
-
-
-def row_tools(row: dict, default: list[dict] | None) -> list[dict] | None:
-    """The row's ``tools`` column (a list or a JSON string of one), else the entry's ``tools:``."""
-    value = row.get("tools")
-    if value is None or value == "" or value == []:
-        return default
-    try:
-        return tool_schemas(value) or default
-    except ToolError as exc:
-        raise RowError("tools", str(exc)) from exc
-
-
-def check_called_names(messages: list[dict], tools: list[dict] | None) -> None:
-    if not tools:
-        return
-    known = [tool["function"]["name"] for tool in tools]
-    for message in messages:
-        for call in message.get("tool_calls", ()):
-            if call["function"]["name"] not in known:
-                raise RowError("tools", f"has no function '{call['function']['name']}', which the conversation calls "
-                               f"(tools: {', '.join(known)})")
-
-
-def with_system(row: dict, messages: list[dict]) -> list[dict]:
-    system = text_field(row, "system", required=False, allow_empty=True)
-    if system.strip() and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system}, *messages]
-    return messages
 
 
 def alpaca_record(row: dict) -> list[dict]:
@@ -197,75 +73,6 @@ def classification_record(row: dict) -> list:
     if isinstance(label, str) and not label.strip():
         raise RowError("label", "is empty")
     return [text_field(row, "text"), label]
-
-
-def response(row: dict, name: str) -> tuple[list[dict] | None, str]:
-    """A preference response: a string, one message object (role/content or from/value), or a message list
-    ending with the assistant's reply; a list's earlier turns are returned as the prompt it implies."""
-    value = row.get(name)
-    if isinstance(value, dict):
-        role = value.get("role", value.get("from", "assistant"))
-        if SHAREGPT_ROLES.get(role) != "assistant":
-            raise RowError(name, f"must be the assistant's reply, got a message from {role!r}", ".role" if "role" in value else ".from")
-        key = "content" if "content" in value or "value" not in value else "value"
-        try:
-            return None, text_field(value, key)
-        except RowError as exc:
-            raise RowError(name, exc.problem, f".{key}") from exc
-    if isinstance(value, list):
-        keys = ("from", "value") if value and isinstance(value[0], dict) and "from" in value[0] else ("role", "content")
-        messages = chat_turns(row, name, *keys, SHAREGPT_ROLES if keys[0] == "from" else MESSAGE_ROLES)
-        if messages[-1]["role"] != "assistant" or messages[-1].get("tool_calls"):
-            raise RowError(name, "must end with the assistant's reply", f"[{len(messages) - 1}]")
-        return messages[:-1], messages[-1]["content"]
-    return None, text_field(row, name)
-
-
-def preference_triple(row: dict, prompt: list[dict] | None) -> dict:
-    (chosen_prefix, chosen), (rejected_prefix, rejected) = response(row, "chosen"), response(row, "rejected")
-    implied = chosen_prefix or None
-    if (rejected_prefix or None) != implied:
-        raise RowError("rejected", "has other turns before the reply than 'chosen'; both must answer the same prompt")
-    if prompt is None:
-        if implied is None:
-            raise RowError("prompt", ("is missing" if "prompt" not in row else "is null")
-                           + "; give it, or chosen/rejected as message lists that start with the prompt")
-        prompt = implied
-    elif implied is not None and implied != prompt:
-        raise RowError("chosen", "repeats prompt turns that differ from 'prompt'; give only the reply, or drop 'prompt'")
-    if chosen.strip() == rejected.strip():
-        raise RowError("rejected", "is identical to 'chosen'; a preference pair needs two different responses")
-    return {"prompt": with_system(row, prompt), "chosen": chosen, "rejected": rejected}
-
-
-def preference_record(row: dict) -> dict:
-    prompt = row.get("prompt")
-    if isinstance(prompt, list):
-        return preference_triple(row, chat_turns(row, "prompt", "role", "content", MESSAGE_ROLES, learn=False))
-    if prompt is None:
-        return preference_triple(row, None)
-    return preference_triple(row, [{"role": "user", "content": text_field(row, "prompt")}])
-
-
-def sharegpt_preference_record(row: dict) -> dict:
-    return preference_triple(row, chat_turns(row, "conversations", "from", "value", SHAREGPT_ROLES, learn=False))
-
-
-def kto_label(row: dict, name: str) -> bool:
-    label = row.get(name)
-    if not isinstance(label, bool):
-        raise RowError(name, f"must be true (desirable) or false (undesirable), got {label!r}")
-    return label
-
-
-def kto_record(row: dict) -> dict:
-    return {"prompt": [{"role": "user", "content": text_field(row, "prompt")}], "completion": text_field(row, "completion"),
-            "label": kto_label(row, "label")}
-
-
-def sharegpt_kto_record(row: dict) -> dict:
-    messages = sharegpt_record(row)
-    return {"prompt": messages[:-1], "completion": messages[-1]["content"], "label": kto_label(row, "kto_tag")}
 
 
 @dataclass(frozen=True)
