@@ -147,6 +147,9 @@ def resolve_format(source: DatasetSource, rows: list[Row], task: str, *, key: st
     keys = set(renamed(dict.fromkeys(present), source.columns))
     name = detect_format(keys, task, key=key, shown=shown) if source.format == "auto" else source.format
     refuse_unsupported(name, key=key, shown=shown)
+    if source.tools and name not in TOOL_FORMATS:
+        raise FtuneError(f"{key}.tools: {shown} holds {name} rows, which have no tool turns to offer tools to; "
+                         f"remove tools, or use {' or '.join(TOOL_FORMATS)} rows")
     missing = sorted(FORMATS[name].keys - keys)
     if missing:
         raise FtuneError(

@@ -197,3 +197,8 @@ def test_entry_tools_are_validated_in_the_recipe(tmp_path, make_recipe):
         load_recipe(recipe)
     loaded = load_recipe(make_recipe(data={"train": [{"path": str(path), "tools": [WEATHER]}]}))
     assert loaded.data.train[0].tools[0].model_dump() == TOOLS[0]
+
+
+def test_entry_tools_on_rows_detected_as_another_format_name_the_key(tmp_path):
+    with pytest.raises(FtuneError, match=r"data.train.0.tools: .* holds alpaca rows, which have no tool turns"):
+        load(tmp_path, {"instruction": "i", "output": "o"}, tools=[WEATHER])
