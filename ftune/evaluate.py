@@ -1,10 +1,12 @@
 """Eval stage: score a run's tuned model (and optionally its base) on held-out data, from the run directory alone.
 
 Causal LM: loss and perplexity on the response tokens, then batched greedy generation scored by
-exact match, token F1 and ROUGE-L. Classification: loss, accuracy, macro F1 and the confusion
-matrix. The held-out rows come from ``RUN/heldout.jsonl`` (or ``--split FILE``), tokenized as
-training tokenized them. Results go to RUN/eval/metrics.json and RUN/eval/predictions.jsonl.
-``TASK_SCORERS`` maps the recipe's task to how it is scored.
+exact match, token F1 and ROUGE-L; on tool-calling conversations also the share of replies that make
+a well-formed call to a known function, and that make exactly the reference call (name and arguments
+as parsed JSON). Classification: loss, accuracy, macro F1 and the confusion matrix. The held-out
+rows come from ``RUN/heldout.jsonl`` (or ``--split FILE``), tokenized as training tokenized them.
+Results go to RUN/eval/metrics.json and RUN/eval/predictions.jsonl. ``TASK_SCORERS`` maps the
+recipe's task to how it is scored.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from ftune.data.heldout import conversations, load_heldout, split_file, tokenize_heldout
+from ftune.data.heldout import load_heldout, split_file, tokenize_heldout
 from ftune.errors import FtuneError
-from ftune.metrics import TEXT_METRICS, accuracy, confusion_matrix, macro_f1
+from ftune.metrics import TEXT_METRICS, TOOL_METRICS, accuracy, confusion_matrix, macro_f1, tool_call_exact, tool_call_valid
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 from ftune.run_dir import RunDir, load_run, run_labels, write_json_atomic, write_jsonl_atomic
 
-UNCOMPARED = ("samples", "wall_time_s")  # reported, but no delta and no --min
+UNCOMPARED = ("samples", "tool_call_samples", "wall_time_s")  # reported, but no delta and no --min
 
 
 @dataclass
@@ -88,28 +90,69 @@ def response_loss(model, tokenizer, examples: list[dict], batch_size: int) -> fl
     return total_loss / max(total_tokens, 1)
 
 
+def tool_prompts(records: list) -> list[tuple[list[dict], list[dict], list[dict] | None]]:
+    """(prompt, reference calls, tools) before the first assistant turn that calls a tool, per tool-calling chat."""
+    from ftune.data.tools import reference_calls
+
+    out = []
+    for record in records:
+        if record.kind != "chat":
+            continue
+        turn = next((i for i, m in enumerate(record.value) if m["role"] == "assistant" and m.get("tool_calls")), None)
+        if turn is not None:
+            out.append((record.value[:turn], reference_calls(record.value[turn]), record.tools))
+    return out
+
+
+def score_tool_calls(model, tokenizer, records: list, recipe) -> tuple[dict, list[dict]]:
+    import json
+
+    from ftune.data.tools import parse_reply_calls
+    from ftune.generation import generate_replies
+
+    prompts = tool_prompts(records)
+    if not prompts:
+        return {}, []
+    replies = generate_replies(model, tokenizer, [p for p, _, _ in prompts], tools=[t for _, _, t in prompts],
+                               max_new_tokens=recipe.evaluation.max_new_tokens, batch_size=recipe.evaluation.batch_size)
+    rows, valid, exact = [], 0.0, 0.0
+    for (prompt, reference, tools), reply in zip(prompts, replies):
+        calls = parse_reply_calls(reply)
+        known = {t["function"]["name"] for t in tools} if tools else {c["name"] for c in reference}
+        row_valid, row_exact = tool_call_valid(calls, known), tool_call_exact(calls, reference)
+        valid, exact = valid + row_valid, exact + row_exact
+        rows.append({"prompt": prompt[-1]["content"], "reference": json.dumps(reference, ensure_ascii=False), "prediction": reply,
+                     "tool_call_valid": row_valid, "tool_call_exact": row_exact})
+    return {"tool_call_valid": valid / len(rows), "tool_call_exact": exact / len(rows), "tool_call_samples": len(rows)}, rows
+
+
 def score_generation(model, tokenizer, records: list, recipe) -> tuple[dict, list[dict]]:
     from ftune.generation import generate_replies, prompt_and_reference
 
     clock = time.perf_counter()
-    chats = conversations(records)
+    chats = [r for r in records if r.kind == "chat"]
     if not chats:
         raise FtuneError("the held-out split has no chat or instruction examples to score generation on (raw text rows have no reply)")
     loss = response_loss(model, tokenizer, tokenize_heldout(tokenizer, records, recipe.data), recipe.evaluation.batch_size)
-    pairs = [prompt_and_reference(c) for c in chats]
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    # A conversation that ends on a call has no text answer to compare; its call is scored by score_tool_calls.
+    answered = [r for r in chats if not r.value[max(i for i, m in enumerate(r.value) if m["role"] == "assistant")].get("tool_calls")]
+    pairs = [prompt_and_reference(r.value) for r in answered]
     predictions = generate_replies(
-        model, tokenizer, [p for p, _ in pairs],
+        model, tokenizer, [p for p, _ in pairs], tools=[r.tools for r in answered],
         max_new_tokens=recipe.evaluation.max_new_tokens, batch_size=recipe.evaluation.batch_size,
-    )
+    ) if pairs else []
     rows = [
         {"prompt": prompt[-1]["content"], "reference": reference, "prediction": prediction}
         for (prompt, reference), prediction in zip(pairs, predictions)
     ]
-    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
     for name, metric in TEXT_METRICS.items():
-        metrics[name] = sum(metric(r["prediction"], r["reference"]) for r in rows) / len(rows)
-    metrics.update(samples=len(rows), wall_time_s=time.perf_counter() - clock)
-    return metrics, rows
+        if rows:
+            metrics[name] = sum(metric(r["prediction"], r["reference"]) for r in rows) / len(rows)
+    tool_metrics, tool_rows = score_tool_calls(model, tokenizer, chats, recipe)
+    metrics.update(tool_metrics)
+    metrics.update(samples=len(rows) + len(tool_rows), wall_time_s=time.perf_counter() - clock)
+    return metrics, rows + tool_rows
 
 
 def score_classification(model, tokenizer, examples: list[dict], recipe, label_names: list[str]) -> tuple[dict, list[dict]]:
@@ -156,7 +199,7 @@ class TaskScorer:
 
 TASK_SCORERS: dict[str, TaskScorer] = {
     CAUSAL_LM: TaskScorer(lambda model, tok, records, recipe, _: score_generation(model, tok, records, recipe),
-                          ("loss", "perplexity", *TEXT_METRICS, "samples", "wall_time_s")),
+                          ("loss", "perplexity", *TEXT_METRICS, *TOOL_METRICS, "samples", "wall_time_s")),
     CLASSIFICATION: TaskScorer(lambda model, tok, records, recipe, names: score_classification(model, tok, tokenize_heldout(tok, records, recipe.data), recipe, names),
                                ("loss", "accuracy", "macro_f1", "samples", "wall_time_s")),
 }
@@ -184,7 +227,9 @@ def run_evaluation(run_dir, *, split: str = "eval", with_base: bool = False, max
         echo(f"Scoring the {label} model on {len(records)} examples...")
         results[label] = scorer.score(model, tokenizer, records, recipe, run_labels(run))
         del model
-    return save_report(run, split, results, table=scorer.table, wall_time_s=time.perf_counter() - clock)
+    # Metrics a split cannot have (tool calls on plain chats, text answers when every row ends on a call) are not shown.
+    table = tuple(name for name in scorer.table if name in results["tuned"][0])
+    return save_report(run, split, results, table=table, wall_time_s=time.perf_counter() - clock)
 
 
 def save_report(run: RunDir, split: str, results: dict, *, table: tuple[str, ...], wall_time_s: float = 0.0) -> EvalReport:

@@ -22,18 +22,23 @@ def generation_options(tokenizer, *, max_new_tokens: int, temperature: float = 0
     return dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
 
 
-def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy replies for each prompt conversation, batched with left padding."""
+def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
+                     tools: list[list[dict] | None] | None = None) -> list[str]:
+    """Greedy replies for each prompt conversation, batched with left padding; ``tools`` are per-prompt schemas."""
     import torch
 
     tokenizer.padding_side = "left"
     device = model_device(model)
+    tools = tools or [None] * len(prompts)
     replies = []
     for start in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[start : start + batch_size]]
+        texts = [tokenizer.apply_chat_template(p, tools=t or None, tokenize=False, add_generation_prompt=True)
+                 for p, t in zip(prompts[start : start + batch_size], tools[start : start + batch_size])]
         batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         with torch.no_grad():
             output = model.generate(**batch, **generation_options(tokenizer, max_new_tokens=max_new_tokens))
         new_tokens = output[:, batch["input_ids"].shape[1] :]
+        # Special tokens are dropped from the text; a template's <tool_call> tags are plain text in most vocabularies,
+        # and where they are special tokens the call JSON between them still parses.
         replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
     return [reply.strip() for reply in replies]

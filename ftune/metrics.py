@@ -1,4 +1,4 @@
-"""Metrics of held-out predictions: text overlap for generated replies, accuracy and F1 for class labels.
+"""Metrics of held-out predictions: text overlap for generated replies, tool calls, accuracy and F1 for class labels.
 
 Pure Python on strings and label ids, so they are exact, fast and testable without a model.
 """
@@ -55,6 +55,20 @@ def rouge_l(prediction: str, reference: str) -> float:
 
 
 TEXT_METRICS: dict[str, Callable[[str, str], float]] = {"exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l}
+
+
+def tool_call_valid(calls: list[dict] | None, known: set[str]) -> float:
+    """1 when the reply holds calls that all parsed as JSON and name known functions (``calls`` None = unparsable)."""
+    return float(bool(calls) and all(call["name"] in known for call in calls))
+
+
+def tool_call_exact(calls: list[dict] | None, reference: list[dict]) -> float:
+    """1 when the reply makes exactly the reference calls, in order: same names, arguments equal as parsed JSON
+    (so key order and spacing do not matter, and 20 equals 20.0)."""
+    return float(calls is not None and [(c["name"], c["arguments"]) for c in calls] == [(r["name"], r["arguments"]) for r in reference])
+
+
+TOOL_METRICS = ("tool_call_valid", "tool_call_exact")
 
 
 def accuracy(predicted: list[int], expected: list[int]) -> float:

@@ -1,5 +1,10 @@
 """Row formats: each turns one raw row into a record of one kind (chat, text, classification, preference).
 
+Chat rows may call tools: ShareGPT ``function_call`` / ``observation`` turns and OpenAI-style
+``tool_calls`` / ``role: tool`` messages both become the chat-template form (see ``ftune.data.tools``),
+with the row's ``tools`` column, or the entry's ``tools:``, kept on the record for the template.
+Preference rows in every layout become one (prompt messages, chosen, rejected) triple.
+
 ``FORMATS`` is the dispatch table: per format, the record kind it yields, the columns that identify
 it when the recipe says ``format: auto``, the tasks it can serve, and its converter. A recipe's
 ``columns:`` mapping renames a dataset's columns to the format's fields before conversion, and
@@ -12,26 +17,13 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
+from ftune.data.preference import kto_record, preference_record, sharegpt_kto_record, sharegpt_preference_record
 from ftune.data.sources import Row
+from ftune.data.turns import (MESSAGE_ROLES, SHAREGPT_ROLES, RowError, chat_turns, check_called_names, row_tools, text_field,
+                              with_system)
 from ftune.errors import FtuneError, raise_problems
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
-from ftune.recipe.data import FORMAT_FIELDS, DatasetSource
-
-ROLES = ("system", "user", "assistant")
-# ShareGPT speaker names seen in the wild -> chat roles.
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
-
-
-class RowError(ValueError):
-    """A problem with one field of one row; the caller names the row's origin and the user's column name."""
-
-    def __init__(self, field: str, problem: str, detail: str = "") -> None:
-        super().__init__(problem)
-        self.field, self.problem, self.detail = field, problem, detail
-
-    def describe(self, columns: dict[str, str]) -> str:
-        return f"field '{columns.get(self.field, self.field)}{self.detail}' {self.problem}"
+from ftune.recipe.data import FORMAT_FIELDS, TOOL_FORMATS, DatasetSource
 
 
 @dataclass(frozen=True)
@@ -40,54 +32,13 @@ class Record:
     value: object  # messages | text | [text, label] | {"prompt": messages, "chosen": str, "rejected": str}
     origin: str
     source: int  # index of the recipe entry in its split (mixing weights are per entry)
+    tools: list[dict] | None = None  # chat: tool schemas for the template's tools= argument
 
     @property
     def content_key(self) -> str:
         """Canonical text of the record: equal for exact duplicates, whatever file or format they came from."""
-        return json.dumps([self.kind, self.value], sort_keys=True, ensure_ascii=False)
-
-
-def text_field(row: dict, name: str, *, required: bool = True, allow_empty: bool = False) -> str:
-    value = row.get(name)
-    if value is None:
-        if required:
-            raise RowError(name, "is missing" if name not in row else "is null")
-        return ""
-    if not isinstance(value, str):
-        raise RowError(name, f"must be a string, got {type(value).__name__}")
-    if not allow_empty and not value.strip():
-        raise RowError(name, "is empty")
-    return value
-
-
-def chat_turns(row: dict, field: str, role_key: str, content_key: str, role_names: dict[str, str], *, learn: bool = True) -> list[dict]:
-    turns = row.get(field)
-    if turns is None:
-        raise RowError(field, "is missing" if field not in row else "is null")
-    if not isinstance(turns, list) or not turns:
-        raise RowError(field, f"must be a non-empty list of {{{role_key}, {content_key}}} objects")
-    messages = []
-    for index, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RowError(field, f"must be an object with {role_key} and {content_key}", f"[{index}]")
-        role = role_names.get(turn.get(role_key)) if isinstance(turn.get(role_key), str) else None
-        if role is None:
-            raise RowError(field, f"must be one of {', '.join(role_names)}, got {turn.get(role_key)!r}", f"[{index}].{role_key}")
-        try:
-            content = text_field(turn, content_key, allow_empty=role == "system")
-        except RowError as exc:
-            raise RowError(field, exc.problem, f"[{index}].{content_key}") from exc
-        messages.append({"role": role, "content": content})
-    if learn and not any(m["role"] == "assistant" for m in messages):
-        raise RowError(field, "has no assistant turn to learn from")
-    return messages
-
-
-def with_system(row: dict, messages: list[dict]) -> list[dict]:
-    system = text_field(row, "system", required=False, allow_empty=True)
-    if system.strip() and messages[0]["role"] != "system":
-        return [{"role": "system", "content": system}, *messages]
-    return messages
+        parts = [self.kind, self.value] + ([self.tools] if self.tools else [])
+        return json.dumps(parts, sort_keys=True, ensure_ascii=False)
 
 
 def alpaca_record(row: dict) -> list[dict]:
@@ -103,7 +54,7 @@ def sharegpt_record(row: dict) -> list[dict]:
 
 
 def messages_record(row: dict) -> list[dict]:
-    return chat_turns(row, "messages", "role", "content", {role: role for role in ROLES})
+    return chat_turns(row, "messages", "role", "content", MESSAGE_ROLES)
 
 
 def text_record(row: dict) -> str:
@@ -123,18 +74,6 @@ def classification_record(row: dict) -> list:
     return [text_field(row, "text"), label]
 
 
-def preference_record(row: dict) -> dict:
-    prompt = row.get("prompt")
-    if isinstance(prompt, list):
-        messages = chat_turns(row, "prompt", "role", "content", {role: role for role in ROLES}, learn=False)
-    else:
-        messages = [{"role": "user", "content": text_field(row, "prompt")}]
-    chosen, rejected = text_field(row, "chosen"), text_field(row, "rejected")
-    if chosen.strip() == rejected.strip():
-        raise RowError("rejected", "is identical to 'chosen'; a preference pair needs two different responses")
-    return {"prompt": with_system(row, messages), "chosen": chosen, "rejected": rejected}
-
-
 @dataclass(frozen=True)
 class Format:
     kind: str
@@ -149,7 +88,11 @@ FORMATS: dict[str, Format] = {
     "messages": Format("chat", frozenset({"messages"}), frozenset({CAUSAL_LM}), messages_record),
     "text": Format("text", frozenset({"text"}), frozenset({CAUSAL_LM}), text_record),
     "classification": Format("classification", frozenset({"text", "label"}), frozenset({CLASSIFICATION}), classification_record),
-    "preference": Format("preference", frozenset({"prompt", "chosen", "rejected"}), frozenset({CAUSAL_LM}), preference_record),
+    "preference": Format("preference", frozenset({"chosen", "rejected"}), frozenset({CAUSAL_LM}), preference_record),
+    "sharegpt_preference": Format("preference", frozenset({"conversations", "chosen", "rejected"}), frozenset({CAUSAL_LM}),
+                                  sharegpt_preference_record),
+    "kto": Format("kto", frozenset({"prompt", "completion", "label"}), frozenset({CAUSAL_LM}), kto_record),
+    "sharegpt_kto": Format("kto", frozenset({"conversations", "kto_tag"}), frozenset({CAUSAL_LM}), sharegpt_kto_record),
 }
 assert FORMATS.keys() == FORMAT_FIELDS.keys(), "ftune.recipe.schema.FORMAT_FIELDS and FORMATS list different formats"
 
@@ -181,6 +124,17 @@ def detect_format(keys: set[str], task: str, *, key: str, shown: str) -> str:
     return best[0]
 
 
+def refuse_unsupported(name: str, *, key: str, shown: str) -> None:
+    """KTO rows are recognised, so the refusal can say what they are and how to use them today."""
+    if FORMATS[name].kind == "kto":
+        label = "kto_tag" if name == "sharegpt_kto" else "label"
+        raise FtuneError(
+            f"{key}.format: {shown} holds KTO rows (one completion with a boolean {label}), unpaired preference data "
+            "that no ftune stage trains on yet; pair a good and a bad completion of each prompt into chosen/rejected "
+            "rows (format: preference), or keep the good completions as chat rows"
+        )
+
+
 def resolve_format(source: DatasetSource, rows: list[Row], task: str, *, key: str, shown: str) -> str:
     """The entry's format, checking that its columns (mapped or not) exist in the data."""
     present: set[str] = set()
@@ -191,6 +145,10 @@ def resolve_format(source: DatasetSource, rows: list[Row], task: str, *, key: st
             raise FtuneError(f"{key}.columns.{field}: column '{column}' is not in {shown} (columns: {', '.join(sorted(present))})")
     keys = set(renamed(dict.fromkeys(present), source.columns))
     name = detect_format(keys, task, key=key, shown=shown) if source.format == "auto" else source.format
+    refuse_unsupported(name, key=key, shown=shown)
+    if source.tools and name not in TOOL_FORMATS:
+        raise FtuneError(f"{key}.tools: {shown} holds {name} rows, which have no tool turns to offer tools to; "
+                         f"remove tools, or use {' or '.join(TOOL_FORMATS)} rows")
     missing = sorted(FORMATS[name].keys - keys)
     if missing:
         raise FtuneError(
@@ -208,19 +166,26 @@ def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[
 
 
 def convert_rows(rows: list[Row], name: str, columns: dict[str, str], *, source: int, system_prompt: str | None,
-                 problems: list[str]) -> list[Record]:
-    """Records of the rows that convert cleanly; each failing row adds one line to ``problems``."""
+                 problems: list[str], tools: list[dict] | None = None) -> list[Record]:
+    """Records of the rows that convert cleanly; each failing row adds one line to ``problems``.
+
+    ``tools`` are the entry's schemas, for rows without a ``tools`` column of their own.
+    """
     fmt = FORMATS[name]
     records = []
     for row in rows:
+        fields = renamed(row.fields, columns)
         try:
-            value = fmt.convert(renamed(row.fields, columns))
+            value = fmt.convert(fields)
+            row_schemas = row_tools(fields, tools) if name in TOOL_FORMATS else None
+            if row_schemas:
+                check_called_names(value, row_schemas)
         except RowError as exc:
             problems.append(f"{row.origin}: {exc.describe(columns)}")
             continue
         if fmt.kind == "chat":
             value = with_system_prompt(value, system_prompt)
-        records.append(Record(fmt.kind, value, row.origin, source))
+        records.append(Record(fmt.kind, value, row.origin, source, row_schemas or None))
     return records
 
 
@@ -262,7 +227,9 @@ def rows_to_records(rows: list[Row], task: str, *, system_prompt: str | None = N
     keys: set[str] = set()
     for row in rows:
         keys.update(row.fields)
-    name = detect_format(keys, task, key=key, shown=rows[0].origin.rsplit(":", 1)[0])
+    shown = rows[0].origin.rsplit(":", 1)[0]
+    name = detect_format(keys, task, key=key, shown=shown)
+    refuse_unsupported(name, key=key, shown=shown)
     problems: list[str] = []
     records = convert_rows(rows, name, {}, source=0, system_prompt=system_prompt, problems=problems)
     raise_problems(problems)

@@ -70,8 +70,9 @@ def load_records(config: DataConfig, task: str = CAUSAL_LM) -> Records:
             if not rows:
                 continue  # every line was malformed; the problems say which
             name = resolve_format(source, rows, task, key=key, shown=source_name(source))
-            loaded[split].extend(convert_rows(rows, name, source.columns, source=index,
-                                              system_prompt=config.system_prompt, problems=problems))
+            tools = [tool.model_dump() for tool in source.tools] if source.tools else None
+            loaded[split].extend(convert_rows(rows, name, source.columns, source=index, system_prompt=config.system_prompt,
+                                              problems=problems, tools=tools))
     label_names = None
     if task == CLASSIFICATION:
         label_names = label_names_of(loaded["train"] + loaded["eval"], config.labels)

@@ -1,7 +1,7 @@
 """``ftune data preview``: show examples exactly as training will see them, and the counts that matter.
 
 Trained tokens (in the loss) are highlighted and masked tokens dimmed on a terminal; elsewhere
-trained text is wrapped in ``[[ ]]``. Only the tokenizer is loaded, never the model weights.
+trained text is wrapped in ``[[ ]]``. Tool schemas, calls and results appear as the chat template renders them. Only the tokenizer is loaded, never the model weights.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from typing import Callable
 from ftune.data.pipeline import DataSplits, Records, load_records, tokenize_splits
 from ftune.data.templates import install_chat_template
 from ftune.data.tokenize import IGNORE_INDEX, TokenizeStats
+from ftune.data.tools import has_tool_turns
 
 # (trained start, trained end, masked start, masked end) markers per output style.
 STYLES = {
@@ -94,6 +95,9 @@ def run_preview(recipe, *, count: int = 3, split: str = "train", color: bool = F
     echo(describe_counts("eval", len(records.eval), splits.eval_stats, len(splits.eval), classification))
     if classification:
         echo(f"labels: {', '.join(f'{i}={name}' for i, name in enumerate(splits.label_names))}")
+    calling = sum(bool(r.tools) or has_tool_turns(r.value) for r in records.train if r.kind == "chat")
+    if calling:
+        echo(f"tools: {calling:,} train conversations call tools; the calls are trained, the tool results are context only")
     for note in splits.notes[len(records.notes):]:
         echo(f"note: {note}")
     return splits

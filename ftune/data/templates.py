@@ -41,24 +41,38 @@ def check_chat_template(tokenizer) -> None:
         raise FtuneError("response masking needs a fast tokenizer (offset mappings); this model only has a slow one")
 
 
-def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def check_tool_template(tokenizer) -> None:
+    """Refuse tool-calling rows when the template would silently drop their schemas, calls or results."""
+    from ftune.data.tools import template_renders_tools
+
+    if not template_renders_tools(tokenizer):
+        raise FtuneError(
+            "data.chat_template: the chat template does not render tool schemas, tool calls and tool results (it drops "
+            "them), so tool-calling rows cannot be trained; set data.chat_template: chatml-tools (ChatML with the tools "
+            "in the system turn and calls as JSON in <tool_call> tags) or use a model whose template supports tools"
+        )
 
 
-def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+    # tools=None, not [], when there are none: templates test `tools is not none` as often as `tools`.
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the [start, end) character span of every assistant turn.
 
     A turn starts where the prompt rendered with ``add_generation_prompt`` ends, and ends where the
     conversation rendered through that turn ends, so the template's end-of-turn token is inside;
-    trailing whitespace after it (the newline between turns) is not.
+    trailing whitespace after it (the newline between turns) is not. Assistant turns that call tools
+    are spans like any other; tool results (``role: tool``) never are.
     """
-    text = render(tokenizer, messages)
+    text = render(tokenizer, messages, tools=tools)
     spans = []
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = render(tokenizer, messages[:index], add_generation_prompt=True) if index else ""
-        through = text if index == len(messages) - 1 else render(tokenizer, messages[: index + 1])
+        before = render(tokenizer, messages[:index], add_generation_prompt=True, tools=tools) if index else ""
+        through = text if index == len(messages) - 1 else render(tokenizer, messages[: index + 1], tools=tools)
         if not text.startswith(before) or not text.startswith(through) or len(before) > len(through):
             raise ValueError(
                 "the chat template renders this conversation differently from its own prefixes, so the response "

@@ -3,7 +3,8 @@
 Chat records are rendered with the chat template; masking works on characters, not on guessed
 token boundaries: a token is trained when its characters overlap an assistant turn's span (see
 ``templates.assistant_spans``), so every assistant turn and its end-of-turn token are in the loss.
-Text records train on every token and end with EOS. Classification records keep one class id.
+Tool-calling chats are rendered with their schemas (``tools=``); the assistant's calls are trained,
+the tool results are context. Text records train on every token and end with EOS. Classification records keep one class id.
 Examples are stored column-wise (``TokenizedExamples``) so large datasets stay compact and cache fast.
 """
 
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from ftune.data.formats import Record
-from ftune.data.templates import assistant_spans, check_chat_template, render
+from ftune.data.templates import assistant_spans, check_chat_template, check_tool_template, render
+from ftune.data.tools import has_tool_turns
 from ftune.errors import FtuneError
 
 IGNORE_INDEX = -100
@@ -91,11 +93,16 @@ def encode_chat(tokenizer, records: list[Record], *, train_on_prompt: bool, max_
     from jinja2 import TemplateError, TemplateSyntaxError
 
     check_chat_template(tokenizer)
+    if any(record.tools or has_tool_turns(record.value) for record in records):
+        check_tool_template(tokenizer)
     results: list[Encoded | None] = [None] * len(records)
     texts, spans, slots = [], [], []
     for slot, record in enumerate(records):
         try:
-            text, turns = (render(tokenizer, record.value), None) if train_on_prompt else assistant_spans(tokenizer, record.value)
+            if train_on_prompt:
+                text, turns = render(tokenizer, record.value, tools=record.tools), None
+            else:
+                text, turns = assistant_spans(tokenizer, record.value, record.tools)
         except TemplateSyntaxError as exc:
             raise FtuneError(f"data.chat_template: the chat template does not parse: {exc}") from exc
         except (TemplateError, ValueError, TypeError, KeyError) as exc:

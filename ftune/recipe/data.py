@@ -16,12 +16,17 @@ from ftune.recipe.tasks import CLASSIFICATION
 # converters live in ftune.data.formats, which checks at import that it covers exactly these.
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
     "alpaca": ("instruction", "input", "output", "system"),
-    "sharegpt": ("conversations", "system"),
-    "messages": ("messages",),
+    "sharegpt": ("conversations", "system", "tools"),
+    "messages": ("messages", "tools"),
     "text": ("text",),
     "classification": ("text", "label"),
     "preference": ("prompt", "chosen", "rejected", "system"),
+    "sharegpt_preference": ("conversations", "chosen", "rejected", "system"),
+    "kto": ("prompt", "completion", "label", "system"),
+    "sharegpt_kto": ("conversations", "kto_tag", "system"),
 }
+# Formats whose rows may carry tool schemas and tool turns (a ``tools`` column, or the entry's ``tools:``).
+TOOL_FORMATS = ("sharegpt", "messages")
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -38,6 +43,35 @@ def is_inline_template(value: str) -> bool:
     return "{{" in value or "{%" in value
 
 
+class ToolFunction(Strict):
+    name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_.-]*$", description="Function name the model calls, e.g. get_weather.")
+    description: str = Field("", description="What the function does; the chat template shows it to the model.")
+    parameters: dict = Field(
+        default_factory=lambda: {"type": "object", "properties": {}},
+        description="JSON schema of the arguments object: {type: object, properties: {...}, required: [...]}.",
+    )
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict) -> dict:
+        if value.get("type", "object") != "object" or not isinstance(value.get("properties", {}), dict):
+            raise ValueError("must be a JSON schema of an object: {type: object, properties: {name: {type: ...}}}")
+        return value
+
+
+class ToolSchema(Strict):
+    type: Literal["function"] = Field("function", description="Tool kind; only function tools exist in chat templates.")
+    function: ToolFunction = Field(description="The function: name, description and parameters schema.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_function(cls, value: object) -> object:
+        """Accept a bare {name, description, parameters} function as LLaMA-Factory and OpenAI's older API write it."""
+        if isinstance(value, dict) and "function" not in value and "type" not in value:
+            return {"type": "function", "function": value}
+        return value
+
+
 class DatasetSource(Strict):
     path: str | None = Field(None, description="Local .jsonl, .json, .csv or .parquet file, or a directory of them.")
     hub: str | None = Field(None, description="Hub dataset id (org/name), read with datasets.load_dataset; needs network.")
@@ -46,9 +80,18 @@ class DatasetSource(Strict):
     revision: str | None = Field(None, description="Hub dataset revision (branch, tag or commit).")
     format: Literal[("auto", *FORMAT_FIELDS)] = Field(
         "auto",
-        description="Row format: alpaca (instruction/input/output), sharegpt (conversations from/value), messages "
-        "(role/content list), text (raw text, every token trained), classification (text/label), preference "
-        "(prompt/chosen/rejected); auto detects it from the columns.",
+        description="Row format: alpaca (instruction/input/output), sharegpt (conversations from/value, with "
+        "function_call/observation turns and a tools column), messages (role/content list, with tool_calls and role "
+        "tool), text (raw text, every token trained), classification (text/label), preference (chosen/rejected with "
+        "a prompt string or messages, or message lists), sharegpt_preference (conversations + chosen/rejected "
+        "messages), kto and sharegpt_kto (one completion + boolean label/kto_tag; recognised, not trainable); auto "
+        "detects it from the columns.",
+    )
+    tools: list[ToolSchema] | None = Field(
+        None,
+        description="Tool schemas offered in every conversation of this entry, each {name, description, parameters: "
+        "JSON schema} or {type: function, function: {...}}; rows with their own tools column keep theirs; formats "
+        "sharegpt and messages only.",
     )
     columns: dict[str, str] = Field(
         default_factory=dict, description="Map a format field to this dataset's column, e.g. {instruction: question, output: answer}."
@@ -95,6 +138,13 @@ class DatasetSource(Strict):
             raise ValueError(f"{', '.join(hub_only)} only apply to hub datasets; remove them or use hub: instead of path:")
         if self.weight is not None and self.samples is not None:
             raise ValueError("weight and samples both set; pick one (weight scales the dataset, samples fixes its row count)")
+        if self.tools is not None:
+            if self.format not in ("auto", *TOOL_FORMATS):
+                raise ValueError(f"tools only apply to formats {', '.join(TOOL_FORMATS)} (tool-calling chats); remove tools or change format")
+            names = [tool.function.name for tool in self.tools]
+            duplicate = next((name for name in names if names.count(name) > 1), None)
+            if duplicate:
+                raise ValueError(f"tools: function '{duplicate}' is listed twice; keep one schema per name")
         return self
 
 
@@ -125,7 +175,7 @@ class DataConfig(Strict):
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens; default trains on responses only.")
     chat_template: str | None = Field(
         None,
-        description="Chat template: a built-in name (chatml, llama3, alpaca), a .jinja file, or inline Jinja; "
+        description="Chat template: a built-in name (chatml, chatml-tools for tool calling, llama3, alpaca), a .jinja file, or inline Jinja; "
         "default = the tokenizer's own.",
     )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation that has none.")

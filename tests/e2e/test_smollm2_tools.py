@@ -1,0 +1,44 @@
+"""Tool calling on real SmolLM2-135M weights: the shipped LoRA tools recipe teaches the model to call the
+example functions. On held-out prompts with unseen phrasings and argument values the tuned model makes a
+valid, exactly matching call (name and arguments as parsed JSON) at least 70% of the time; the base
+model, given the same tools prompt, manages under 10%."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ftune.cli import app
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+
+
+def cpu_has_bf16() -> bool:
+    import torch
+
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def invoke(*args):
+    result = runner.invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def test_tuned_smollm2_calls_tools_the_base_does_not(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipe names its data relative to the repository
+    run = tmp_path / "run"
+    precision = [] if cpu_has_bf16() else ["--set", 'training.mixed_precision="no"']  # bf16 autocast is ~50x slower without it
+    invoke("train", "recipes/smollm2-135m/lora-tools.yaml", *precision, "--set", f'output_dir="{run}"')
+    invoke("eval", run, "--base")
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["tuned"]["tool_call_samples"] == 48
+    assert metrics["tuned"]["tool_call_exact"] >= 0.7, metrics["tuned"]
+    assert metrics["base"]["tool_call_exact"] < 0.1, metrics["base"]
+    assert metrics["tuned"]["tool_call_valid"] >= metrics["tuned"]["tool_call_exact"]
