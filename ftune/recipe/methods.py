@@ -379,9 +379,9 @@ ADAPTER_PLACEMENTS = ("both", "attention", "feed_forward")
 
 
 class AdapterMethod(MethodBase):
-    """Houlsby bottleneck adapters after the attention and/or feed-forward output of every layer."""
+    """Bottleneck adapters after (Houlsby) or beside (parallel, He et al.) the attention and/or feed-forward block of every layer."""
 
-    summary: ClassVar[str] = "Houlsby bottleneck adapters (down-project, non-linearity, up-project)"
+    summary: ClassVar[str] = "bottleneck adapters (down, non-linearity, up): sequential (Houlsby) or parallel"
     mergeable: ClassVar[bool] = False
     needs: ClassVar[str] = "known layer layout"  # llama, mistral, qwen2/3, gemma, phi3, bert, roberta, distilbert, gpt2
     unmergeable_hint: ClassVar[str] = "the adapter's non-linearity cannot be folded into weights; use the run directory directly, or pick lora"
