@@ -161,3 +161,15 @@ def test_reload_on_another_architecture_is_refused(tmp_path):
                                              num_attention_heads=HEADS, num_key_value_heads=KV_HEADS))
     with pytest.raises(FtuneError, match="trained on a llama model, not mistral"):
         METHODS["unipelt"].load(lambda: other, tmp_path)
+
+
+def test_generation_with_the_key_value_cache_matches_generation_without():
+    """The prefix and LoRA act per query token, so cached decoding (one new token a step) sees the same model."""
+    model = apply_method(tiny(eos_token_id=2, bos_token_id=1), unipelt(), "causal_lm")
+    with torch.no_grad():
+        for param in unipelt_state_dict(model).values():
+            param.normal_(std=0.3)
+    ids, mask = IDS[:2, :6], torch.ones_like(IDS[:2, :6])
+    cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True)
+    uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
