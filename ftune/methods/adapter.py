@@ -125,7 +125,7 @@ class ParallelAdapterLayer(nn.Module):
     def __init__(self, base_layer: nn.Module, hidden: int, bottleneck: int, non_linearity: str, scaling: float) -> None:
         super().__init__()
         self.base_layer = base_layer
-        weight = next(p for p in base_layer.parameters())
+        weight = next(base_layer.parameters())
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         self.adapter = BottleneckDelta(hidden, bottleneck, non_linearity, device=weight.device, dtype=dtype)
         self.scaling = float(scaling)

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from ftune.methods.adapter import (
+    SUBLAYER_BLOCKS,
     BottleneckAdapterLayer,
     ParallelAdapterLayer,
     adapter_state_dict,
@@ -295,3 +296,20 @@ def test_parallel_adapters_refuse_post_norm_encoders_and_list_what_works() -> No
 def test_scaling_belongs_to_parallel_adapters() -> None:
     with pytest.raises(ValueError, match="set style: parallel"):
         apply_bottleneck_adapters(tiny_llama(), scaling=4.0)
+
+
+@pytest.mark.parametrize("model_type", sorted(SUBLAYER_BLOCKS))
+def test_parallel_adapters_attach_to_every_listed_family_as_the_identity(model_type: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": 4} if model_type == "gpt2" else {
+        "hidden_size": HIDDEN, "intermediate_size": 128, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": HIDDEN // 4}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=VOCAB, pad_token_id=0, **sizes)).eval()
+    expected = logits(model, "llama")
+    wrapped = apply_bottleneck_adapters(model, reduction_factor=8, style="parallel", scaling=4.0)
+    assert len(wrapped) == 2 * LAYERS
+    assert torch.equal(logits(model, "llama"), expected)
+    losses = train(model, "llama", steps=4)
+    assert losses[-1] < losses[0]

@@ -11,7 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from ftune.errors import FtuneError
 from ftune.methods import METHODS, apply_method, count_parameters
-from ftune.methods.unipelt import GatedAdapterMLP, GatedLoraLinear, GatedPrefixAttention, unipelt_state_dict
+from ftune.methods.unipelt import FAMILIES, GatedAdapterMLP, GatedLoraLinear, GatedPrefixAttention, unipelt_state_dict
 from ftune.recipe.methods import method_class
 
 HIDDEN, HEADS, KV_HEADS, LAYERS, VOCAB = 64, 4, 2, 2, 128
@@ -173,3 +173,29 @@ def test_generation_with_the_key_value_cache_matches_generation_without():
     cached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=True)
     uncached = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False)
     assert torch.equal(cached, uncached)
+
+
+def family_model(model_type: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=LAYERS,
+                                  num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HIDDEN // HEADS, pad_token_id=0)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_every_listed_family_starts_as_its_base_and_trains(model_type):
+    expected = logits(family_model(model_type), IDS)
+    model = apply_method(family_model(model_type), unipelt(), "causal_lm")
+    torch.testing.assert_close(logits(model, IDS), expected, rtol=0, atol=1e-6)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
