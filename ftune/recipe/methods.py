@@ -388,7 +388,7 @@ class AdapterMethod(MethodBase):
 
     name: Literal["adapter"]
     reduction_factor: int = Field(16, gt=0, description="Hidden size / bottleneck width; 16 = ~1/8 of a layer's parameters per adapter pair.")
-    placement: Literal["both", "attention", "feed_forward"] = Field("both", description="Sublayers followed by an adapter.")
+    placement: Literal["both", "attention", "feed_forward"] = Field("both", description="Sublayers that get an adapter (after them; beside them with style: parallel).")
     non_linearity: Literal["relu", "gelu", "silu"] = Field("gelu", description="Activation inside the bottleneck.")
     style: Literal["sequential", "parallel"] = Field(
         "sequential",

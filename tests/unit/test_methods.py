@@ -346,10 +346,24 @@ def test_quantized_base_matrix_is_enforced(alpaca_files, tmp_path, name, bits):
         ({"name": "freeze", "trainable_layers": 0}, {}, "method.trainable_layers"),
         ({"name": "freeze", "trainable_layers": []}, {}, "must list at least one layer index"),
         ({"name": "loha", "target_modules": []}, {}, "method.target_modules"),
+        ({"name": "adapter", "scaling": 4.0}, {}, "scaling only applies with style: parallel"),
+        ({"name": "mam", "encoder_hidden_size": 64}, {}, "encoder_hidden_size only applies with prefix_projection: true"),
+        ({"name": "mam"}, {"training": {"gradient_checkpointing": True}}, "method 'mam' does not work with gradient checkpointing"),
+        ({"name": "unipelt", "lora": {"rank": 4}}, {}, "method.lora.rank: unknown key 'rank'; valid keys: r, alpha"),
     ],
 )
 def test_impossible_combinations_are_refused_by_validate(alpaca_files, tmp_path, method_section, sections, expected):
     assert expected in problems_of(alpaca_files, tmp_path, method_section, **sections)
+
+
+@pytest.mark.parametrize("method_section", [
+    {"name": "adapter", "style": "parallel"}, {"name": "mam"}, {"name": "unipelt"}, {"name": "unipelt", "gates": False},
+])
+def test_prefixes_and_adapters_refuse_to_merge_and_say_why(alpaca_files, tmp_path, method_section):
+    from ftune.merge import check_mergeable
+
+    with pytest.raises(FtuneError, match=r"cannot be merged into the base weights: .*(cannot be folded|non-linearity).*pick lora"):
+        check_mergeable(validate(alpaca_files, tmp_path, method_section))
 
 
 def test_capability_matrix_lists_every_method():
