@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ftune.methods import adapter, freeze, full, lora, prompt
+from ftune.methods import adapter, freeze, full, lora, mam, prompt, unipelt
 from ftune.methods.peft_family import boft_config, ia3_config, load_peft, loha_config, lokr_config, oft_config, peft_apply, save_peft, vera_config
 
 ApplyFn = Callable[[Any, Any, str], Any]  # (base model, method config, task) -> trainable model
@@ -44,6 +44,8 @@ METHODS: dict[str, MethodImpl] = {
     "ptuning": MethodImpl(peft_apply(prompt.ptuning_config), save_peft, load_peft),
     "ptuning_v2": MethodImpl(prompt.apply_prefix_method(prompt.ptuning_v2_config), save_peft, prompt.load_prefix),
     "adapter": MethodImpl(adapter.apply_adapter, adapter.save_adapter, adapter.load_adapter),
+    "mam": MethodImpl(mam.apply_mam, mam.save_mam, mam.load_mam),
+    "unipelt": MethodImpl(unipelt.apply_unipelt, unipelt.save_unipelt, unipelt.load_unipelt),
 }
 
 

@@ -1,9 +1,12 @@
-"""Houlsby bottleneck adapters (Houlsby et al., 2019), implemented natively.
+"""Bottleneck adapters, implemented natively: sequential (Houlsby et al., 2019) or parallel (He et al., 2022).
 
-Each adapter is a residual bottleneck ``h + up(act(down(h)))`` placed right after
+A sequential adapter is a residual bottleneck ``h + up(act(down(h)))`` placed right after
 the attention output projection and/or the feed-forward output projection of every
-transformer layer, i.e. before the layer's own residual add. The up-projection starts
-at zero, so a freshly adapted model computes exactly what the base model computes.
+transformer layer, i.e. before the layer's own residual add. A parallel adapter wraps the whole
+attention and/or feed-forward block instead: its bottleneck reads the block's *input* ``x`` and
+``scaling * up(act(down(x)))`` is added to the block's output, so the adapter and the block see the
+same hidden state side by side. Either way the up-projection starts at zero, so a freshly adapted
+model computes exactly what the base model computes.
 ``apply_adapter``/``save_adapter``/``load_adapter`` at the end are the ``method: adapter`` steps.
 """
 
@@ -39,6 +42,19 @@ SUBLAYER_OUTPUTS: dict[str, dict[str, str]] = {
     "gpt2": {"attention": "attn.c_proj", "feed_forward": "mlp.c_proj"},
 }
 
+# The blocks a parallel adapter sits beside: their first input is the hidden state the block reads,
+# and their (first) output is what the block adds to the residual stream. Post-norm encoders (BERT)
+# normalise inside the attention/output modules, so there is no such block to wrap there.
+SUBLAYER_BLOCKS: dict[str, dict[str, str]] = {
+    **{
+        model_type: {"attention": "self_attn", "feed_forward": "mlp"}
+        for model_type in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "phi3")
+    },
+    "gpt2": {"attention": "attn", "feed_forward": "mlp"},
+}
+
+STYLES = ("sequential", "parallel")
+
 PLACEMENTS: dict[str, tuple[str, ...]] = {
     "both": ("attention", "feed_forward"),
     "attention": ("attention",),
@@ -48,8 +64,8 @@ PLACEMENTS: dict[str, tuple[str, ...]] = {
 NON_LINEARITIES: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
-class Bottleneck(nn.Module):
-    """``h + up(act(down(h)))``, with ``up`` zero-initialised so it starts as the identity."""
+class BottleneckDelta(nn.Module):
+    """``up(act(down(h)))``, with ``up`` zero-initialised so it starts as exactly zero."""
 
     def __init__(self, hidden: int, bottleneck: int, non_linearity: str, *, device: torch.device, dtype: torch.dtype) -> None:
         super().__init__()
@@ -63,21 +79,27 @@ class Bottleneck(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         # The adapter may run in float32 beside a low-precision or quantized base.
-        delta = self.up(self.act(self.down(h.to(self.up.weight.dtype))))
-        return h + delta.to(h.dtype)
+        return self.up(self.act(self.down(h.to(self.up.weight.dtype)))).to(h.dtype)
+
+
+class Bottleneck(BottleneckDelta):
+    """``h + up(act(down(h)))``: starts as the identity."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + super().forward(h)
 
 
 class BottleneckAdapterLayer(nn.Module):
     """Holds the original module as ``base_layer`` so state-dict names stay predictable."""
 
-    def __init__(self, base_layer: nn.Module, reduction_factor: int, non_linearity: str) -> None:
+    def __init__(self, base_layer: nn.Module, reduction_factor: int, non_linearity: str, bottleneck: int | None = None) -> None:
         super().__init__()
         self.base_layer = base_layer
         hidden = _output_features(base_layer)
         weight = base_layer.weight
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         self.adapter = Bottleneck(
-            hidden, max(1, hidden // reduction_factor), non_linearity, device=weight.device, dtype=dtype
+            hidden, bottleneck or max(1, hidden // reduction_factor), non_linearity, device=weight.device, dtype=dtype
         )
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -93,6 +115,41 @@ class BottleneckAdapterLayer(nn.Module):
             return getattr(self.base_layer, name)
 
 
+class ParallelAdapterLayer(nn.Module):
+    """A block with a bottleneck beside it: ``block(x) + scaling * up(act(down(x)))``.
+
+    The bottleneck is called as a module (never through a method of it), so a wrapper that peft puts
+    around it to train and save it (``modules_to_save``) is the one that runs.
+    """
+
+    def __init__(self, base_layer: nn.Module, hidden: int, bottleneck: int, non_linearity: str, scaling: float) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        weight = next(base_layer.parameters())
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        self.adapter = BottleneckDelta(hidden, bottleneck, non_linearity, device=weight.device, dtype=dtype)
+        self.scaling = float(scaling)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        # Llama-family decoder layers pass the attention input as hidden_states=, the MLP input positionally.
+        x = args[0] if args else kwargs["hidden_states"]
+        out = self.base_layer(*args, **kwargs)
+        if isinstance(out, tuple):  # attention blocks return (output, attention weights)
+            return (out[0] + self.scaling * self.adapter(x).to(out[0].dtype), *out[1:])
+        return out + self.scaling * self.adapter(x).to(out.dtype)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
+
+ADAPTER_LAYERS = (BottleneckAdapterLayer, ParallelAdapterLayer)
+
+
 def _output_features(module: nn.Module) -> int:
     if hasattr(module, "out_features"):  # nn.Linear and its quantized subclasses
         return int(module.out_features)
@@ -101,16 +158,19 @@ def _output_features(module: nn.Module) -> int:
     raise ValueError(f"cannot infer the output size of {type(module).__name__}")
 
 
-def _sublayers(model: nn.Module, placement: str) -> list[str]:
+def _sublayers(model: nn.Module, placement: str, style: str = "sequential") -> list[str]:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUBLAYER_OUTPUTS:
+    if style not in STYLES:
+        raise ValueError(f"unknown adapter style {style!r}; expected one of {list(STYLES)}")
+    table = SUBLAYER_OUTPUTS if style == "sequential" else SUBLAYER_BLOCKS
+    if model_type not in table:
         raise ValueError(
-            f"bottleneck adapters do not support model_type {model_type!r}; supported architectures: "
-            f"{', '.join(sorted(SUBLAYER_OUTPUTS))}. Use `method: lora` instead."
+            f"{style} bottleneck adapters do not support model_type {model_type!r}; supported architectures: "
+            f"{', '.join(sorted(table))}. Use `method: lora` instead."
         )
     if placement not in PLACEMENTS:
         raise ValueError(f"unknown adapter placement {placement!r}; expected one of {sorted(PLACEMENTS)}")
-    return [SUBLAYER_OUTPUTS[model_type][part] for part in PLACEMENTS[placement]]
+    return [table[model_type][part] for part in PLACEMENTS[placement]]
 
 
 def apply_bottleneck_adapters(
@@ -120,18 +180,26 @@ def apply_bottleneck_adapters(
     placement: str = "both",
     non_linearity: str = "gelu",
     modules_to_save: Sequence[str] = (),
+    style: str = "sequential",
+    scaling: float = 1.0,
+    bottleneck: int | None = None,
 ) -> list[str]:
     """Freeze every base parameter, insert adapters, return the qualified names of the wrapped modules.
 
     ``modules_to_save`` names modules (e.g. a fresh classification head) that train in full and are
-    saved with the adapters.
+    saved with the adapters. ``style: parallel`` wraps whole blocks and scales the bottleneck's output
+    by ``scaling``; ``bottleneck`` (a width) replaces ``hidden // reduction_factor`` when given.
     """
-    suffixes = _sublayers(model, placement)
+    suffixes = _sublayers(model, placement, style)
+    if style == "sequential" and scaling != 1.0:
+        raise ValueError("scaling applies to parallel adapters only; set style: parallel or remove scaling")
+    if bottleneck is not None and (isinstance(bottleneck, bool) or not isinstance(bottleneck, int) or bottleneck < 1):
+        raise ValueError(f"bottleneck must be a positive integer width, got {bottleneck!r}")
     if non_linearity not in NON_LINEARITIES:
         raise ValueError(f"unknown adapter non_linearity {non_linearity!r}; expected one of {sorted(NON_LINEARITIES)}")
     if isinstance(reduction_factor, bool) or not isinstance(reduction_factor, int) or reduction_factor < 1:
         raise ValueError(f"reduction_factor must be a positive integer, got {reduction_factor!r}")
-    if any(isinstance(m, BottleneckAdapterLayer) for m in model.modules()):
+    if any(isinstance(m, ADAPTER_LAYERS) for m in model.modules()):
         raise ValueError("model already has bottleneck adapters")
     module_names = dict(model.named_modules())
     unknown = [name for name in modules_to_save if name not in module_names]
@@ -148,7 +216,13 @@ def apply_bottleneck_adapters(
     for name in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, BottleneckAdapterLayer(getattr(parent, child), reduction_factor, non_linearity))
+        if style == "parallel":
+            hidden = int(model.config.hidden_size)
+            width = bottleneck or max(1, hidden // reduction_factor)
+            layer = ParallelAdapterLayer(getattr(parent, child), hidden, width, non_linearity, scaling)
+        else:
+            layer = BottleneckAdapterLayer(getattr(parent, child), reduction_factor, non_linearity, bottleneck)
+        setattr(parent, child, layer)
     for name in modules_to_save:
         for param in model.get_submodule(name).parameters():
             param.requires_grad_(True)
@@ -159,6 +233,9 @@ def apply_bottleneck_adapters(
         "wrapped_modules": targets,
         "model_type": model.config.model_type,
         **({"modules_to_save": list(modules_to_save)} if modules_to_save else {}),
+        # Written only when they differ from the sequential default, so older artifacts read the same.
+        **({"style": style, "scaling": scaling} if style != "sequential" else {}),
+        **({"bottleneck": bottleneck} if bottleneck is not None else {}),
     }
     return targets
 
@@ -195,6 +272,9 @@ def load_bottleneck_adapters(base_model: nn.Module, directory: pathlib.Path) -> 
         placement=config["placement"],
         non_linearity=config["non_linearity"],
         modules_to_save=config.get("modules_to_save", ()),
+        style=config.get("style", "sequential"),
+        scaling=config.get("scaling", 1.0),
+        bottleneck=config.get("bottleneck"),
     )
     if wrapped != config["wrapped_modules"]:
         raise ValueError("base model layout differs from the one the adapters were saved from")
@@ -217,6 +297,8 @@ def apply_adapter(model: nn.Module, config: Any, task: str) -> nn.Module:
             placement=config.placement,
             non_linearity=config.non_linearity,
             modules_to_save=task_head_names(model, task),
+            style=config.style,
+            scaling=config.scaling,
         )
     except ValueError as exc:
         raise FtuneError(f"method: adapter: {exc}") from exc

@@ -21,7 +21,9 @@ from transformers import (
 )
 
 from ftune.methods.adapter import (
+    SUBLAYER_BLOCKS,
     BottleneckAdapterLayer,
+    ParallelAdapterLayer,
     adapter_state_dict,
     apply_bottleneck_adapters,
     load_bottleneck_adapters,
@@ -235,3 +237,79 @@ def test_quantized_base_gets_float32_adapter() -> None:
     assert out.dtype == torch.bfloat16
     assert torch.equal(out, layer.base_layer(x))
     assert layer.out_features == 16  # attribute reads fall through to the wrapped module
+
+
+# --- parallel adapters (He et al. 2022): beside the block, reading its input ---
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+@pytest.mark.parametrize("placement", ["both", "attention", "feed_forward"])
+def test_parallel_identity_at_init(name: str, placement: str) -> None:
+    model = BUILDERS[name]()
+    expected = logits(model, name)
+    wrapped = apply_bottleneck_adapters(model, reduction_factor=8, placement=placement, style="parallel", scaling=4.0)
+    assert len(wrapped) == LAYERS * (2 if placement == "both" else 1)
+    assert all(isinstance(model.get_submodule(n), ParallelAdapterLayer) for n in wrapped)
+    assert torch.equal(logits(model, name), expected)
+
+
+def test_parallel_adapter_adds_its_scaled_bottleneck_of_the_block_input() -> None:
+    model = tiny_llama()
+    apply_bottleneck_adapters(model, reduction_factor=8, style="parallel", scaling=4.0)
+    torch.manual_seed(3)
+    for name, param in adapter_state_dict(model).items():
+        with torch.no_grad():
+            param.normal_(std=0.1)
+    layer = model.model.layers[0]
+    x = torch.randn(2, 5, HIDDEN)
+    with torch.no_grad():
+        down, up = layer.mlp.adapter.down, layer.mlp.adapter.up
+        expected = layer.mlp.base_layer(x) + 4.0 * up(torch.nn.functional.gelu(down(x)))
+        torch.testing.assert_close(layer.mlp(x), expected, rtol=1e-6, atol=1e-6)
+        # Attention returns (output, weights): the adapter reads hidden_states= and adds to the output only.
+        position = model.model.rotary_emb(x, torch.arange(5)[None])
+        out, weights = layer.self_attn(hidden_states=x, position_embeddings=position, attention_mask=None)
+        plain, _ = layer.self_attn.base_layer(hidden_states=x, position_embeddings=position, attention_mask=None)
+        adapter = layer.self_attn.adapter
+        torch.testing.assert_close(out, plain + 4.0 * adapter.up(torch.nn.functional.gelu(adapter.down(x))), rtol=1e-6, atol=1e-6)
+
+
+def test_parallel_round_trip_records_style_and_scaling(tmp_path: pathlib.Path) -> None:
+    model = tiny_llama()
+    wrapped = apply_bottleneck_adapters(model, reduction_factor=8, style="parallel", scaling=2.0, placement="feed_forward")
+    train(model, "llama", steps=3)
+    model.eval()
+    trained = logits(model, "llama")
+    save_bottleneck_adapters(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["style"] == "parallel" and config["scaling"] == 2.0 and config["wrapped_modules"] == wrapped
+    restored = load_bottleneck_adapters(tiny_llama(), tmp_path)
+    assert isinstance(restored.model.layers[0].mlp, ParallelAdapterLayer)
+    assert torch.equal(logits(restored.eval(), "llama"), trained)
+
+
+def test_parallel_adapters_refuse_post_norm_encoders_and_list_what_works() -> None:
+    with pytest.raises(ValueError, match=r"parallel bottleneck adapters do not support model_type 'bert'.*gpt2.*llama"):
+        apply_bottleneck_adapters(tiny_bert(), style="parallel")
+
+
+def test_scaling_belongs_to_parallel_adapters() -> None:
+    with pytest.raises(ValueError, match="set style: parallel"):
+        apply_bottleneck_adapters(tiny_llama(), scaling=4.0)
+
+
+@pytest.mark.parametrize("model_type", sorted(SUBLAYER_BLOCKS))
+def test_parallel_adapters_attach_to_every_listed_family_as_the_identity(model_type: str) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sizes = {"n_embd": HIDDEN, "n_layer": LAYERS, "n_head": 4} if model_type == "gpt2" else {
+        "hidden_size": HIDDEN, "intermediate_size": 128, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": HIDDEN // 4}
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, vocab_size=VOCAB, pad_token_id=0, **sizes)).eval()
+    expected = logits(model, "llama")
+    wrapped = apply_bottleneck_adapters(model, reduction_factor=8, style="parallel", scaling=4.0)
+    assert len(wrapped) == 2 * LAYERS
+    assert torch.equal(logits(model, "llama"), expected)
+    losses = train(model, "llama", steps=4)
+    assert losses[-1] < losses[0]

@@ -18,6 +18,8 @@ from ftune.recipe.methods import METHOD_CLASSES, method_class, method_names
 
 NUM_LABELS = 3
 HEAD = r"modules_to_save|^score\.|^classifier\."  # a classification head, inside or outside a peft wrapper
+MAM = r"prompt_encoder|\.adapter\.modules_to_save\."  # peft's prefixes and the parallel adapters peft saves
+UNIPELT = r"\.(lora_A|lora_B|gate|adapter)\.|\.prefix_(keys|values)$"
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +118,13 @@ CASES = [
     ("ptuning-lstm", "llama", "causal_lm", None, method("ptuning", num_virtual_tokens=4, encoder="lstm", encoder_hidden_size=32), r"prompt_encoder"),
     ("ptuning_v2", "llama", "causal_lm", None, method("ptuning_v2", num_virtual_tokens=4), r"prompt_encoder"),
     ("adapter", "llama", "causal_lm", None, method("adapter", reduction_factor=4), r"\.adapter\."),
+    ("adapter-parallel", "llama", "causal_lm", None, method("adapter", reduction_factor=4, style="parallel", scaling=4.0), r"\.adapter\."),
+    ("adapter-parallel-ffn", "llama", "causal_lm", None, method("adapter", reduction_factor=4, style="parallel", placement="feed_forward"), r"mlp\.adapter\."),
+    ("mam", "llama", "causal_lm", None, method("mam", num_virtual_tokens=4, bottleneck=16), MAM),
+    ("mam-projection", "llama", "causal_lm", None, method("mam", num_virtual_tokens=4, bottleneck=16, prefix_projection=True, encoder_hidden_size=32), MAM),
+    ("unipelt", "llama", "causal_lm", None, method("unipelt", lora={"r": 4}, prefix={"num_virtual_tokens": 4}, adapter={"bottleneck": 16}), UNIPELT),
+    ("unipelt-no-gates", "llama", "causal_lm", None, method("unipelt", lora={"r": 4}, adapter={"bottleneck": 16}, gates=False), UNIPELT),
+    ("unipelt-bias", "llama-bias", "causal_lm", None, method("unipelt", lora={"r": 4}, adapter={"bottleneck": 16}), UNIPELT),
     # Quantized bases: every method that can train on them (loha/lokr: 8-bit only).
     ("lora-4bit", "llama", "causal_lm", 4, method("lora", r=4, dropout=0.0), r"lora_"),
     ("dora-4bit", "llama", "causal_lm", 4, method("lora", r=4, dropout=0.0, use_dora=True), r"lora_"),
@@ -125,6 +134,11 @@ CASES = [
     ("vera-4bit", "llama", "causal_lm", 4, method("vera", r=16), r"vera_lambda"),
     ("prompt-4bit", "llama", "causal_lm", 4, method("prompt", num_virtual_tokens=4), r"prompt_encoder"),
     ("adapter-4bit", "llama", "causal_lm", 4, method("adapter", reduction_factor=4), r"\.adapter\."),
+    ("adapter-parallel-4bit", "llama", "causal_lm", 4, method("adapter", reduction_factor=4, style="parallel"), r"\.adapter\."),
+    ("mam-4bit", "llama", "causal_lm", 4, method("mam", num_virtual_tokens=4, bottleneck=16), MAM),
+    ("unipelt-4bit", "llama", "causal_lm", 4, method("unipelt", lora={"r": 4}, adapter={"bottleneck": 16}), UNIPELT),
+    ("mam-8bit", "llama", "causal_lm", 8, method("mam", num_virtual_tokens=4, bottleneck=16), MAM),
+    ("unipelt-8bit", "llama", "causal_lm", 8, method("unipelt", lora={"r": 4}, adapter={"bottleneck": 16}), UNIPELT),
     ("loha-8bit", "llama", "causal_lm", 8, method("loha", r=4), r"hada_"),
     ("lokr-8bit", "llama", "causal_lm", 8, method("lokr", r=4), r"lokr_"),
     # Classification: the fresh head trains with every method and travels with the artifact.
@@ -132,6 +146,9 @@ CASES = [
     ("cls-llama-freeze", "llama", "classification", None, method("freeze", trainable_layers=1), rf"layers\.1\.|{HEAD}"),
     ("cls-llama-adapter", "llama", "classification", None, method("adapter", reduction_factor=4), rf"\.adapter\.|{HEAD}"),
     ("cls-llama-prefix", "llama", "classification", None, method("prefix", num_virtual_tokens=4), rf"prompt_encoder|{HEAD}"),
+    ("cls-llama-adapter-parallel", "llama", "classification", None, method("adapter", reduction_factor=4, style="parallel"), rf"\.adapter\.|{HEAD}"),
+    ("cls-llama-mam", "llama", "classification", None, method("mam", num_virtual_tokens=4, bottleneck=16), rf"{MAM}|{HEAD}"),
+    ("cls-llama-unipelt", "llama", "classification", None, method("unipelt", lora={"r": 4}, adapter={"bottleneck": 16}), rf"{UNIPELT}|{HEAD}"),
     ("cls-bert-full", "bert", "classification", None, method("full"), r"."),
     ("cls-bert-bitfit", "bert", "classification", None, method("bitfit"), rf"\.bias$|{HEAD}"),
     ("cls-bert-adalora", "bert", "classification", None, method("adalora", init_r=6, target_r=2, dropout=0.0, tfinal=1), rf"lora_|{HEAD}"),
@@ -330,10 +347,24 @@ def test_quantized_base_matrix_is_enforced(alpaca_files, tmp_path, name, bits):
         ({"name": "freeze", "trainable_layers": 0}, {}, "method.trainable_layers"),
         ({"name": "freeze", "trainable_layers": []}, {}, "must list at least one layer index"),
         ({"name": "loha", "target_modules": []}, {}, "method.target_modules"),
+        ({"name": "adapter", "scaling": 4.0}, {}, "scaling only applies with style: parallel"),
+        ({"name": "mam", "encoder_hidden_size": 64}, {}, "encoder_hidden_size only applies with prefix_projection: true"),
+        ({"name": "mam"}, {"training": {"gradient_checkpointing": True}}, "method 'mam' does not work with gradient checkpointing"),
+        ({"name": "unipelt", "lora": {"rank": 4}}, {}, "method.lora.rank: unknown key 'rank'; valid keys: r, alpha"),
     ],
 )
 def test_impossible_combinations_are_refused_by_validate(alpaca_files, tmp_path, method_section, sections, expected):
     assert expected in problems_of(alpaca_files, tmp_path, method_section, **sections)
+
+
+@pytest.mark.parametrize("method_section", [
+    {"name": "adapter", "style": "parallel"}, {"name": "mam"}, {"name": "unipelt"}, {"name": "unipelt", "gates": False},
+])
+def test_prefixes_and_adapters_refuse_to_merge_and_say_why(alpaca_files, tmp_path, method_section):
+    from ftune.merge import check_mergeable
+
+    with pytest.raises(FtuneError, match=r"cannot be merged into the base weights: .*(cannot be folded|non-linearity).*pick lora"):
+        check_mergeable(validate(alpaca_files, tmp_path, method_section))
 
 
 def test_capability_matrix_lists_every_method():
