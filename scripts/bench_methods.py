@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import tempfile
 import time
-from types import SimpleNamespace
+from pathlib import Path
 
 # (row label, method section, quantization bits): each method with the knobs its row reports.
 CASES = [
@@ -71,7 +72,9 @@ def prepare(base, section: dict):
         model = apply_method(base, config, "causal_lm")
     except FtuneError as exc:
         return None, [], str(exc).removeprefix("method: ").split(";")[0].split(" (")[0]
-    return model, method_callbacks(model, config, SimpleNamespace(root=None)), None
+    from ftune.run_dir import RunDir
+
+    return model, method_callbacks(model, config, RunDir(Path(tempfile.mkdtemp(prefix="ftune-bench-")))), None
 
 
 def share(model) -> float:

@@ -51,7 +51,8 @@ def test_train_resume_eval_generate_and_merge_refusal(case, make_recipe, tmp_pat
     metrics = json.loads((resumed.root / "eval" / "metrics.json").read_text())
     assert metrics["tuned"]["samples"] == 4 and metrics["tuned"]["loss"] < metrics["base"]["loss"]
 
-    from ftune.inference import generate_replies, load_model
+    from ftune.generation import generate_replies
+    from ftune.tuned import load_model
 
     model, tokenizer = load_model(resumed, load_recipe(resumed.recipe))
     expected = generate_replies(model, tokenizer, [[{"role": "user", "content": "moon"}]], max_new_tokens=3, batch_size=1)[0]
