@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 # (row label, method section, quantization bits): each method with the knobs its row reports.
 CASES = [
