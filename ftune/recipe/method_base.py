@@ -1,0 +1,46 @@
+"""What every method section shares: strict sections, the capability class variables, target-module lists."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+from ftune.recipe.tasks import ALL_TASKS
+
+BOTH_BITS = (4, 8)
+COMPLETE_WEIGHTS_HINT = "the run already writes complete weights; export RUN/model directly (ftune export)"
+PROMPT_HINT = "virtual tokens are inputs, not weights; use the run directory directly (ftune eval/generate read it), or pick lora"
+
+
+class Strict(BaseModel):
+    """Base of every recipe section: unknown keys are errors and sections are immutable once validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MethodBase(Strict):
+    """Capabilities every method declares; read by the validator and by ``ftune methods``."""
+
+    summary: ClassVar[str] = ""
+    tasks: ClassVar[frozenset[str]] = ALL_TASKS
+    quantized_base: ClassVar[tuple[int, ...]] = BOTH_BITS  # bit widths (bitsandbytes) the method trains on; () = none
+    quantized_note: ClassVar[str] = "quantized weights have no gradients"  # why a bit width is missing
+    mergeable: ClassVar[bool] = True
+    gradient_checkpointing: ClassVar[bool] = True
+    needs: ClassVar[str] = ""  # model property the method relies on (short), checked after the model loads
+    unmergeable_hint: ClassVar[str] = "use the adapter run directory directly (ftune eval/generate read it)"
+
+    def recipe_problems(self, recipe: Any) -> list[str]:
+        """Conflicts between this method's settings and the rest of the recipe, each a one-line fix."""
+        return []
+
+
+def _non_empty_targets(value: list[str] | str) -> list[str] | str:
+    if isinstance(value, list) and not value:
+        raise ValueError("must name at least one module, or be 'all-linear'")
+    return value
+
+
+TargetModules = Annotated[list[str] | Literal["all-linear"], AfterValidator(_non_empty_targets)]
+TARGETS_HELP = "Module names to adapt (e.g. [q_proj, v_proj]) or 'all-linear' for every linear layer but the output head."
