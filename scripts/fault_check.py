@@ -122,7 +122,8 @@ def run_until_complete(recipe: Path, output_dir: Path, overrides: list[str], rng
     while True:
         process = subprocess.Popen(train_command(recipe, output_dir, overrides, resume=resume), cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        kill_at = rng.uniform(0.5, horizon) if kills < max_kills and (kills == 0 or rng.random() < 0.5) else None
+        # Within the first 80% of an uninterrupted run's time, so a kill lands before the run can finish.
+        kill_at = rng.uniform(0.5, 0.8 * horizon) if kills < max_kills and (kills == 0 or rng.random() < 0.5) else None
         try:
             process.wait(timeout=kill_at)
         except subprocess.TimeoutExpired:
