@@ -85,10 +85,17 @@ def largest_save_mb(run: RunDir) -> float:
 
 
 def checkpoint_marker():
-    """A Trainer callback that marks each checkpoint complete once the Trainer has written all of it."""
+    """A Trainer callback that marks each checkpoint complete once the Trainer has written all of it, and
+    logs the loss at each checkpoint and at the end (what ``logged_train_loss`` needs)."""
     from transformers import TrainerCallback
 
     class MarkComplete(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            # A log line at every checkpoint and at the last step: the logged windows then cover every
+            # step, and a resumed run's windows start exactly where the checkpoint's ended.
+            if control.should_save or state.global_step >= state.max_steps:
+                control.should_log = True
+
         def on_save(self, args, state, control, **kwargs):
             if state.is_world_process_zero:
                 mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")

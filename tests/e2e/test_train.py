@@ -187,3 +187,12 @@ def test_two_process_torchrun_writes_one_run_directory(make_recipe, tmp_path):
     assert run.is_complete()
     assert json.loads(run.summary.read_text())["steps"] == 4
     assert sorted(p.name for p in run.last_checkpoint().glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
+
+
+def test_summary_train_loss_covers_every_step_whatever_the_logging_interval(make_recipe, tmp_path):
+    every = run_training(load_recipe(make_recipe(training={"max_steps": 7, "logging_steps": 1, "save_steps": 4})), echo=lambda *_: None)
+    per_step = losses(every)
+    sparse = run_training(load_recipe(make_recipe(training={"max_steps": 7, "logging_steps": 5, "save_steps": 4}), ["output_dir=" + str(tmp_path / "sparse")]), echo=lambda *_: None)
+    summary = json.loads(sparse.summary.read_text())
+    assert sorted(losses(sparse)) == [1, 4, 5, 7]  # first step, the checkpoint, the interval, the last step
+    assert summary["train_loss"] == pytest.approx(sum(per_step.values()) / 7, rel=1e-6)
