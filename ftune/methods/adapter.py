@@ -89,7 +89,22 @@ class Bottleneck(BottleneckDelta):
         return h + super().forward(h)
 
 
-class BottleneckAdapterLayer(nn.Module):
+class WrapsBaseLayer(nn.Module):
+    """A module standing in for ``self.base_layer``: attributes it lacks are the wrapped layer's, because
+    model code sometimes reads ``o_proj.weight`` or ``c_proj.nf`` through the wrapper."""
+
+    OWN = ("base_layer",)  # names that must never fall through to the wrapped layer
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in type(self).OWN:
+                raise
+            return getattr(self.base_layer, name)
+
+
+class BottleneckAdapterLayer(WrapsBaseLayer):
     """Holds the original module as ``base_layer`` so state-dict names stay predictable."""
 
     def __init__(self, base_layer: nn.Module, reduction_factor: int, non_linearity: str, bottleneck: int | None = None) -> None:
@@ -105,17 +120,8 @@ class BottleneckAdapterLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.adapter(self.base_layer(x, *args, **kwargs))
 
-    def __getattr__(self, name: str) -> Any:
-        # Model code sometimes reads ``o_proj.weight`` or ``c_proj.nf``; keep that working.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
-
-class ParallelAdapterLayer(nn.Module):
+class ParallelAdapterLayer(WrapsBaseLayer):
     """A block with a bottleneck beside it: ``block(x) + scaling * up(act(down(x)))``.
 
     The bottleneck is called as a module (never through a method of it), so a wrapper that peft puts
@@ -137,14 +143,6 @@ class ParallelAdapterLayer(nn.Module):
         if isinstance(out, tuple):  # attention blocks return (output, attention weights)
             return (out[0] + self.scaling * self.adapter(x).to(out[0].dtype), *out[1:])
         return out + self.scaling * self.adapter(x).to(out.dtype)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
 
 
 ADAPTER_LAYERS = (BottleneckAdapterLayer, ParallelAdapterLayer)

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ftune.errors import FtuneError
-from ftune.methods.adapter import BottleneckDelta
+from ftune.methods.adapter import BottleneckDelta, WrapsBaseLayer
 from ftune.methods.heads import task_head_names
 from ftune.methods.peft_family import prepare_quantized
 
@@ -58,8 +58,10 @@ class Gate(nn.Module):
         return torch.sigmoid(self.proj(h.to(self.proj.weight.dtype))).to(h.dtype)
 
 
-class GatedLoraLinear(nn.Module):
+class GatedLoraLinear(WrapsBaseLayer):
     """``base(x) + gate(x) * B(A(x)) * alpha / r``; v_proj borrows q_proj's gate (one LoRA gate per layer)."""
+
+    OWN = ("base_layer", "gate")
 
     def __init__(self, base_layer: nn.Module, r: int, alpha: float, gate: Gate | None, owns_gate: bool) -> None:
         super().__init__()
@@ -83,17 +85,11 @@ class GatedLoraLinear(nn.Module):
             delta = delta * gate(x).to(delta.dtype)
         return out + delta.to(out.dtype)
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "gate"):
-                raise
-            return getattr(self.base_layer, name)
 
-
-class GatedPrefixAttention(nn.Module):
+class GatedPrefixAttention(WrapsBaseLayer):
     """The attention block plus ``gate(x) * o_proj(softmax(q P_k^T / sqrt(d)) P_v)`` (see the module docstring)."""
+
+    OWN = ("base_layer", "gate")
 
     def __init__(self, base_layer: nn.Module, num_virtual_tokens: int, heads: int, head_dim: int, gate: Gate | None) -> None:
         super().__init__()
@@ -122,17 +118,11 @@ class GatedPrefixAttention(nn.Module):
         attention = attention + delta.to(attention.dtype)
         return (attention, *rest) if rest is not None else attention
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "gate"):
-                raise
-            return getattr(self.base_layer, name)
 
-
-class GatedAdapterMLP(nn.Module):
+class GatedAdapterMLP(WrapsBaseLayer):
     """``h + gate(h) * up(act(down(h)))`` with ``h = mlp(x)``: the sequential adapter after the feed-forward block."""
+
+    OWN = ("base_layer", "gate")
 
     def __init__(self, base_layer: nn.Module, hidden: int, bottleneck: int, non_linearity: str, gate: Gate | None) -> None:
         super().__init__()
@@ -147,14 +137,6 @@ class GatedAdapterMLP(nn.Module):
         if self.gate is not None:
             delta = delta * self.gate(h)
         return h + delta
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base_layer", "gate"):
-                raise
-            return getattr(self.base_layer, name)
 
 
 def _layers(model: nn.Module) -> list[str]:
