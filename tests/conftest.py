@@ -98,3 +98,16 @@ def make_recipe(tmp_path, tiny_llama_dir, alpaca_files):
         return write_recipe(tmp_path / "recipe.yaml", recipe)
 
     return make
+
+
+def invoke_ok(*args):
+    """Run an ftune command in-process; a crash re-raises with its traceback, any other failure shows the output."""
+    from typer.testing import CliRunner
+
+    from ftune.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result

@@ -8,18 +8,9 @@ import shutil
 
 import pytest
 import yaml
-from typer.testing import CliRunner
-
-from ftune.cli import app
+from tests.conftest import invoke_ok as invoke
 from tests.conftest import recipe_dict, write_jsonl, write_recipe
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

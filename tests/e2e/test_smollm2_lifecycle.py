@@ -7,22 +7,12 @@ import json
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from ftune.cli import app
 from tests.conftest import REPO
+from tests.conftest import invoke_ok as invoke
 
 pytestmark = pytest.mark.slow
-runner = CliRunner()
 PROMPTS = 4
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result
 
 
 @pytest.fixture(scope="module")

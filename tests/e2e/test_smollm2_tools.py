@@ -8,27 +8,17 @@ from __future__ import annotations
 import json
 
 import pytest
-from typer.testing import CliRunner
 
-from ftune.cli import app
 from tests.conftest import REPO
+from tests.conftest import invoke_ok as invoke
 
 pytestmark = pytest.mark.slow
-runner = CliRunner()
 
 
 def cpu_has_bf16() -> bool:
     import torch
 
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-
-
-def invoke(*args):
-    result = runner.invoke(app, [str(a) for a in args])
-    if result.exception and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return result
 
 
 def test_tuned_smollm2_calls_tools_the_base_does_not(tmp_path, monkeypatch):
