@@ -67,10 +67,8 @@ def read_pins(path: Path) -> list[Pin]:
 
 
 def load_pyproject(path: Path) -> dict:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
+    import tomllib
+
     return tomllib.loads(path.read_text(encoding="utf-8"))
 
 
@@ -126,7 +124,7 @@ def constraints() -> str:
 
 def uv_compile(uv: str, inputs: list[str], output: Path, extra: list[str]) -> None:
     command = [
-        uv, "pip", "compile", *inputs, "--generate-hashes", "--universal", "--python-version", "3.10",
+        uv, "pip", "compile", *inputs, "--generate-hashes", "--universal", "--python-version", "3.11",
         "--custom-compile-command", "scripts/upgrade-lock.sh", "--quiet", "-o", str(output), *extra,
     ]
     subprocess.run(command, check=True, cwd=ROOT)
