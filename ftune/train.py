@@ -32,6 +32,7 @@ from ftune.methods import apply_method, count_parameters, method_callbacks, save
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.plan import check_fits
 from ftune.recipe import Recipe
+from ftune.recipe.stages import PREFERENCE_STAGES
 from ftune.run_dir import RunDir, atomic_dir, checkpoint_step, prepare_run_dir, run_lock, save_label_names, write_json_atomic, write_jsonl_atomic
 from ftune.runtime import quiet_libraries
 
@@ -124,8 +125,15 @@ class Session:
 
 def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=print, callbacks: tuple = ()) -> Session:
     tokenizer = load_tokenizer(recipe.model)
-    splits = build_datasets(recipe.data, tokenizer, recipe.task)
-    echo(describe_splits(splits))
+    preference = recipe.stage in PREFERENCE_STAGES
+    if preference:
+        from ftune.preference_train import build_dpo_trainer, build_pair_splits, describe_pairs
+
+        splits = build_pair_splits(recipe, tokenizer)
+        echo(describe_pairs(splits))
+    else:
+        splits = build_datasets(recipe.data, tokenizer, recipe.task)
+        echo(describe_splits(splits))
     if is_main_process():
         save_run_data(run, splits)
     seed_everything(recipe.training.seed)  # new heads and adapter weights are drawn from it
@@ -134,7 +142,9 @@ def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=pri
     trainable, total = count_parameters(model)
     echo(f"Method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
     echo(f"attention: {base.config._attn_implementation}")
-    trainer = build_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks)
+    trainer = (build_dpo_trainer if preference else build_trainer)(
+        model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks
+    )
     return Session(trainer, tokenizer, splits, trainable, total)
 
 
@@ -154,14 +164,15 @@ def run_preprocess(recipe: Recipe, *, echo=print):
     return splits
 
 
-def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, precision: Precision):
+def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, precision: Precision, args_class=None, **stage_options):
+    """The Trainer's arguments; a stage passes its own arguments class (a TrainingArguments subclass) and options."""
     import torch
     from transformers import TrainingArguments
 
     train = recipe.training
     cuda = torch.cuda.is_available()
     loader = resolve_loader(cuda=cuda, cpus=cheap_affinity_cpus())
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=train.batch_size,
         per_device_eval_batch_size=train.batch_size,
@@ -194,6 +205,7 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, pre
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=loader.workers,
         dataloader_pin_memory=loader.pin_memory,
+        **stage_options,
     )
 
 
@@ -250,6 +262,8 @@ def build_summary(run: RunDir, eval_metrics: dict, trainer, wall: float, trained
     }
     if "eval_loss" in eval_metrics:
         summary["eval_loss"] = eval_metrics["eval_loss"]
+    if "eval_rewards/accuracies" in eval_metrics:  # dpo stage: share of held-out pairs ranked right
+        summary["eval_preference_accuracy"] = eval_metrics["eval_rewards/accuracies"]
     return summary
 
 

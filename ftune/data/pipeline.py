@@ -96,8 +96,8 @@ def reject_preference(records: Records) -> None:
         found = next((r for r in getattr(records, split) if r.kind == "preference"), None)
         if found is not None:
             raise FtuneError(
-                f"data.{split}.{found.source}.format: preference data needs a preference-tuning method, not supported yet; "
-                "`ftune data preview` checks its rows"
+                f"data.{split}.{found.source}.format: preference rows (chosen/rejected) train with stage: dpo; "
+                "set stage: dpo, or give chat/instruction rows for stage: sft"
             )
 
 

@@ -63,7 +63,7 @@ def preview_preference(records: Records, split: str, count: int, echo: Callable[
         echo(f"chosen: {record.value['chosen']}")
         echo(f"rejected: {record.value['rejected']}")
     echo(f"{split}: {len(chosen):,} valid preference rows (train {len(records.train):,}, eval {len(records.eval):,})")
-    echo("note: preference data needs a preference-tuning method, not supported yet; ftune train will refuse it")
+    echo("note: preference rows train with stage: dpo")
 
 
 def run_preview(recipe, *, count: int = 3, split: str = "train", color: bool = False, echo: Callable[[str], None] = print) -> DataSplits | None:

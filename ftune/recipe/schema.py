@@ -14,6 +14,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 from ftune.recipe.data import DataConfig
 from ftune.recipe.methods import MethodConfig, Strict, method_class
 from ftune.recipe.paths import HUB_ID, checks_paths, existing_path
+from ftune.recipe.stages import SFT, PreferenceConfig, StageName, stage_problems
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION, TaskName
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -126,6 +127,7 @@ class MergeConfig(Strict):
 
 class Recipe(Strict):
     task: TaskName = Field(CAUSAL_LM, description="What the model learns.")
+    stage: StageName = Field(SFT, description="Training stage: sft (responses of chat/instruction data), dpo (preference pairs).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig
@@ -133,6 +135,7 @@ class Recipe(Strict):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
+    preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     output_dir: str = Field(description="Run directory written by ftune train.")
 
     @model_validator(mode="after")
@@ -158,6 +161,13 @@ class Recipe(Strict):
         problem = self.data.task_problem(self.task)
         if problem:
             raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
+    def _stage_fits(self) -> Recipe:
+        problems = stage_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")

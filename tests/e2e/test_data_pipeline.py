@@ -53,7 +53,7 @@ def test_classification_run_writes_label_names(make_recipe, tmp_path, own_cache)
     assert json.loads((tmp_path / "run" / "labels.json").read_text()) == ["neg", "pos"]
 
 
-def test_preference_data_is_previewed_but_not_trained(make_recipe, tmp_path, own_cache):
+def test_preference_data_is_previewed_and_refused_by_stage_sft(make_recipe, tmp_path, own_cache):
     rows = [{"prompt": f"Q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
     recipe = make_recipe(data={"train": str(write_jsonl(tmp_path / "pref.jsonl", rows)), "eval": [], "eval_split": 1})
     preview = runner.invoke(app, ["data", "preview", str(recipe), "-n", "1"])
@@ -61,7 +61,7 @@ def test_preference_data_is_previewed_but_not_trained(make_recipe, tmp_path, own
     assert "chosen: good" in preview.stdout and "train: 3 valid preference rows" in preview.stdout
     result = runner.invoke(app, ["train", str(recipe)])
     assert result.exit_code == 2
-    assert "data.train.0.format: preference data needs a preference-tuning method, not supported yet" in result.stderr
+    assert "data.train.0.format: preference rows (chosen/rejected) train with stage: dpo" in result.stderr
     assert "Traceback" not in result.output
 
 

@@ -85,14 +85,14 @@ def test_recipe_labels_fix_ids_and_unknown_labels_are_row_problems(tmp_path):
     assert sorted(r.value[1] for r in skipped.train + skipped.eval) == [0, 0]  # "pos" and class id 0
 
 
-def test_preference_rows_parse_but_cannot_train(tmp_path):
+def test_preference_rows_parse_but_train_only_with_stage_dpo(tmp_path):
     rows = [{"prompt": "p", "chosen": "good", "rejected": "bad"}]
     [record] = records(tmp_path, rows, eval_row={"prompt": "q", "chosen": "x", "rejected": "y"})
     assert record.kind == "preference" and record.value["prompt"] == [{"role": "user", "content": "p"}]
     from transformers import AutoTokenizer
 
     path = write_jsonl(tmp_path / "pref.jsonl", rows + [{"prompt": "q", "chosen": "x", "rejected": "y"}])
-    with pytest.raises(FtuneError, match="preference data needs a preference-tuning method, not supported yet"):
+    with pytest.raises(FtuneError, match="preference rows \(chosen/rejected\) train with stage: dpo"):
         build_datasets(DataConfig(train=str(path), eval_split=1), AutoTokenizer.from_pretrained(TOKENIZER_DIR))
 
 

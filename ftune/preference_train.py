@@ -1,0 +1,118 @@
+"""The dpo stage's half of ``ftune train``: preference pairs in, TRL's DPOTrainer built over the recipe's method.
+
+``train.build_session`` calls ``build_pair_splits`` and ``build_dpo_trainer`` in place of the SFT data
+and Trainer; everything around them (run directory, checkpoints, metrics, artifacts) is shared.
+The reference model: with an adapter method, the base with the adapter switched off (TRL's own
+"ref" adapter copy is removed, so no second set of weights is held); with full/freeze/bitfit, a
+frozen copy of the base, or log-probs precomputed once when ``preference.precompute_reference``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ftune.errors import FtuneError
+from ftune.preference import check_damage, tokenize_pairs
+from ftune.recipe import Recipe
+from ftune.recipe.stages import COPY_REFERENCE
+
+
+@dataclass
+class PairSplits:
+    train: list[dict]
+    eval: list[dict]
+    heldout: list[dict]  # the eval records as JSON rows (RUN/heldout.jsonl)
+    notes: list[str] = field(default_factory=list)
+    label_names: None = None
+
+
+def build_pair_splits(recipe: Recipe, tokenizer) -> PairSplits:
+    from ftune.data.heldout import heldout_rows
+    from ftune.data.pipeline import load_records
+    from ftune.data.templates import install_chat_template
+
+    install_chat_template(tokenizer, recipe.data)
+    records = load_records(recipe.data, recipe.task)
+    for split in ("train", "eval"):
+        other = next((r for r in getattr(records, split) if r.kind != "preference"), None)
+        if other is not None:
+            raise FtuneError(
+                f"data.{split}.{other.source}: stage: {recipe.stage} trains on preference pairs (prompt/chosen/rejected), "
+                f"but {other.origin} is a {other.kind} row; give preference data or set stage: sft"
+            )
+    pref = recipe.preference
+    notes = list(records.notes)
+    splits = {}
+    for split in ("train", "eval"):
+        chosen = getattr(records, split)
+        pairs = tokenize_pairs(tokenizer, chosen, max_length=recipe.data.max_length, max_prompt_length=pref.max_prompt_length)
+        if chosen:
+            note = check_damage(pairs, len(chosen), pref.max_damaged_share, f"data.{split}")
+            notes += [note] if note else []
+        splits[split] = pairs.rows
+    return PairSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes)
+
+
+def describe_pairs(splits: PairSplits) -> str:
+    tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in splits.train)
+    lines = [f"Data: {len(splits.train):,} train / {len(splits.eval):,} eval preference pairs, {tokens:,} train tokens"]
+    return "\n".join(lines + [f"  {note}" for note in splits.notes])
+
+
+def dpo_trainer_class():
+    from trl import DPOTrainer
+
+    class PairDPOTrainer(DPOTrainer):
+        """DPOTrainer over pairs ftune already rendered and tokenized (TRL would render them a second time)."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            return dataset
+
+    return PairDPOTrainer
+
+
+def drop_reference_adapter(model) -> None:
+    """TRL copies a peft model's adapter as a frozen "ref" adapter; a fresh adapter's reference is the base itself,
+    which peft computes with the adapter switched off, so the copy only costs memory."""
+    if "ref" in getattr(model, "peft_config", {}):
+        model.delete_adapter("ref")
+        model.set_adapter("default")
+
+
+def build_dpo_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run, *, precision, echo=print, callbacks: tuple = (),
+                      ref_model=None):
+    from datasets import Dataset
+    from transformers import PrinterCallback
+
+    from ftune.checkpoints import checkpoint_marker
+    from ftune.methods import method_callbacks
+    from ftune.model import load_base_model
+    from ftune.progress import MetricsCallback
+    from ftune.train import build_training_arguments
+    from trl import DPOConfig
+
+    pref = recipe.preference
+    copy_reference = recipe.method.name in COPY_REFERENCE and not pref.precompute_reference
+    if copy_reference and ref_model is None:
+        ref_model = load_base_model(recipe.model, recipe.quantization, task=recipe.task).eval()
+        ref_model.requires_grad_(False)
+    args = build_training_arguments(
+        recipe, run, has_eval=bool(splits.eval), precision=precision, args_class=DPOConfig,
+        beta=pref.beta, loss_type=[pref.loss_type], max_length=recipe.data.max_length,
+        precompute_ref_log_probs=pref.precompute_reference, padding_free=False,
+    )
+    trainer = dpo_trainer_class()(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=Dataset.from_list(splits.train),
+        eval_dataset=Dataset.from_list(splits.eval) if splits.eval else None,
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(run.metrics, echo=echo), checkpoint_marker(), *method_callbacks(model, recipe.method, run), *callbacks],
+    )
+    drop_reference_adapter(trainer.model)
+    trainer.remove_callback(PrinterCallback)
+    reference = ("precomputed log-probs" if pref.precompute_reference else "a frozen copy of the base") if recipe.method.name in COPY_REFERENCE \
+        else "the base with the adapter switched off"
+    echo(f"DPO: beta {pref.beta}, loss {pref.loss_type}, reference = {reference}")
+    return trainer

@@ -1,0 +1,80 @@
+"""Training stages a recipe can run (``stage:``), the ``preference:`` section, and which combinations make sense.
+
+``sft`` trains on responses (what a recipe did before stages existed); ``dpo`` tunes on preference
+pairs against a frozen reference. The rules here are checked by ``ftune validate``, so a recipe that
+cannot run is refused before anything loads.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from ftune.recipe.methods import Strict
+from ftune.recipe.tasks import CAUSAL_LM
+
+SFT, DPO = "sft", "dpo"
+StageName = Literal["sft", "dpo"]
+PREFERENCE_STAGES = frozenset({DPO})
+# Methods whose reference is the base with the adapter switched off: no second model copy.
+ADAPTER_REFERENCE = frozenset({"lora", "adalora", "ia3", "loha", "lokr", "oft", "boft", "vera"})
+# Methods that change base weights: the reference is a frozen copy of the base, or precomputed log-probs.
+COPY_REFERENCE = frozenset({"full", "freeze", "bitfit"})
+
+
+class PreferenceConfig(Strict):
+    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference (0.1 typical).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="DPO loss: sigmoid (the paper's), ipo, hinge, robust (noisy labels)."
+    )
+    max_prompt_length: int | None = Field(
+        None, gt=0, description="Keep at most this many prompt tokens (the end of the prompt); null = data.max_length decides."
+    )
+    precompute_reference: bool = Field(
+        False,
+        description="Full/freeze/bitfit: compute reference log-probs once before training instead of holding a second model copy.",
+    )
+    max_damaged_share: float = Field(
+        0.05, ge=0, le=1,
+        description="Refuse the run when more than this share of pairs is damaged (chosen == rejected, an empty side, "
+        "or an answer truncation would cut away); damaged pairs are listed with file:line and left out.",
+    )
+
+    @field_validator("precompute_reference", mode="before")
+    @classmethod
+    def _yaml_words(cls, value: object) -> object:
+        return {"yes": True, "on": True, "no": False, "off": False}.get(value, value) if isinstance(value, str) else value
+
+
+def stage_problems(recipe) -> list[str]:
+    """Why the recipe's stage does not fit its other sections (one fix per line), or []."""
+    stage, pref, data, method = recipe.stage, recipe.preference, recipe.data, recipe.method.name
+    changed = sorted(name for name, field in PreferenceConfig.model_fields.items() if getattr(pref, name) != field.default)
+    if stage not in PREFERENCE_STAGES:
+        if changed:
+            return [f"preference.{', preference.'.join(changed)} only apply to stage: dpo (now '{stage}'); set stage: dpo or remove them"]
+        return []
+    problems = []
+    if recipe.task != CAUSAL_LM:
+        problems.append(f"stage: {stage} tunes a causal LM on preference pairs; set task: causal_lm")
+    if method not in ADAPTER_REFERENCE | COPY_REFERENCE:
+        problems.append(
+            f"method '{method}' cannot train stage: {stage} (its reference model cannot be recovered by switching it off); "
+            f"use one of {', '.join(sorted(ADAPTER_REFERENCE | COPY_REFERENCE))}"
+        )
+    if pref.precompute_reference and method in ADAPTER_REFERENCE:
+        problems.append(
+            f"preference.precompute_reference: with method '{method}' the reference is the base with the adapter switched off, "
+            "which costs no memory; remove it"
+        )
+    if data.packing is True:
+        problems.append(f"data.packing: true does not apply to stage: {stage} (pairs are batched chosen beside rejected); remove it")
+    if data.train_on_prompt:
+        problems.append(f"data.train_on_prompt: stage: {stage} scores the responses only; remove it")
+    if pref.max_prompt_length is not None and pref.max_prompt_length >= data.max_length:
+        problems.append(
+            f"preference.max_prompt_length: {pref.max_prompt_length} leaves no room for the answer within data.max_length "
+            f"{data.max_length}; lower it or raise data.max_length"
+        )
+    return problems
