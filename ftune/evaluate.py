@@ -20,6 +20,7 @@ from typing import Callable
 from ftune.data.heldout import load_heldout, split_file, tokenize_heldout
 from ftune.errors import FtuneError
 from ftune.metrics import TEXT_METRICS, TOOL_METRICS, accuracy, confusion_matrix, macro_f1, tool_call_exact, tool_call_valid
+from ftune.recipe.stages import PREFERENCE_STAGES
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 from ftune.run_dir import RunDir, load_run, run_labels, write_json_atomic, write_jsonl_atomic
 
@@ -219,6 +220,8 @@ def run_evaluation(run_dir, *, split: str = "eval", with_base: bool = False, max
     records = records[:limit] if limit else records
     if not records:
         raise FtuneError(f"--split {split}: no examples to score")
+    if recipe.stage in PREFERENCE_STAGES:
+        return evaluate_preference(run, recipe, records, split, with_base=with_base, clock=clock, echo=echo)
     scorer = TASK_SCORERS[recipe.task]
     results = {}
     for label, tuned in (("tuned", True), ("base", False))[: 2 if with_base else 1]:
@@ -230,6 +233,44 @@ def run_evaluation(run_dir, *, split: str = "eval", with_base: bool = False, max
     # Metrics a split cannot have (tool calls on plain chats, text answers when every row ends on a call) are not shown.
     table = tuple(name for name in scorer.table if name in results["tuned"][0])
     return save_report(run, split, results, table=table, wall_time_s=time.perf_counter() - clock)
+
+
+PREFERENCE_TABLE = ("preference_accuracy", "reward_margin", "logprob_accuracy", "chosen_logp", "rejected_logp", "samples")
+# Mean summed log-prob drop (nats per answer) of both sides that signals DPO pushing probability off both answers.
+LOGP_COLLAPSE = 5.0
+
+
+def evaluate_preference(run: RunDir, recipe, records: list, split: str, *, with_base: bool, clock: float, echo=print) -> EvalReport:
+    """Preference runs: the tuned policy's implicit reward against its base on held-out pairs (and the base's own
+    log-prob ranking with ``--base``); warns when chosen and rejected log-probs both fell sharply."""
+    from ftune.preference import completion_logps, preference_metrics, tokenize_pairs
+    from ftune.tuned import load_model
+
+    pairs = [r for r in records if r.kind == "preference"]
+    if not pairs:
+        raise FtuneError(f"--split {split}: no preference pairs (prompt/chosen/rejected) to score a {recipe.stage} run on")
+    scored = {}
+    for label, tuned in (("base", False), ("tuned", True)):
+        model, tokenizer = load_model(run, recipe, tuned=tuned)
+        rows = tokenize_pairs(tokenizer, pairs, max_length=recipe.data.max_length,
+                              max_prompt_length=recipe.preference.max_prompt_length).rows
+        echo(f"Scoring the {label} model on {len(rows)} preference pairs...")
+        scored[label] = completion_logps(model, rows, batch_size=recipe.evaluation.batch_size, max_length=recipe.data.max_length)
+        del model
+    beta = recipe.preference.beta
+    results = {}
+    for label in ("tuned", "base")[: 2 if with_base else 1]:
+        metrics = preference_metrics(scored[label], scored["base"], beta)
+        predictions = [{"prompt": r.value["prompt"][-1]["content"], "chosen": r.value["chosen"], "rejected": r.value["rejected"],
+                        "chosen_logp": c, "rejected_logp": j} for r, (c, j) in zip(pairs, scored[label])]
+        results[label] = (metrics, predictions)
+    base = preference_metrics(scored["base"], scored["base"], beta)
+    tuned = results["tuned"][0]
+    if base["chosen_logp"] - tuned["chosen_logp"] > LOGP_COLLAPSE and base["rejected_logp"] - tuned["rejected_logp"] > LOGP_COLLAPSE:
+        echo(f"warning: both chosen ({base['chosen_logp']:.1f} -> {tuned['chosen_logp']:.1f}) and rejected "
+             f"({base['rejected_logp']:.1f} -> {tuned['rejected_logp']:.1f}) log-probs fell sharply: the policy is moving away from "
+             "both answers (a known DPO failure); lower training.learning_rate or raise preference.beta")
+    return save_report(run, split, results, table=PREFERENCE_TABLE, wall_time_s=time.perf_counter() - clock)
 
 
 def save_report(run: RunDir, split: str, results: dict, *, table: tuple[str, ...], wall_time_s: float = 0.0) -> EvalReport:

@@ -68,4 +68,13 @@ def tokenize_heldout(tokenizer, records: list[Record], data_config, *, train_on_
 
 def parity_inputs(tokenizer, records: list[Record], data_config, count: int) -> list[list[int]]:
     """Token ids of the first ``count`` held-out examples, prompt and reference answer, as training saw them."""
-    return [example["input_ids"] for example in tokenize_heldout(tokenizer, records[:count], data_config, train_on_prompt=True)]
+    chats = [chosen_chat(record) for record in records[:count]]
+    return [example["input_ids"] for example in tokenize_heldout(tokenizer, chats, data_config, train_on_prompt=True)]
+
+
+def chosen_chat(record: Record) -> Record:
+    """A preference pair as the conversation it prefers (what parity checks run on); other records unchanged."""
+    if record.kind != "preference":
+        return record
+    messages = record.value["prompt"] + [{"role": "assistant", "content": record.value["chosen"]}]
+    return Record("chat", messages, record.origin, record.source)
