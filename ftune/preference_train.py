@@ -1,20 +1,22 @@
-"""The dpo stage's half of ``ftune train``: preference pairs in, TRL's DPOTrainer built over the recipe's method.
+"""The preference stages' half of ``ftune train``: pairs in, TRL's DPOTrainer or ORPOTrainer over the recipe's method.
 
-``train.build_session`` calls ``build_pair_splits`` and ``build_dpo_trainer`` in place of the SFT data
+``train.build_session`` calls ``build_pair_splits`` and ``build_preference_trainer`` in place of the SFT data
 and Trainer; everything around them (run directory, checkpoints, metrics, artifacts) is shared.
 The reference model: with an adapter method, the base with the adapter switched off (TRL's own
 "ref" adapter copy is removed, so no second set of weights is held); with full/freeze/bitfit, a
 frozen copy of the base, or log-probs precomputed once when ``preference.precompute_reference``.
+ORPO needs no reference at all.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from ftune.errors import FtuneError
 from ftune.preference import check_damage, tokenize_pairs
 from ftune.recipe import Recipe
-from ftune.recipe.stages import COPY_REFERENCE
+from ftune.recipe.stages import COPY_REFERENCE, ORPO
 
 
 @dataclass
@@ -115,4 +117,58 @@ def build_dpo_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run,
     reference = ("precomputed log-probs" if pref.precompute_reference else "a frozen copy of the base") if recipe.method.name in COPY_REFERENCE \
         else "the base with the adapter switched off"
     echo(f"DPO: beta {pref.beta}, loss {pref.loss_type}, reference = {reference}")
+    return trainer
+
+
+def quiet_experimental() -> None:
+    # ORPO lives in trl.experimental, which warns on every import; the lock pins the TRL version it was tested with.
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def orpo_trainer_class():
+    quiet_experimental()
+    from trl.experimental.orpo import ORPOTrainer
+
+    class PairORPOTrainer(ORPOTrainer):
+        """ORPOTrainer over pairs ftune already rendered and tokenized: rows become its padded-batch fields as they are,
+        so no BOS or EOS is added a second time; answers are cut at the end to fit ``max_length``."""
+
+        def tokenize_row(self, feature, model=None) -> dict:
+            prompt = list(feature["prompt_ids"])
+            batch = {"prompt_input_ids": prompt, "prompt_attention_mask": [1] * len(prompt)}
+            for side in ("chosen", "rejected"):
+                answer = list(feature[f"{side}_ids"])[: max(0, self.max_length - len(prompt))]
+                ids = prompt + answer
+                batch.update({f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
+                              f"{side}_labels": [-100] * len(prompt) + answer})
+            return batch
+
+    return PairORPOTrainer
+
+
+def build_preference_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run, *, precision, echo=print, callbacks: tuple = ()):
+    if recipe.stage != ORPO:
+        return build_dpo_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks)
+    from datasets import Dataset
+    from transformers import PrinterCallback
+
+    from ftune.checkpoints import checkpoint_marker
+    from ftune.methods import method_callbacks
+    from ftune.progress import MetricsCallback
+    from ftune.train import build_training_arguments
+    quiet_experimental()
+    from trl.experimental.orpo import ORPOConfig
+
+    args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, args_class=ORPOConfig,
+                                    beta=recipe.preference.beta, max_length=recipe.data.max_length)
+    trainer = orpo_trainer_class()(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(splits.train),
+        eval_dataset=Dataset.from_list(splits.eval) if splits.eval else None,
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(run.metrics, echo=echo), checkpoint_marker(), *method_callbacks(model, recipe.method, run), *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)
+    echo(f"ORPO: lambda (preference.beta) {recipe.preference.beta}, no reference model")
     return trainer

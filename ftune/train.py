@@ -127,7 +127,7 @@ def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=pri
     tokenizer = load_tokenizer(recipe.model)
     preference = recipe.stage in PREFERENCE_STAGES
     if preference:
-        from ftune.preference_train import build_dpo_trainer, build_pair_splits, describe_pairs
+        from ftune.preference_train import build_pair_splits, build_preference_trainer, describe_pairs
 
         splits = build_pair_splits(recipe, tokenizer)
         echo(describe_pairs(splits))
@@ -142,7 +142,7 @@ def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=pri
     trainable, total = count_parameters(model)
     echo(f"Method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
     echo(f"attention: {base.config._attn_implementation}")
-    trainer = (build_dpo_trainer if preference else build_trainer)(
+    trainer = (build_preference_trainer if preference else build_trainer)(
         model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks
     )
     return Session(trainer, tokenizer, splits, trainable, total)
@@ -262,7 +262,7 @@ def build_summary(run: RunDir, eval_metrics: dict, trainer, wall: float, trained
     }
     if "eval_loss" in eval_metrics:
         summary["eval_loss"] = eval_metrics["eval_loss"]
-    if "eval_rewards/accuracies" in eval_metrics:  # dpo stage: share of held-out pairs ranked right
+    if "eval_rewards/accuracies" in eval_metrics:  # preference stages: share of held-out pairs ranked right
         summary["eval_preference_accuracy"] = eval_metrics["eval_rewards/accuracies"]
     return summary
 

@@ -127,7 +127,7 @@ class MergeConfig(Strict):
 
 class Recipe(Strict):
     task: TaskName = Field(CAUSAL_LM, description="What the model learns.")
-    stage: StageName = Field(SFT, description="Training stage: sft (responses of chat/instruction data), dpo (preference pairs).")
+    stage: StageName = Field(SFT, description="Training stage: sft (responses of chat/instruction data), dpo or orpo (preference pairs).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig

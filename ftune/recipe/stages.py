@@ -1,7 +1,8 @@
 """Training stages a recipe can run (``stage:``), the ``preference:`` section, and which combinations make sense.
 
 ``sft`` trains on responses (what a recipe did before stages existed); ``dpo`` tunes on preference
-pairs against a frozen reference. The rules here are checked by ``ftune validate``, so a recipe that
+pairs against a frozen reference; ``orpo`` tunes on them with no reference (SFT loss on the chosen
+answer plus an odds-ratio penalty on the rejected one). The rules here are checked by ``ftune validate``, so a recipe that
 cannot run is refused before anything loads.
 """
 
@@ -14,9 +15,11 @@ from pydantic import Field, field_validator
 from ftune.recipe.methods import Strict
 from ftune.recipe.tasks import CAUSAL_LM
 
-SFT, DPO = "sft", "dpo"
-StageName = Literal["sft", "dpo"]
-PREFERENCE_STAGES = frozenset({DPO})
+SFT, DPO, ORPO = "sft", "dpo", "orpo"
+StageName = Literal["sft", "dpo", "orpo"]
+PREFERENCE_STAGES = frozenset({DPO, ORPO})
+# preference keys that only mean something where a reference model exists
+REFERENCE_KEYS = ("loss_type", "precompute_reference")
 # Methods whose reference is the base with the adapter switched off: no second model copy.
 ADAPTER_REFERENCE = frozenset({"lora", "adalora", "ia3", "loha", "lokr", "oft", "boft", "vera"})
 # Methods that change base weights: the reference is a frozen copy of the base, or precomputed log-probs.
@@ -24,7 +27,8 @@ COPY_REFERENCE = frozenset({"full", "freeze", "bitfit"})
 
 
 class PreferenceConfig(Strict):
-    beta: float = Field(0.1, gt=0, description="DPO temperature: how far the policy may move from the reference (0.1 typical).")
+    beta: float = Field(0.1, gt=0, description="dpo: temperature, how far the policy may move from the reference (0.1 typical); "
+                        "orpo: weight of the odds-ratio term (lambda).")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
         "sigmoid", description="DPO loss: sigmoid (the paper's), ipo, hinge, robust (noisy labels)."
     )
@@ -53,17 +57,21 @@ def stage_problems(recipe) -> list[str]:
     changed = sorted(name for name, field in PreferenceConfig.model_fields.items() if getattr(pref, name) != field.default)
     if stage not in PREFERENCE_STAGES:
         if changed:
-            return [f"preference.{', preference.'.join(changed)} only apply to stage: dpo (now '{stage}'); set stage: dpo or remove them"]
+            return [f"preference.{', preference.'.join(changed)} only apply to stage: dpo or orpo (now '{stage}'); "
+                    "set stage: dpo or remove them"]
         return []
     problems = []
+    if stage == ORPO:
+        for key in (k for k in REFERENCE_KEYS if k in changed):
+            problems.append(f"preference.{key}: stage: orpo has no reference model; remove it or use stage: dpo")
     if recipe.task != CAUSAL_LM:
         problems.append(f"stage: {stage} tunes a causal LM on preference pairs; set task: causal_lm")
-    if method not in ADAPTER_REFERENCE | COPY_REFERENCE:
+    if stage == DPO and method not in ADAPTER_REFERENCE | COPY_REFERENCE:
         problems.append(
             f"method '{method}' cannot train stage: {stage} (its reference model cannot be recovered by switching it off); "
             f"use one of {', '.join(sorted(ADAPTER_REFERENCE | COPY_REFERENCE))}"
         )
-    if pref.precompute_reference and method in ADAPTER_REFERENCE:
+    if stage == DPO and pref.precompute_reference and method in ADAPTER_REFERENCE:
         problems.append(
             f"preference.precompute_reference: with method '{method}' the reference is the base with the adapter switched off, "
             "which costs no memory; remove it"

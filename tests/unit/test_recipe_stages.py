@@ -33,8 +33,13 @@ def test_stage_defaults_to_sft_and_dpo_takes_the_preference_section(recipe_file)
     assert (recipe.stage, recipe.preference.beta, recipe.preference.precompute_reference) == ("dpo", 0.2, False)
 
 
+def test_orpo_needs_no_reference_so_any_method_fits(recipe_file):
+    assert load_recipe(recipe_file("stage: orpo\n", method="unipelt")).stage == "orpo"
+
+
 @pytest.mark.parametrize("extra, method, expected", [
-    ("preference:\n  beta: 0.2\n", "lora", "preference.beta only apply to stage: dpo (now 'sft')"),
+    ("preference:\n  beta: 0.2\n", "lora", "preference.beta only apply to stage: dpo or orpo (now 'sft')"),
+    ("stage: orpo\npreference:\n  loss_type: ipo\n", "lora", "preference.loss_type: stage: orpo has no reference model"),
     ("stage: dpo\npreference:\n  precompute_reference: true\n", "lora", "the reference is the base with the adapter switched off"),
     ("stage: dpo\n", "unipelt", "method 'unipelt' cannot train stage: dpo"),
     ("stage: dpo\ntask: classification\n", "lora", "set task: causal_lm"),
