@@ -32,7 +32,7 @@ from ftune.methods import apply_method, count_parameters, method_callbacks, save
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.plan import check_fits
 from ftune.recipe import Recipe
-from ftune.recipe.stages import PREFERENCE_STAGES
+from ftune.recipe.stages import PREFERENCE_STAGES, PRETRAIN
 from ftune.run_dir import RunDir, atomic_dir, checkpoint_step, prepare_run_dir, run_lock, save_label_names, write_json_atomic, write_jsonl_atomic
 from ftune.runtime import quiet_libraries
 
@@ -131,6 +131,11 @@ def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=pri
 
         splits = build_pair_splits(recipe, tokenizer)
         echo(describe_pairs(splits))
+    elif recipe.stage == PRETRAIN:
+        from ftune.pretrain import build_block_splits, describe_blocks
+
+        splits = build_block_splits(recipe, tokenizer)
+        echo(describe_blocks(splits))
     else:
         splits = build_datasets(recipe.data, tokenizer, recipe.task)
         echo(describe_splits(splits))
@@ -214,7 +219,12 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, prec
 
     from ftune.progress import MetricsCallback
 
-    batching = build_collator(model, tokenizer, task=recipe.task, packing=recipe.data.packing)
+    if recipe.stage == PRETRAIN:
+        from ftune.pretrain import pretrain_batching
+
+        batching = pretrain_batching(model)
+    else:
+        batching = build_collator(model, tokenizer, task=recipe.task, packing=recipe.data.packing)
     echo(batching.note)
     trainer = Trainer(
         model=model,

@@ -127,7 +127,8 @@ class MergeConfig(Strict):
 
 class Recipe(Strict):
     task: TaskName = Field(CAUSAL_LM, description="What the model learns.")
-    stage: StageName = Field(SFT, description="Training stage: sft (responses of chat/instruction data), dpo or orpo (preference pairs).")
+    stage: StageName = Field(SFT, description="Training stage: pretrain (every token of raw text, packed blocks), sft (responses of chat/instruction data), "
+        "dpo or orpo (preference pairs).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig

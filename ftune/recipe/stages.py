@@ -1,6 +1,6 @@
 """Training stages a recipe can run (``stage:``), the ``preference:`` section, and which combinations make sense.
 
-``sft`` trains on responses (what a recipe did before stages existed); ``dpo`` tunes on preference
+``pretrain`` trains every token of raw text packed into full blocks; ``sft`` trains on responses (what a recipe did before stages existed); ``dpo`` tunes on preference
 pairs against a frozen reference; ``orpo`` tunes on them with no reference (SFT loss on the chosen
 answer plus an odds-ratio penalty on the rejected one). The rules here are checked by ``ftune validate``, so a recipe that
 cannot run is refused before anything loads.
@@ -15,8 +15,8 @@ from pydantic import Field, field_validator
 from ftune.recipe.methods import Strict
 from ftune.recipe.tasks import CAUSAL_LM
 
-SFT, DPO, ORPO = "sft", "dpo", "orpo"
-StageName = Literal["sft", "dpo", "orpo"]
+PRETRAIN, SFT, DPO, ORPO = "pretrain", "sft", "dpo", "orpo"
+StageName = Literal["pretrain", "sft", "dpo", "orpo"]
 PREFERENCE_STAGES = frozenset({DPO, ORPO})
 # preference keys that only mean something where a reference model exists
 REFERENCE_KEYS = ("loss_type", "precompute_reference")
@@ -59,7 +59,7 @@ def stage_problems(recipe) -> list[str]:
         if changed:
             return [f"preference.{', preference.'.join(changed)} only apply to stage: dpo or orpo (now '{stage}'); "
                     "set stage: dpo or remove them"]
-        return []
+        return pretrain_problems(recipe) if stage == PRETRAIN else []
     problems = []
     if stage == ORPO:
         for key in (k for k in REFERENCE_KEYS if k in changed):
@@ -85,4 +85,21 @@ def stage_problems(recipe) -> list[str]:
             f"preference.max_prompt_length: {pref.max_prompt_length} leaves no room for the answer within data.max_length "
             f"{data.max_length}; lower it or raise data.max_length"
         )
+    return problems
+
+
+def pretrain_problems(recipe) -> list[str]:
+    data, problems = recipe.data, []
+    if recipe.task != CAUSAL_LM:
+        problems.append("stage: pretrain trains a causal LM on raw text; set task: causal_lm")
+    for split in ("train", "eval"):
+        for index, source in enumerate(getattr(data, split)):
+            if source.format not in ("auto", "text"):
+                problems.append(f"data.{split}.{index}.format: stage: pretrain trains on raw text; use format: text, or stage: sft")
+    if data.packing is False:
+        problems.append("data.packing: false does not apply to stage: pretrain (it always packs full blocks); remove it")
+    if data.train_on_prompt:
+        problems.append("data.train_on_prompt: stage: pretrain trains every token already; remove it")
+    if data.truncation == "drop":
+        problems.append("data.truncation: drop does not apply to stage: pretrain (long documents continue in the next block); remove it")
     return problems

@@ -48,3 +48,12 @@ def test_orpo_needs_no_reference_so_any_method_fits(recipe_file):
 ])
 def test_stage_mismatches_are_refused_with_the_fix(recipe_file, extra, method, expected):
     assert expected in problems(recipe_file(extra, method))
+
+
+def test_pretrain_refuses_knobs_that_fight_packed_raw_text(tmp_path):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"text": "a b c"}\n')
+    path = tmp_path / "p.yaml"
+    path.write_text(f"stage: pretrain\ndata:\n  train: {docs}\n  packing: false\n  truncation: drop\nmethod:\n  name: lora\noutput_dir: out\n")
+    found = problems(path)
+    assert "data.packing: false does not apply to stage: pretrain" in found and "data.truncation: drop" in found
