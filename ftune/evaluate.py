@@ -20,7 +20,7 @@ from typing import Callable
 from ftune.data.heldout import load_heldout, split_file, tokenize_heldout
 from ftune.errors import FtuneError
 from ftune.metrics import TEXT_METRICS, TOOL_METRICS, accuracy, confusion_matrix, macro_f1, tool_call_exact, tool_call_valid
-from ftune.recipe.stages import PREFERENCE_STAGES
+from ftune.recipe.stages import PREFERENCE_STAGES, REWARD
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 from ftune.run_dir import RunDir, load_run, run_labels, write_json_atomic, write_jsonl_atomic
 
@@ -249,6 +249,8 @@ def evaluate_preference(run: RunDir, recipe, records: list, split: str, *, with_
     pairs = [r for r in records if r.kind == "preference"]
     if not pairs:
         raise FtuneError(f"--split {split}: no preference pairs (prompt/chosen/rejected) to score a {recipe.stage} run on")
+    if recipe.stage == REWARD:
+        return evaluate_reward(run, recipe, pairs, split, with_base=with_base, clock=clock, echo=echo)
     scored = {}
     for label, tuned in (("base", False), ("tuned", True)):
         model, tokenizer = load_model(run, recipe, tuned=tuned)
@@ -271,6 +273,25 @@ def evaluate_preference(run: RunDir, recipe, records: list, split: str, *, with_
              f"({base['rejected_logp']:.1f} -> {tuned['rejected_logp']:.1f}) log-probs fell sharply: the policy is moving away from "
              "both answers (a known DPO failure); lower training.learning_rate or raise preference.beta")
     return save_report(run, split, results, table=PREFERENCE_TABLE, wall_time_s=time.perf_counter() - clock)
+
+
+def evaluate_reward(run: RunDir, recipe, pairs: list, split: str, *, with_base: bool, clock: float, echo=print) -> EvalReport:
+    """Reward runs: pairwise accuracy (score of chosen above rejected) and mean score margin on held-out pairs."""
+    from ftune.preference import reward_metrics, reward_scores, tokenize_pairs
+    from ftune.tuned import load_model
+
+    results = {}
+    for label, tuned in (("tuned", True), ("base", False))[: 2 if with_base else 1]:
+        model, tokenizer = load_model(run, recipe, tuned=tuned)
+        rows = tokenize_pairs(tokenizer, pairs, max_length=recipe.data.max_length,
+                              max_prompt_length=recipe.preference.max_prompt_length).rows
+        echo(f"Scoring the {label} reward model on {len(rows)} preference pairs...")
+        scores = reward_scores(model, rows, pad_token_id=tokenizer.pad_token_id, batch_size=recipe.evaluation.batch_size,
+                               max_length=recipe.data.max_length)
+        predictions = [{"prompt": r.value["prompt"][-1]["content"], "chosen_score": c, "rejected_score": j} for r, (c, j) in zip(pairs, scores)]
+        results[label] = (reward_metrics(scores), predictions)
+        del model
+    return save_report(run, split, results, table=("pairwise_accuracy", "reward_margin", "samples"), wall_time_s=time.perf_counter() - clock)
 
 
 def save_report(run: RunDir, split: str, results: dict, *, table: tuple[str, ...], wall_time_s: float = 0.0) -> EvalReport:

@@ -129,3 +129,31 @@ def preference_metrics(policy: list[tuple[float, float]], reference: list[tuple[
         "rejected_logp": sum(r for _, r in policy) / n,
         "samples": len(policy),
     }
+
+
+def reward_scores(model, rows: list[dict], *, pad_token_id: int, batch_size: int = 8,
+                  max_length: int | None = None) -> list[tuple[float, float]]:
+    """(chosen, rejected) scores of each pair under a one-output sequence classifier (a reward model)."""
+    import torch
+
+    device = next(model.parameters()).device
+    sequences = [(r["prompt_ids"] + r[side])[:max_length] for r in rows for side in ("chosen_ids", "rejected_ids")]
+    scores = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            chunk = sequences[start:start + batch_size]
+            width = max(len(ids) for ids in chunk)
+            input_ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+            attention = torch.zeros(len(chunk), width, dtype=torch.long)
+            for i, ids in enumerate(chunk):
+                input_ids[i, :len(ids)] = torch.tensor(ids)
+                attention[i, :len(ids)] = 1
+            scores += model(input_ids=input_ids.to(device), attention_mask=attention.to(device)).logits[:, 0].float().tolist()
+    return [(scores[i], scores[i + 1]) for i in range(0, len(scores), 2)]
+
+
+def reward_metrics(scores: list[tuple[float, float]]) -> dict:
+    n = max(len(scores), 1)
+    return {"pairwise_accuracy": sum(c > r for c, r in scores) / n, "reward_margin": sum(c - r for c, r in scores) / n,
+            "samples": len(scores)}

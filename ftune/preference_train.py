@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from ftune.errors import FtuneError
 from ftune.preference import check_damage, tokenize_pairs
 from ftune.recipe import Recipe
-from ftune.recipe.stages import COPY_REFERENCE, ORPO
+from ftune.recipe.stages import COPY_REFERENCE, ORPO, REWARD, REWARD_LABELS
+from ftune.recipe.tasks import CAUSAL_LM
 
 
 @dataclass
@@ -25,7 +26,7 @@ class PairSplits:
     eval: list[dict]
     heldout: list[dict]  # the eval records as JSON rows (RUN/heldout.jsonl)
     notes: list[str] = field(default_factory=list)
-    label_names: None = None
+    label_names: list[str] | None = None  # reward: the score head's one output
 
 
 def build_pair_splits(recipe: Recipe, tokenizer) -> PairSplits:
@@ -34,7 +35,7 @@ def build_pair_splits(recipe: Recipe, tokenizer) -> PairSplits:
     from ftune.data.templates import install_chat_template
 
     install_chat_template(tokenizer, recipe.data)
-    records = load_records(recipe.data, recipe.task)
+    records = load_records(recipe.data, CAUSAL_LM)  # pairs are read alike for every stage; a reward head scores them
     for split in ("train", "eval"):
         other = next((r for r in getattr(records, split) if r.kind != "preference"), None)
         if other is not None:
@@ -52,7 +53,8 @@ def build_pair_splits(recipe: Recipe, tokenizer) -> PairSplits:
             note = check_damage(pairs, len(chosen), pref.max_damaged_share, f"data.{split}")
             notes += [note] if note else []
         splits[split] = pairs.rows
-    return PairSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes)
+    labels = REWARD_LABELS if recipe.stage == REWARD else None
+    return PairSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes, labels)
 
 
 def describe_pairs(splits: PairSplits) -> str:
@@ -146,7 +148,41 @@ def orpo_trainer_class():
     return PairORPOTrainer
 
 
+def reward_rows(rows: list[dict]) -> list[dict]:
+    """Pairs as the reward trainer reads them: each side a whole sequence, prompt included."""
+    return [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"]} for r in rows]
+
+
+def build_reward_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run, *, precision, echo=print, callbacks: tuple = ()):
+    from datasets import Dataset
+    from transformers import PrinterCallback
+
+    from ftune.checkpoints import checkpoint_marker
+    from ftune.methods import method_callbacks
+    from ftune.progress import MetricsCallback
+    from ftune.train import build_training_arguments
+    from trl import RewardConfig, RewardTrainer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
+    args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, args_class=RewardConfig,
+                                    max_length=recipe.data.max_length)
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(reward_rows(splits.train)),
+        eval_dataset=Dataset.from_list(reward_rows(splits.eval)) if splits.eval else None,
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(run.metrics, echo=echo), checkpoint_marker(), *method_callbacks(model, recipe.method, run), *callbacks],
+    )
+    trainer.remove_callback(PrinterCallback)
+    echo("Reward model: one-output head, pairwise loss -log sigmoid(score(chosen) - score(rejected))")
+    return trainer
+
+
 def build_preference_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run, *, precision, echo=print, callbacks: tuple = ()):
+    if recipe.stage == REWARD:
+        return build_reward_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks)
     if recipe.stage != ORPO:
         return build_dpo_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks)
     from datasets import Dataset

@@ -2,7 +2,8 @@
 
 ``pretrain`` trains every token of raw text packed into full blocks; ``sft`` trains on responses (what a recipe did before stages existed); ``dpo`` tunes on preference
 pairs against a frozen reference; ``orpo`` tunes on them with no reference (SFT loss on the chosen
-answer plus an odds-ratio penalty on the rejected one). The rules here are checked by ``ftune validate``, so a recipe that
+answer plus an odds-ratio penalty on the rejected one); ``reward`` trains a one-output sequence
+classifier (``task: classification``) to score chosen above rejected, for later RLHF. The rules here are checked by ``ftune validate``, so a recipe that
 cannot run is refused before anything loads.
 """
 
@@ -13,11 +14,12 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ftune.recipe.methods import Strict
-from ftune.recipe.tasks import CAUSAL_LM
+from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 
-PRETRAIN, SFT, DPO, ORPO = "pretrain", "sft", "dpo", "orpo"
-StageName = Literal["pretrain", "sft", "dpo", "orpo"]
-PREFERENCE_STAGES = frozenset({DPO, ORPO})
+PRETRAIN, SFT, DPO, ORPO, REWARD = "pretrain", "sft", "dpo", "orpo", "reward"
+StageName = Literal["pretrain", "sft", "dpo", "orpo", "reward"]
+PREFERENCE_STAGES = frozenset({DPO, ORPO, REWARD})  # stages trained on preference pairs
+REWARD_LABELS = ["reward"]  # a reward model's single output, as its class name
 # preference keys that only mean something where a reference model exists
 REFERENCE_KEYS = ("loss_type", "precompute_reference")
 # Methods whose reference is the base with the adapter switched off: no second model copy.
@@ -64,7 +66,14 @@ def stage_problems(recipe) -> list[str]:
     if stage == ORPO:
         for key in (k for k in REFERENCE_KEYS if k in changed):
             problems.append(f"preference.{key}: stage: orpo has no reference model; remove it or use stage: dpo")
-    if recipe.task != CAUSAL_LM:
+    if stage == REWARD:
+        for key in (k for k in ("beta", *REFERENCE_KEYS) if k in changed):
+            problems.append(f"preference.{key}: stage: reward trains a scoring head with a pairwise loss and no reference; remove it")
+        if recipe.task != CLASSIFICATION:
+            problems.append("stage: reward trains a one-output sequence classifier; set task: classification")
+        if data.labels is not None:
+            problems.append("data.labels: a reward model has one output (the score); remove data.labels")
+    elif recipe.task != CAUSAL_LM:
         problems.append(f"stage: {stage} tunes a causal LM on preference pairs; set task: causal_lm")
     if stage == DPO and method not in ADAPTER_REFERENCE | COPY_REFERENCE:
         problems.append(
@@ -76,7 +85,7 @@ def stage_problems(recipe) -> list[str]:
             f"preference.precompute_reference: with method '{method}' the reference is the base with the adapter switched off, "
             "which costs no memory; remove it"
         )
-    if data.packing is True:
+    if data.packing is True and stage != REWARD:  # classification refuses it already
         problems.append(f"data.packing: true does not apply to stage: {stage} (pairs are batched chosen beside rejected); remove it")
     if data.train_on_prompt:
         problems.append(f"data.train_on_prompt: stage: {stage} scores the responses only; remove it")

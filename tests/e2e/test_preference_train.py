@@ -113,3 +113,13 @@ def test_preference_stage_raises_heldout_preference_accuracy_and_the_run_serves_
     invoke_ok("merge", run)
     assert (run / "merged" / "config.json").is_file()
     invoke_ok("generate", run, "--prompt", "Say red.", "--max-new-tokens", "3")
+
+
+def test_reward_model_ranks_heldout_chosen_above_rejected(dpo_recipe):
+    recipe = dpo_recipe(stage="reward", task="classification", training={"max_steps": 12, "learning_rate": 1e-2, "save_steps": 50})
+    invoke_ok("train", recipe)
+    run = recipe.parent / "run"
+    invoke_ok("eval", run, "--base")
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["tuned"]["pairwise_accuracy"] == 1.0 >= metrics["base"]["pairwise_accuracy"]
+    assert metrics["tuned"]["reward_margin"] > max(metrics["base"]["reward_margin"], 0)

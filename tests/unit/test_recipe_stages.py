@@ -45,6 +45,8 @@ def test_orpo_needs_no_reference_so_any_method_fits(recipe_file):
     ("stage: dpo\ntask: classification\n", "lora", "set task: causal_lm"),
     ("stage: dpo\npreference:\n  max_prompt_length: 2000\n", "lora", "preference.max_prompt_length: 2000 leaves no room"),
     ("stage: ppo\n", "lora", "stage"),
+    ("stage: reward\n", "lora", "stage: reward trains a one-output sequence classifier; set task: classification"),
+    ("stage: reward\ntask: classification\npreference:\n  beta: 0.3\n", "lora", "preference.beta: stage: reward"),
 ])
 def test_stage_mismatches_are_refused_with_the_fix(recipe_file, extra, method, expected):
     assert expected in problems(recipe_file(extra, method))
