@@ -55,7 +55,31 @@ def resolve_model_source(config: ModelConfig) -> ModelSource:
     if path.suffix == ".gguf":
         digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:16]
         return ModelSource(str(import_gguf(path, cache_dir() / "models" / f"{path.stem}-{digest}")), True)
+    if path.is_dir():
+        folder = run_model_folder(path.expanduser())
+        if folder is not None:
+            return ModelSource(str(folder), True)
     return ModelSource(name, path.exists())
+
+
+def run_model_folder(path: Path) -> Path | None:
+    """The complete model an earlier ftune run directory holds (its merged model, or its full weights), so stages chain
+    through run directories; None when ``path`` is not a run directory."""
+    from ftune.run_dir import RunDir
+
+    run = RunDir(path)
+    if not run.recipe.is_file() or not run.model.is_dir():
+        return None
+    if not run.is_complete():
+        raise FtuneError(f"model.name_or_path: run {path} did not finish training; finish it (ftune train --resume) or use another run")
+    if run.is_merged():
+        return run.merged
+    if run.has_complete_weights():
+        return run.model
+    raise FtuneError(
+        f"model.name_or_path: run {path} holds an adapter, not a whole model; fold it into its base with `ftune merge {path}`, "
+        "then train from the run again"
+    )
 
 
 def builtin_package_dir(name: str, package: str) -> Path:

@@ -290,3 +290,14 @@ def run_labels(run: RunDir) -> list[str] | None:
     if not run.labels.is_file():
         return None
     return [str(name) for name in json.loads(run.labels.read_text(encoding="utf-8"))]
+
+
+def run_lineage(name_or_path: str) -> list[dict]:
+    """The runs a model source descends from, oldest first (empty unless it is an ftune run directory)."""
+    path = Path(name_or_path).expanduser()
+    run = RunDir(path)
+    if not (path.is_dir() and run.summary.is_file() and run.recipe.is_file()):
+        return []
+    manifest = json.loads(run.manifest.read_text(encoding="utf-8")) if run.manifest.is_file() else {}
+    stage = (yaml.safe_load(run.recipe.read_text(encoding="utf-8")) or {}).get("stage", "sft")
+    return [*manifest.get("lineage", []), {"run": str(path.resolve()), "stage": stage, "model_source": manifest.get("model_source")}]

@@ -33,7 +33,9 @@ from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.plan import check_fits
 from ftune.recipe import Recipe
 from ftune.recipe.stages import PREFERENCE_STAGES, PRETRAIN
-from ftune.run_dir import RunDir, atomic_dir, checkpoint_step, prepare_run_dir, run_lock, save_label_names, write_json_atomic, write_jsonl_atomic
+from ftune.run_dir import (
+    RunDir, atomic_dir, checkpoint_step, prepare_run_dir, run_lineage, run_lock, save_label_names, write_json_atomic, write_jsonl_atomic,
+)
 from ftune.runtime import quiet_libraries
 
 
@@ -293,6 +295,8 @@ def build_manifest(recipe: Recipe, started: datetime, *, launch: Launch, model=N
         "versions": {name: installed(name) for name in ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets")},
         "python": platform.python_version(),
         "model_source": resolve_model_source(recipe.model).location,
+        "stage": recipe.stage,
+        "lineage": run_lineage(recipe.model.name_or_path),  # earlier runs this one continues from, oldest first
         "data_fingerprint": data_fingerprint(recipe.data),
         "seed": recipe.training.seed,
         "mixed_precision": {
