@@ -30,6 +30,10 @@ _state = {"debug": False}
 
 RecipeArg = typer.Argument(..., help="Recipe YAML file.", show_default=False)
 RunArg = typer.Argument(..., help="Run directory written by ftune train.", show_default=False)
+ToolsOption = typer.Option(
+    None, "--tools", help="JSON file with the tool schemas to offer; default: the tools the recipe gave its training data.",
+    show_default=False,
+)
 SetOption = typer.Option([], "--set", help="Override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable).")
 
 
@@ -263,14 +267,16 @@ def generate(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Cap on generated tokens."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic); above 0 samples."),
     merged: bool = typer.Option(False, "--merged", help="Use RUN/merged (from ftune merge) instead of the adapter."),
+    tools: Path = ToolsOption,
 ) -> None:
     """Reply to one prompt with the tuned model, streaming tokens; uses the training chat template and system prompt."""
     from ftune.data.formats import with_system_prompt
-    from ftune.inference import load_for_generation, stream_reply
+    from ftune.inference import load_for_generation, offered_tools, stream_reply
 
     model, tokenizer, recipe = load_for_generation(run_dir, merged=merged)
     messages = with_system_prompt([{"role": "user", "content": prompt}], recipe.data.system_prompt)
-    stream_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature)
+    stream_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                 tools=offered_tools(tools, recipe, tokenizer))
 
 
 @app.command()
@@ -280,13 +286,15 @@ def chat(
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Cap on generated tokens per reply."),
     temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic); above 0 samples."),
     merged: bool = typer.Option(False, "--merged", help="Use RUN/merged (from ftune merge) instead of the adapter."),
+    tools: Path = ToolsOption,
 ) -> None:
     """Talk to the tuned model: one line per turn, replies stream back; /reset forgets, /exit or Ctrl-D quits."""
-    from ftune.inference import load_for_generation, run_chat
+    from ftune.inference import load_for_generation, offered_tools, run_chat
 
     model, tokenizer, recipe = load_for_generation(run_dir, merged=merged)
     typer.echo(f"Chatting with {run_dir} (/exit or Ctrl-D quits, /reset starts over)", err=True)
-    run_chat(model, tokenizer, system_prompt=recipe.data.system_prompt, max_new_tokens=max_new_tokens, temperature=temperature)
+    run_chat(model, tokenizer, system_prompt=recipe.data.system_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+             tools=offered_tools(tools, recipe, tokenizer))
 
 
 @app.command()

@@ -108,7 +108,7 @@ def tool_prompts(records: list) -> list[tuple[list[dict], list[dict], list[dict]
 def score_tool_calls(model, tokenizer, records: list, recipe) -> tuple[dict, list[dict]]:
     import json
 
-    from ftune.data.tools import parse_reply_calls
+    from ftune.data.tools import attempts_call, parse_reply_calls
     from ftune.generation import generate_replies
 
     prompts = tool_prompts(records)
@@ -116,15 +116,20 @@ def score_tool_calls(model, tokenizer, records: list, recipe) -> tuple[dict, lis
         return {}, []
     replies = generate_replies(model, tokenizer, [p for p, _, _ in prompts], tools=[t for _, _, t in prompts],
                                max_new_tokens=recipe.evaluation.max_new_tokens, batch_size=recipe.evaluation.batch_size)
-    rows, valid, exact = [], 0.0, 0.0
+    rows = []
     for (prompt, reference, tools), reply in zip(prompts, replies):
         calls = parse_reply_calls(reply)
         known = {t["function"]["name"] for t in tools} if tools else {c["name"] for c in reference}
-        row_valid, row_exact = tool_call_valid(calls, known), tool_call_exact(calls, reference)
-        valid, exact = valid + row_valid, exact + row_exact
         rows.append({"prompt": prompt[-1]["content"], "reference": json.dumps(reference, ensure_ascii=False), "prediction": reply,
-                     "tool_call_valid": row_valid, "tool_call_exact": row_exact})
-    return {"tool_call_valid": valid / len(rows), "tool_call_exact": exact / len(rows), "tool_call_samples": len(rows)}, rows
+                     "tool_call_attempted": attempts_call(reply), "tool_call_valid": tool_call_valid(calls, known),
+                     "tool_call_exact": tool_call_exact(calls, reference)})
+    attempts = [row for row in rows if row["tool_call_attempted"]]
+    return {
+        "tool_call_rate": len(attempts) / len(rows),
+        "tool_call_valid": sum(row["tool_call_valid"] for row in attempts) / max(len(attempts), 1),
+        "tool_call_exact": sum(row["tool_call_exact"] for row in rows) / len(rows),
+        "tool_call_samples": len(rows),
+    }, rows
 
 
 def score_generation(model, tokenizer, records: list, recipe) -> tuple[dict, list[dict]]:

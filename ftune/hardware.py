@@ -340,6 +340,22 @@ def current_rss_mib() -> float:
     return cheap_meminfo(Path("/proc/self/status")).get("VmRSS", 0) / 1024
 
 
+def peak_rss_mib() -> float:
+    """Highest resident memory of this process image so far (MiB).
+
+    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss across exec, so a run started by a
+    large parent (a pytest worker, a notebook, a launcher) would report the parent's peak as its own.
+    """
+    peak_kib = cheap_meminfo(Path("/proc/self/status")).get("VmHWM")
+    if peak_kib is not None:
+        return peak_kib / 1024
+    import resource
+    import sys
+
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB elsewhere
+
+
 # --- GPU path ------------------------------------------------------------------------------------
 
 AMPERE = (8, 0)  # first generation with bf16 tensor cores, TF32 and flash-attention 2 support

@@ -68,7 +68,10 @@ def tool_call_exact(calls: list[dict] | None, reference: list[dict]) -> float:
     return float(calls is not None and [(c["name"], c["arguments"]) for c in calls] == [(r["name"], r["arguments"]) for r in reference])
 
 
-TOOL_METRICS = ("tool_call_valid", "tool_call_exact")
+# Over the held-out turns that expect a call: tool_call_rate = share of replies that try to call,
+# tool_call_valid = share of those attempts that parse and name known functions,
+# tool_call_exact = share of turns whose reply makes exactly the reference calls.
+TOOL_METRICS = ("tool_call_rate", "tool_call_valid", "tool_call_exact")
 
 
 def accuracy(predicted: list[int], expected: list[int]) -> float:

@@ -217,6 +217,25 @@ def load_base_model(
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})
     auto = getattr(transformers, TASKS[task].auto_class)
     try:
-        return auto.from_pretrained(source.location, **kwargs)
+        model = auto.from_pretrained(source.location, **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(config, source, exc) from exc
+    use_the_trainable_4bit_kernel(model)
+    return model
+
+
+def use_the_trainable_4bit_kernel(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit weights for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16 the first no-grad eval-mode forward (an evaluation during training, the
+    prefix check) repacks each ``Linear4bit`` weight for a kernel that has no backward and rounds
+    activations to bf16, and the packing sticks: later training steps get no gradient through those
+    layers, silently, and a reloaded model scores differently from the one that trained.
+    """
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import resource
 import sys
 import time
 from contextlib import nullcontext
@@ -252,7 +251,9 @@ def peak_memory_mb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    from ftune.hardware import peak_rss_mib
+
+    return peak_rss_mib()
 
 
 def build_summary(run: RunDir, eval_metrics: dict, trainer, wall: float, trained_here: int, trainable: int, total: int) -> dict:

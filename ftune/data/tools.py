@@ -110,6 +110,12 @@ def has_tool_turns(messages: list[dict]) -> bool:
     return any(m["role"] == "tool" or m.get("tool_calls") for m in messages)
 
 
+def attempts_call(text: str) -> bool:
+    """Whether a generated reply tries to call a tool (a ``<tool_call>`` block, or a bare JSON object/list),
+    well-formed or not: the denominator of ``tool_call_valid``."""
+    return bool(TOOL_CALL_BLOCK.search(text)) or text.strip().startswith(("{", "["))
+
+
 def parse_reply_calls(text: str) -> list[dict] | None:
     """The calls in a generated reply as ``[{name, arguments}]``, or None when it holds no parsable call.
 

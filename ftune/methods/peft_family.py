@@ -58,6 +58,9 @@ def prepare_quantized(model):
     if is_quantized(model):
         from peft import prepare_model_for_kbit_training
 
+        from ftune.model import use_the_trainable_4bit_kernel
+
+        use_the_trainable_4bit_kernel(model)  # a base loaded outside load_base_model
         # Gradient checkpointing is decided by the Trainer from the recipe, not here.
         return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model

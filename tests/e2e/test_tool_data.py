@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from ftune.cli import app
 from tests.conftest import write_jsonl
-from tests.unit.test_data_tools import OPENAI, SHAREGPT
+from tests.unit.test_data_tools import OPENAI, SHAREGPT, TOOLS
 
 runner = CliRunner()
 
@@ -57,3 +57,35 @@ def test_held_out_tool_chats_round_trip_and_eval_scores_calls(tool_recipe, tmp_p
     for model in ("tuned", "base"):
         assert metrics[model]["tool_call_samples"] == 1 and 0 <= metrics[model]["tool_call_exact"] <= metrics[model]["tool_call_valid"] <= 1
     assert "tool_call_exact" in result.stdout and "tool_call_exact" in metrics["delta"]
+
+
+def test_generate_offers_the_recipe_tools_or_a_tools_file(tool_recipe, tmp_path, monkeypatch):
+    import ftune.inference
+
+    recipe = tool_recipe(train=[{"path": str(tmp_path / "tools.jsonl"), "tools": TOOLS}])
+    assert runner.invoke(app, ["train", str(recipe), "--set", "training.max_steps=1"]).exit_code == 0
+    rendered = []
+    real = ftune.inference.stream_reply
+
+    def spy(model, tokenizer, messages, *, tools=None, **options):
+        rendered.append(tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True))
+        return real(model, tokenizer, messages, tools=tools, **options)
+
+    monkeypatch.setattr(ftune.inference, "stream_reply", spy)
+    run = str(tmp_path / "run")
+    assert runner.invoke(app, ["generate", run, "--prompt", "Warm in Oslo?", "--max-new-tokens", "2"]).exit_code == 0
+    assert "<tools>" in rendered[-1] and '"get_weather"' in rendered[-1]  # the recipe's tools, by default
+    other = tmp_path / "other-tools.json"
+    other.write_text(json.dumps([{"name": "convert_units", "parameters": {"type": "object", "properties": {}}}]))
+    assert runner.invoke(app, ["generate", run, "--prompt", "2 km in miles?", "--tools", str(other), "--max-new-tokens", "2"]).exit_code == 0
+    assert '"convert_units"' in rendered[-1] and '"get_weather"' not in rendered[-1]
+    for bad, named in ((tmp_path / "missing.json", "no such file"), (write_bad(tmp_path / "bad.json", "[{"), "not valid JSON"),
+                       (write_bad(tmp_path / "nameless.json", '[{"parameters": {}}]'), "needs a function name")):
+        result = runner.invoke(app, ["generate", run, "--prompt", "hi", "--tools", str(bad)])
+        assert result.exit_code == 2 and f"--tools {bad}" in result.stderr and named in result.stderr, result.output
+        assert "Traceback" not in result.output
+
+
+def write_bad(path, text):
+    path.write_text(text)
+    return path

@@ -202,3 +202,18 @@ def test_entry_tools_are_validated_in_the_recipe(tmp_path, make_recipe):
 def test_entry_tools_on_rows_detected_as_another_format_name_the_key(tmp_path):
     with pytest.raises(FtuneError, match=r"data.train.0.tools: .* holds alpaca rows, which have no tool turns"):
         load(tmp_path, {"instruction": "i", "output": "o"}, tools=[WEATHER])
+
+
+def test_offered_tools_need_a_template_that_renders_them(tmp_path):
+    from transformers import AutoTokenizer
+
+    from ftune.inference import offered_tools
+
+    schemas = tmp_path / "tools.json"
+    schemas.write_text(json.dumps(TOOLS))
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tokenizer.chat_template = read_chat_template("chatml-tools")
+    assert offered_tools(schemas, None, tokenizer) == TOOLS
+    tokenizer.chat_template = read_chat_template("chatml")  # drops tools
+    with pytest.raises(FtuneError, match="drops tool schemas.*chatml-tools"):
+        offered_tools(schemas, None, tokenizer)

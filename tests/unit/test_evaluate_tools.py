@@ -19,6 +19,7 @@ CALLS = {  # user question -> the model's reply to it
     "Oslo?": '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Bergen", "unit": "celsius"}}\n</tool_call>',  # wrong city
     "Rome?": '<tool_call>\n{"name": "get_weather", "arguments": {"city": Rome}}\n</tool_call>',  # not JSON
     "Lima?": '<tool_call>\n{"name": "get_forecast", "arguments": {"city": "Lima", "unit": "celsius"}}\n</tool_call>',  # unknown name
+    "Kyiv?": "I cannot check the weather.",  # no call attempted
 }
 
 
@@ -48,11 +49,13 @@ def test_tool_call_scores_with_known_replies(tiny_llama_dir, alpaca_files, tmp_p
     tokenizer.chat_template = read_chat_template("chatml-tools")
     records = [Record("chat", conversation(q), f"row {i}", 0, TOOLS) for i, q in enumerate(CALLS)]
     metrics, rows = score_generation(model, tokenizer, records, recipe)
-    assert metrics["tool_call_valid"] == pytest.approx(2 / 4)  # Paris and Oslo parse and name get_weather
-    assert metrics["tool_call_exact"] == pytest.approx(1 / 4)  # only Paris has the reference arguments
-    assert metrics["tool_call_samples"] == 4 and metrics["samples"] == 8
-    assert metrics["exact_match"] == pytest.approx(1 / 4)  # the final answers: only Paris's says Paris
-    assert seen_tools == [TOOLS] * 8  # both the answer and the call prompts were rendered with the schemas
+    assert metrics["tool_call_rate"] == pytest.approx(4 / 5)  # all but Kyiv try to call
+    assert metrics["tool_call_valid"] == pytest.approx(2 / 4)  # of those attempts, Paris and Oslo parse and name get_weather
+    assert metrics["tool_call_exact"] == pytest.approx(1 / 5)  # only Paris has the reference arguments
+    assert metrics["tool_call_samples"] == 5 and metrics["samples"] == 10
+    assert metrics["exact_match"] == pytest.approx(1 / 5)  # the final answers: only Paris's says Paris
+    assert seen_tools == [TOOLS] * 10  # both the answer and the call prompts were rendered with the schemas
     calls = [row for row in rows if "tool_call_exact" in row]
-    assert [row["tool_call_exact"] for row in calls] == [1.0, 0.0, 0.0, 0.0]
+    assert [row["tool_call_exact"] for row in calls] == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert [row["tool_call_attempted"] for row in calls] == [True, True, True, True, False]
     assert calls[0]["prompt"] == "Paris?" and '"city": "Paris"' in calls[0]["reference"]

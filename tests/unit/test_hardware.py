@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -335,3 +339,14 @@ def test_the_model_loads_with_the_resolved_attention(machine, tiny_llama_dir):
     machine()
     model = load_base_model(ModelConfig(name_or_path=str(tiny_llama_dir)), QuantizationConfig())
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
+def test_peak_rss_is_this_process_alone_not_the_parent_that_started_it():
+    # Linux carries getrusage's ru_maxrss across exec: a child of a 400 MiB parent would report 400.
+    script = "from ftune.hardware import peak_rss_mib; print(peak_rss_mib())"
+    parent = bytearray(400 * 2**20)
+    parent[:: 4096] = b"x" * len(parent[:: 4096])  # touch every page so it is resident
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    del parent
+    assert 1 < float(child.stdout) < 200

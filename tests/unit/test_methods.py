@@ -13,6 +13,7 @@ import torch
 
 from ftune.errors import FtuneError
 from ftune.run_dir import RunDir
+from ftune.model import use_the_trainable_4bit_kernel
 from ftune.methods import METHODS, apply_method, count_parameters, method_callbacks
 from ftune.recipe.methods import METHOD_CLASSES, method_class, method_names
 
@@ -48,8 +49,11 @@ def loader(path: Path, task: str, bits: int | None = None, seed: int = 1):
         torch.manual_seed(seed)  # a fresh classification head is random: a reload must restore the trained one
         kwargs = dict(dtype=torch.float32, quantization_config=quant.get(bits))
         if task == "classification":
-            return AutoModelForSequenceClassification.from_pretrained(location or path, num_labels=NUM_LABELS, **kwargs)
-        return AutoModelForCausalLM.from_pretrained(location or path, **kwargs)
+            model = AutoModelForSequenceClassification.from_pretrained(location or path, num_labels=NUM_LABELS, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location or path, **kwargs)
+        use_the_trainable_4bit_kernel(model)  # as load_base_model does
+        return model
 
     return load
 
@@ -226,6 +230,21 @@ def test_bitfit_trainable_count_is_the_bias_sizes(bases):
 def test_four_bit_parameters_count_unpacked(bases):
     full_precision = count_parameters(loader(bases["llama"], "causal_lm")())[1]
     assert count_parameters(loader(bases["llama"], "causal_lm", bits=4)())[1] == full_precision
+
+
+def test_an_evaluation_between_steps_leaves_4bit_layers_differentiable(bases):
+    # An eval-mode no-grad forward (Trainer evaluation, a prefix check) must not cut the gradient of
+    # later steps: bitsandbytes would repack the weights for CPU inference, which has no backward.
+    def first_layer_grad(evaluate_first: bool) -> torch.Tensor:
+        model = apply_method(loader(bases["llama"], "causal_lm", bits=4)(), method("lora", r=4, dropout=0.0), "causal_lm")
+        batch = make_batch(model, "causal_lm")
+        if evaluate_first:
+            logits_of(model, batch)
+        model.train()
+        model(**batch).loss.backward()
+        return next(p.grad for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n)  # lora_A starts with no gradient: B is zero
+
+    torch.testing.assert_close(first_layer_grad(evaluate_first=True), first_layer_grad(evaluate_first=False))
 
 
 def test_pissa_is_saved_as_a_plain_lora_for_the_original_base(bases, tmp_path):
