@@ -16,10 +16,22 @@ def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
     return messages[:last], messages[last]["content"]
 
 
-def generation_options(tokenizer, *, max_new_tokens: int, temperature: float = 0.0) -> dict:
+def prefixes_live_in_the_cache(model) -> bool:
+    """Whether ``model`` is a peft prefix-tuning model (prefix, ptuning_v2, mam): its prefixes are key/value cache entries."""
+    config = getattr(model, "active_peft_config", None)
+    return getattr(config, "peft_type", None) == "PREFIX_TUNING"  # a str enum
+
+
+def generation_options(model, tokenizer, *, max_new_tokens: int, temperature: float = 0.0) -> dict:
     """Greedy unless a temperature is given; stop at the template's end of turn like training taught."""
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    return dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+    options = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+    if prefixes_live_in_the_cache(model):
+        # peft's prefixes and transformers' cached decoding disagree after the first new token (the
+        # replies turn to garbage, greedy and all); without the cache each step recomputes the whole
+        # sequence, as in training: slower, and the only way the answers match the trained model.
+        options["use_cache"] = False
+    return options
 
 
 def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
@@ -36,7 +48,7 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tok
                  for p, t in zip(prompts[start : start + batch_size], tools[start : start + batch_size])]
         batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         with torch.no_grad():
-            output = model.generate(**batch, **generation_options(tokenizer, max_new_tokens=max_new_tokens))
+            output = model.generate(**batch, **generation_options(model, tokenizer, max_new_tokens=max_new_tokens))
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         # Special tokens are dropped from the text; a template's <tool_call> tags are plain text in most vocabularies,
         # and where they are special tokens the call JSON between them still parses.

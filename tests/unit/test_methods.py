@@ -436,3 +436,37 @@ def test_pissa_on_smollm2_reloads_on_the_original_base(tmp_path):
     expected = logits_of(model, batch)
     # fp32 rounding of W_res + BA vs W + (BA - B0A0) grows with logit scale (~40 on SmolLM2)
     torch.testing.assert_close(logits_of(reloaded, batch), expected, rtol=0, atol=1e-3 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("name", ["prefix", "ptuning_v2", "mam", "unipelt"])
+def test_generated_replies_are_what_the_trained_model_computes(bases, name):
+    # Cached decoding must reproduce a plain greedy loop over full forwards (how the model trained):
+    # with peft's prefixes it did not, past the first new token.
+    from transformers import AutoTokenizer
+
+    from ftune.generation import generate_replies
+    from tests.conftest import TOKENIZER_DIR
+
+    knobs = {"unipelt": dict(lora={"r": 4}, prefix={"num_virtual_tokens": 4}, adapter={"bottleneck": 16}),
+             "mam": dict(num_virtual_tokens=4, bottleneck=16)}.get(name, dict(num_virtual_tokens=4))
+    model = apply_method(loader(bases["llama"], "causal_lm")(), method(name, **knobs), "causal_lm")
+    torch.manual_seed(0)
+    with torch.no_grad():  # a "trained" state: every trainable part away from its start
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.5)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    prompts = [[{"role": "user", "content": "moon"}], [{"role": "user", "content": "a longer question, so the first is padded"}]]
+
+    ids = tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    with torch.no_grad():
+        for _ in range(6):
+            next_id = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].argmax(-1, keepdim=True)
+            if next_id.item() == tokenizer.eos_token_id:
+                break
+            ids = torch.cat([ids, next_id], dim=1)
+    prompt_length = len(tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, return_dict=True)["input_ids"])
+    expected = tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True).strip()
+
+    assert generate_replies(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)[0] == expected
