@@ -251,6 +251,9 @@ def export(
         f"verification: max |logit diff| {report.max_abs_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
         f"next-token agreement {100 * report.next_token_agreement:.2f}%, size {size:.1f} MiB"
     )
+    if report.writer_max_abs_logit_diff is not None:
+        typer.echo(f"file vs the weights rounded as stored: max |logit diff| {report.writer_max_abs_logit_diff:.3g} "
+                   f"(tolerance {report.writer_tolerance:.3g})")
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
     if not report.passed:

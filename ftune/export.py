@@ -16,16 +16,22 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ftune.errors import FtuneError
-from ftune.gguf import DEFAULT_QUANT, GGUF_QUANTS, UnsupportedExport, check_gguf_support, write_gguf
+from ftune.gguf import DEFAULT_QUANT, UnsupportedExport, as_stored, check_gguf_support, check_quant, write_gguf
 from ftune.parity import compare_logits
 from ftune.recipe.tasks import CLASSIFICATION
 from ftune.run_dir import RunDir, atomic_dir, atomic_file, load_run, run_lock, verification_report, write_json_atomic
 
 # Largest max-abs logit difference accepted after the round trip, as a fraction of the largest
 # |reference logit|, because rounding error grows with logit scale (~4 in the unit tests' tiny
-# model, ~40 in SmolLM2-135M). Measured on both: f16 <= 1.3e-3, bf16 <= 1e-2, q8_0 <= 3.2e-2, so
-# 3-8x headroom; a q/k permutation mistake gives 0.4-0.9.
-LOGIT_TOLERANCE = {"safetensors": 1e-6, "f32": 1e-5, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1}
+# model, ~40 in SmolLM2-135M). Measured on both by scripts/bench_gguf_quants.py: f16 <= 1.0e-3,
+# bf16 <= 8.4e-3, q8_0 <= 3.2e-2 (3-8x headroom below); q5_1/q5_0 <= 0.45, q4_1/q4_0 <= 0.50
+# (~1.6x headroom: zeroed or overflowing blocks push the figure to ~1). At 4-5 bits the
+# quantization error alone is as large as a q/k permutation mistake (0.4-0.9), so GGUF files are
+# also held to WRITER_TOLERANCE against the source rounded exactly as the file stores it
+# (measured 0.0 for every type), which no quantization error can reach.
+LOGIT_TOLERANCE = {"safetensors": 1e-6, "f32": 1e-5, "f16": 1e-2, "bf16": 5e-2, "q8_0": 1e-1,
+                   "q5_1": 0.7, "q5_0": 0.7, "q4_1": 0.8, "q4_0": 0.8}
+WRITER_TOLERANCE = 1e-5
 
 # Digits, an emoji and code so number splitting and byte fallback are exercised too. No system
 # turn: several chat templates reject one.
@@ -48,6 +54,10 @@ class ExportReport:
     tolerance: float
     passed: bool
     tokenizer_match: bool | None = None
+    # GGUF: the file against the source rounded exactly as the file stores it (gguf.as_stored), so only a
+    # writer or loader mistake (names, q/k order, metadata) moves it, never the quantization error itself.
+    writer_max_abs_logit_diff: float | None = None
+    writer_tolerance: float | None = None
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,6 +85,8 @@ def export_safetensors(model_dir: Path, out: Path, *, max_shard_size: str = "2GB
 
 def export_gguf(model_dir: Path, out: Path, *, quant: str = DEFAULT_QUANT) -> ExportReport:
     """Write ``model_dir`` as one llama.cpp GGUF file with its tokenizer and chat template."""
+    import copy
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -92,7 +104,8 @@ def export_gguf(model_dir: Path, out: Path, *, quant: str = DEFAULT_QUANT) -> Ex
         (Path(isolated) / out.name).symlink_to(out.resolve())
         reloaded = AutoModelForCausalLM.from_pretrained(isolated, gguf_file=out.name, dtype=torch.float32).eval()
         gguf_tokenizer = AutoTokenizer.from_pretrained(isolated, gguf_file=out.name)
-    return _verified_report(out, "gguf", quant, model, reloaded, tokenizer, gguf_tokenizer, notes)
+    return _verified_report(out, "gguf", quant, model, reloaded, tokenizer, gguf_tokenizer, notes,
+                            as_stored=as_stored(copy.deepcopy(model), quant))
 
 
 @dataclass(frozen=True)
@@ -103,8 +116,8 @@ class ExportFormat:
 
 
 def _gguf_options(quant: str | None) -> dict:
-    if quant is not None and quant not in GGUF_QUANTS:
-        raise FtuneError(f"--quant {quant!r}: expected one of {', '.join(GGUF_QUANTS)}")
+    if quant is not None:
+        check_quant(quant)
     return {"quant": quant or DEFAULT_QUANT}
 
 
@@ -122,7 +135,7 @@ FORMATS: dict[str, ExportFormat] = {
 
 def _verified_report(
     path: Path, fmt: str, quant: str | None, source: Any, exported: Any,
-    source_tokenizer: Any, exported_tokenizer: Any, notes: list[str],
+    source_tokenizer: Any, exported_tokenizer: Any, notes: list[str], as_stored: Any = None,
 ) -> ExportReport:
     import torch
 
@@ -142,11 +155,16 @@ def _verified_report(
     parity = compare_logits(source, exported, sequences)
     diff, agreement = parity.max_abs_diff, parity.agreement
     tolerance = LOGIT_TOLERANCE[quant or fmt] * parity.scale
+    passed = diff <= tolerance and tokenizer_match
+    writer_diff = writer_tolerance = None
+    if as_stored is not None:
+        writer_diff, writer_tolerance = compare_logits(as_stored, exported, sequences).max_abs_diff, WRITER_TOLERANCE * parity.scale
+        passed = passed and writer_diff <= writer_tolerance
     size = path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
     return ExportReport(
         path=path, format=fmt, quant=quant, size_bytes=size, max_abs_logit_diff=diff,
-        next_token_agreement=agreement, tolerance=tolerance,
-        passed=diff <= tolerance and tokenizer_match, tokenizer_match=tokenizer_match, notes=notes,
+        next_token_agreement=agreement, tolerance=tolerance, passed=passed, tokenizer_match=tokenizer_match,
+        writer_max_abs_logit_diff=writer_diff, writer_tolerance=writer_tolerance, notes=notes,
     )
 
 

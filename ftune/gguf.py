@@ -16,7 +16,10 @@ from ftune.errors import FtuneError
 if TYPE_CHECKING:
     import numpy as np
 
-GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0")
+# Every type the gguf package can quantize to in Python. Its k-quants (q4_k, q5_k, q6_k) only dequantize;
+# llama.cpp's own llama-quantize makes them from the f16 file.
+GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+K_QUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 DEFAULT_QUANT = "f16"
 
 # model_type -> (llama.cpp architecture, whether q/k rows are permuted). llama.cpp runs mistral as
@@ -24,17 +27,27 @@ DEFAULT_QUANT = "f16"
 _ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 SUPPORTED_GGUF_ARCHITECTURES = tuple(_ARCHITECTURES)
 
-_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0"}
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", **{q: f"MOSTLY_{q.upper()}" for q in GGUF_QUANTS[3:]}}
 
 
 class UnsupportedExport(FtuneError):
     """The model or the requested options cannot be exported to the requested format."""
 
 
-def check_gguf_support(config: Any, quant: str) -> None:
-    """Refuse, before any weights load, what the writer cannot express."""
+def check_quant(quant: str) -> None:
+    if quant in K_QUANTS:
+        raise UnsupportedExport(
+            f"--quant {quant!r}: k-quants cannot be written from Python (the gguf package only reads them); export "
+            f"--quant f16 and run llama.cpp's `llama-quantize model-f16.gguf model-{quant}.gguf {quant.upper()}`, "
+            f"or pick one of {', '.join(GGUF_QUANTS)}"
+        )
     if quant not in GGUF_QUANTS:
         raise UnsupportedExport(f"--quant {quant!r}: expected one of {', '.join(GGUF_QUANTS)}")
+
+
+def check_gguf_support(config: Any, quant: str) -> None:
+    """Refuse, before any weights load, what the writer cannot express."""
+    check_quant(quant)
     if config.model_type not in _ARCHITECTURES:
         raise UnsupportedExport(
             f"GGUF export does not support model_type {config.model_type!r}; "
@@ -73,7 +86,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     _add_tokenizer(writer, tokenizer, config.vocab_size)
-    if quant == "q8_0":
+    if quant.startswith("q"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     name_map = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
@@ -102,7 +115,8 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
         writer.close()
     if not fallbacks:
         return []
-    return [f"q8_0 needs rows divisible by 32; stored as f16 instead: {', '.join(fallbacks)}"]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return [f"{quant} needs rows divisible by {block}; stored as f16 instead: {', '.join(fallbacks)}"]
 
 
 def _permute_for_rope(weights: "np.ndarray", n_head: int) -> "np.ndarray":
@@ -115,6 +129,24 @@ def _permute_for_rope(weights: "np.ndarray", n_head: int) -> "np.ndarray":
         .swapaxes(1, 2)
         .reshape(weights.shape)
     )
+
+
+def as_stored(model: Any, quant: str) -> Any:
+    """``model`` with every weight rounded exactly as a ``quant`` GGUF file stores it (in place).
+
+    A file written correctly loads back as this model, to float rounding, whatever the quantization
+    error is; ``ftune.export`` compares against it so a writer mistake cannot hide inside 4-bit noise.
+    """
+    import gguf
+    import torch
+
+    qtype = gguf.GGMLQuantizationType[quant.upper()]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            encoded, stored = _encode(parameter.detach().float().numpy(), qtype)
+            loaded = gguf.quants.dequantize(encoded, stored).reshape(parameter.shape)
+            parameter.copy_(torch.from_numpy(loaded.astype("float32", copy=False)))
+    return model
 
 
 def _encode(data: "np.ndarray", qtype: Any) -> tuple["np.ndarray", Any]:

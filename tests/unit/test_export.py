@@ -70,7 +70,9 @@ def test_gguf_round_trip_within_tolerance(tiny_dir, tmp_path, quant):
 
     assert report.passed, report.to_dict()
     assert report.max_abs_logit_diff <= report.tolerance
-    assert report.next_token_agreement >= 0.9
+    assert report.writer_max_abs_logit_diff <= report.writer_tolerance
+    # 4-5 bit files are scored by the writer check; their own agreement on random ids is ~0.5-0.75.
+    assert report.next_token_agreement >= (0.9 if quant in ("f32", "f16", "bf16", "q8_0") else 0.4)
     assert report.size_bytes == out.stat().st_size
     assert report.tokenizer_match and report.notes == []
     if quant == "f32":
@@ -82,8 +84,15 @@ def test_gguf_round_trip_within_tolerance(tiny_dir, tmp_path, quant):
 
 
 def test_quantized_files_are_smaller(tiny_dir, tmp_path):
-    sizes = {q: export_gguf(tiny_dir, tmp_path / f"{q}.gguf", quant=q).size_bytes for q in ("f32", "f16", "q8_0")}
-    assert sizes["f32"] > sizes["f16"] > sizes["q8_0"]
+    order = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_0")
+    sizes = [export_gguf(tiny_dir, tmp_path / f"{q}.gguf", quant=q).size_bytes for q in order]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == len(sizes), dict(zip(order, sizes))
+
+
+def test_k_quants_are_refused_with_the_llama_cpp_route(tiny_dir, tmp_path):
+    with pytest.raises(UnsupportedExport, match="llama-quantize model-f16.gguf model-q4_k.gguf Q4_K"):
+        export_gguf(tiny_dir, tmp_path / "x.gguf", quant="q4_k")
+    assert not (tmp_path / "x.gguf").exists()
 
 
 def test_gguf_metadata_and_tokenizer_round_trip(tiny_dir, tmp_path, tokenizer):
@@ -129,11 +138,15 @@ def test_untied_embeddings_write_output_tensor(tiny_dir, tmp_path):
     assert "output.weight" in tensor_types(report.path)
 
 
-def test_verification_catches_missing_rope_permutation(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("quant", ["f32", "q4_0"])
+def test_verification_catches_missing_rope_permutation(tiny_dir, tmp_path, monkeypatch, quant):
+    # At 4 bits the quantization error alone is as large as this mistake; the writer check still sees it.
     monkeypatch.setattr(gguf_writer, "_permute_for_rope", lambda weights, n_head: weights)
-    report = export_gguf(tiny_dir, tmp_path / "unpermuted.gguf", quant="f32")
+    report = export_gguf(tiny_dir, tmp_path / "unpermuted.gguf", quant=quant)
     assert not report.passed
-    assert report.max_abs_logit_diff > 100 * report.tolerance
+    assert report.writer_max_abs_logit_diff > 100 * report.writer_tolerance
+    if quant == "f32":
+        assert report.max_abs_logit_diff > 100 * report.tolerance
 
 
 def test_q8_0_falls_back_for_rows_not_divisible_by_32(tmp_path, tokenizer):
@@ -145,6 +158,7 @@ def test_q8_0_falls_back_for_rows_not_divisible_by_32(tmp_path, tokenizer):
     types = tensor_types(report.path)
     assert types["blk.0.ffn_down.weight"] == "Q8_0"
     assert types["blk.0.attn_q.weight"] == "F16"
+    assert report.writer_max_abs_logit_diff == 0.0  # the reference rounds the fallen-back tensors to f16 too
     assert len(report.notes) == 1 and "blk.0.attn_q.weight" in report.notes[0]
     assert "blk.0.ffn_down.weight" not in report.notes[0]
 
@@ -197,7 +211,7 @@ def test_unsupported_architecture_lists_supported_ones(tmp_path):
 
 def test_unknown_quant_lists_supported_ones(tiny_dir, tmp_path):
     with pytest.raises(UnsupportedExport) as raised:
-        export_gguf(tiny_dir, tmp_path / "x.gguf", quant="q4_k")
+        export_gguf(tiny_dir, tmp_path / "x.gguf", quant="q3_0")
     assert all(quant in str(raised.value) for quant in GGUF_QUANTS)
     assert isinstance(raised.value, FtuneError)  # so the CLI prints it without a traceback
 
