@@ -24,6 +24,8 @@ from ftune.recipe.stages import PREFERENCE_STAGES, REWARD
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 from ftune.run_dir import RunDir, load_run, run_labels, write_json_atomic, write_jsonl_atomic
 
+# Below this share of replies ending on the end-of-turn token, eval warns that the model may not have learned to stop.
+STOPPED_WARNING = 0.5
 UNCOMPARED = ("samples", "tool_call_samples", "wall_time_s")  # reported, but no delta and no --min
 
 
@@ -117,7 +119,7 @@ def score_tool_calls(model, tokenizer, records: list, recipe) -> tuple[dict, lis
     replies = generate_replies(model, tokenizer, [p for p, _, _ in prompts], tools=[t for _, _, t in prompts],
                                max_new_tokens=recipe.evaluation.max_new_tokens, batch_size=recipe.evaluation.batch_size)
     rows = []
-    for (prompt, reference, tools), reply in zip(prompts, replies):
+    for (prompt, reference, tools), reply in zip(prompts, (r.text for r in replies)):
         calls = parse_reply_calls(reply)
         known = {t["function"]["name"] for t in tools} if tools else {c["name"] for c in reference}
         rows.append({"prompt": prompt[-1]["content"], "reference": json.dumps(reference, ensure_ascii=False), "prediction": reply,
@@ -129,7 +131,7 @@ def score_tool_calls(model, tokenizer, records: list, recipe) -> tuple[dict, lis
         "tool_call_valid": sum(row["tool_call_valid"] for row in attempts) / max(len(attempts), 1),
         "tool_call_exact": sum(row["tool_call_exact"] for row in rows) / len(rows),
         "tool_call_samples": len(rows),
-    }, rows
+    }, [{**row, "stopped": r.stopped} for row, r in zip(rows, replies)]
 
 
 def score_generation(model, tokenizer, records: list, recipe) -> tuple[dict, list[dict]]:
@@ -149,7 +151,7 @@ def score_generation(model, tokenizer, records: list, recipe) -> tuple[dict, lis
         max_new_tokens=recipe.evaluation.max_new_tokens, batch_size=recipe.evaluation.batch_size,
     ) if pairs else []
     rows = [
-        {"prompt": prompt[-1]["content"], "reference": reference, "prediction": prediction}
+        {"prompt": prompt[-1]["content"], "reference": reference, "prediction": prediction.text, "stopped": prediction.stopped}
         for (prompt, reference), prediction in zip(pairs, predictions)
     ]
     for name, metric in TEXT_METRICS.items():
@@ -157,7 +159,9 @@ def score_generation(model, tokenizer, records: list, recipe) -> tuple[dict, lis
             metrics[name] = sum(metric(r["prediction"], r["reference"]) for r in rows) / len(rows)
     tool_metrics, tool_rows = score_tool_calls(model, tokenizer, chats, recipe)
     metrics.update(tool_metrics)
-    metrics.update(samples=len(rows) + len(tool_rows), wall_time_s=time.perf_counter() - clock)
+    generated = rows + tool_rows
+    metrics.update(stopped_rate=sum(row["stopped"] for row in generated) / len(generated) if generated else 0.0,
+                   samples=len(generated), wall_time_s=time.perf_counter() - clock)
     return metrics, rows + tool_rows
 
 
@@ -205,7 +209,7 @@ class TaskScorer:
 
 TASK_SCORERS: dict[str, TaskScorer] = {
     CAUSAL_LM: TaskScorer(lambda model, tok, records, recipe, _: score_generation(model, tok, records, recipe),
-                          ("loss", "perplexity", *TEXT_METRICS, *TOOL_METRICS, "samples", "wall_time_s")),
+                          ("loss", "perplexity", *TEXT_METRICS, *TOOL_METRICS, "stopped_rate", "samples", "wall_time_s")),
     CLASSIFICATION: TaskScorer(lambda model, tok, records, recipe, names: score_classification(model, tok, tokenize_heldout(tok, records, recipe.data), recipe, names),
                                ("loss", "accuracy", "macro_f1", "samples", "wall_time_s")),
 }
@@ -235,6 +239,12 @@ def run_evaluation(run_dir, *, split: str = "eval", with_base: bool = False, max
         echo(f"Scoring the {label} model on {len(records)} examples...")
         results[label] = scorer.score(model, tokenizer, records, recipe, run_labels(run))
         del model
+    stopped = results["tuned"][0].get("stopped_rate")
+    if stopped is not None and stopped < STOPPED_WARNING:
+        echo(f"warning: only {stopped:.0%} of the tuned model's replies ended with its end-of-turn token "
+             f"({recipe.evaluation.max_new_tokens} new tokens allowed); the others ran on to the limit, so the model may "
+             "never stop in a runtime either. Check that the answers' end-of-turn token is trained (ftune data preview "
+             "RECIPE marks it) and that pad differs from EOS, or raise evaluation.max_new_tokens if answers are long")
     # Metrics a split cannot have (tool calls on plain chats, text answers when every row ends on a call) are not shown.
     table = tuple(name for name in scorer.table if name in results["tuned"][0])
     return save_report(run, split, results, table=table, wall_time_s=time.perf_counter() - clock)

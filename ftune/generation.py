@@ -5,6 +5,14 @@ Used by eval (batched, scored against references) and by generate/chat (streamed
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    stopped: bool  # ended on the end-of-sequence / end-of-turn token, not cut at max_new_tokens
+
 
 def model_device(model):
     return next(model.parameters()).device
@@ -35,7 +43,7 @@ def generation_options(model, tokenizer, *, max_new_tokens: int, temperature: fl
 
 
 def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
-                     tools: list[list[dict] | None] | None = None) -> list[str]:
+                     tools: list[list[dict] | None] | None = None) -> list[Reply]:
     """Greedy replies for each prompt conversation, batched with left padding; ``tools`` are per-prompt schemas."""
     import torch
 
@@ -52,5 +60,7 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tok
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         # Special tokens are dropped from the text; a template's <tool_call> tags are plain text in most vocabularies,
         # and where they are special tokens the call JSON between them still parses.
-        replies.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-    return [reply.strip() for reply in replies]
+        texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        stopped = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()  # pad differs from eos (model loading ensures it)
+        replies.extend(Reply(text.strip(), stop) for text, stop in zip(texts, stopped))
+    return replies

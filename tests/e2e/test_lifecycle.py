@@ -142,7 +142,7 @@ def test_lifecycle_through_the_cli(trained_run, tmp_path, alpaca_files):
 
     run_obj, recipe = load_run(run)
     model, tok = load_model(run_obj, recipe)
-    expected = generate_replies(model, tok, [[{"role": "user", "content": "moon"}]], max_new_tokens=6, batch_size=1)[0]
+    expected = generate_replies(model, tok, [[{"role": "user", "content": "moon"}]], max_new_tokens=6, batch_size=1)[0].text
     for extra in ([], ["--merged"]):
         result = invoke("generate", run, "--prompt", "moon", "--max-new-tokens", "6", *extra)
         assert result.exit_code == 0, result.output

@@ -35,7 +35,7 @@ def monkeypatch_module():
 def greedy(model, tokenizer, prompts):
     from ftune.generation import generate_replies
 
-    return generate_replies(model, tokenizer, prompts, max_new_tokens=16, batch_size=PROMPTS)
+    return [r.text for r in generate_replies(model, tokenizer, prompts, max_new_tokens=16, batch_size=PROMPTS)]
 
 
 def test_merged_and_gguf_exports_generate_like_the_adapter(quickstart_run):

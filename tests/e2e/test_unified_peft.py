@@ -55,7 +55,7 @@ def test_train_resume_eval_generate_and_merge_refusal(case, make_recipe, tmp_pat
     from ftune.tuned import load_model
 
     model, tokenizer = load_model(resumed, load_recipe(resumed.recipe))
-    expected = generate_replies(model, tokenizer, [[{"role": "user", "content": "moon"}]], max_new_tokens=3, batch_size=1)[0]
+    expected = generate_replies(model, tokenizer, [[{"role": "user", "content": "moon"}]], max_new_tokens=3, batch_size=1)[0].text
     result = runner.invoke(app, ["generate", str(resumed.root), "--prompt", "moon", "--max-new-tokens", "3"])
     assert result.exit_code == 0 and result.stdout.strip() == expected.strip(), result.output
 

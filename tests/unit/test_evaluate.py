@@ -10,6 +10,7 @@ import torch
 from tests.conftest import recipe_dict
 from ftune.errors import FtuneError
 from ftune.data.formats import Record
+from ftune.generation import Reply
 from ftune.evaluate import EvalReport, check_thresholds, format_table, parse_thresholds, score_classification, score_generation
 from ftune.metrics import accuracy, confusion_matrix, exact_match, longest_common_subsequence, macro_f1, rouge_l, token_f1
 from ftune.recipe import validate_recipe
@@ -83,7 +84,7 @@ def test_generation_scores_with_known_predictions(recipe, tiny_llama_dir, monkey
         [{"role": "user", "content": f"Repeat {w}"}, {"role": "assistant", "content": w}] for w in ("red sun", "blue", "cat", "red sun")
     ]
     answers = ["red sun", "blue", "cat dog", "sun red"]  # exact, exact, extra word, swapped words
-    monkeypatch.setattr(ftune.generation, "generate_replies", lambda model, tok, prompts, **kw: answers[: len(prompts)])
+    monkeypatch.setattr(ftune.generation, "generate_replies", lambda model, tok, prompts, **kw: [Reply(a, True) for a in answers[: len(prompts)]])
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     metrics, rows = score_generation(model, tokenizer, [Record("chat", c, f"row {i}", 0) for i, c in enumerate(conversations)], recipe)
@@ -91,7 +92,8 @@ def test_generation_scores_with_known_predictions(recipe, tiny_llama_dir, monkey
     assert metrics["token_f1"] == pytest.approx((1 + 1 + 2 / 3 + 1) / 4)
     assert metrics["rouge_l"] == pytest.approx((1 + 1 + 2 / 3 + 0.5) / 4)
     assert metrics["loss"] > 0 and metrics["perplexity"] == pytest.approx(torch.tensor(metrics["loss"]).exp().item(), rel=1e-5)
-    assert rows[2] == {"prompt": "Repeat cat", "reference": "cat", "prediction": "cat dog"}
+    assert rows[2] == {"prompt": "Repeat cat", "reference": "cat", "prediction": "cat dog", "stopped": True}
+    assert metrics["stopped_rate"] == 1.0
 
 
 class FixedClassifier(torch.nn.Module):

@@ -9,6 +9,7 @@ import pytest
 
 from ftune.data.formats import Record
 from ftune.data.templates import read_chat_template
+from ftune.generation import Reply
 from ftune.evaluate import score_generation
 from ftune.recipe.loader import validate_recipe
 from tests.conftest import recipe_dict
@@ -40,7 +41,7 @@ def test_tool_call_scores_with_known_replies(tiny_llama_dir, alpaca_files, tmp_p
 
     def replies(model, tok, prompts, tools=None, **kw):
         seen_tools.extend(tools)
-        return [CALLS[p[-1]["content"]] if p[-1]["role"] == "user" else "It is 21 degrees in Paris." for p in prompts]
+        return [Reply(CALLS[p[-1]["content"]] if p[-1]["role"] == "user" else "It is 21 degrees in Paris.", True) for p in prompts]
 
     monkeypatch.setattr(ftune.generation, "generate_replies", replies)
     recipe = validate_recipe(recipe_dict(tiny_llama_dir, *alpaca_files, tmp_path / "run", data={"max_length": 256}))

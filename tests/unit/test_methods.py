@@ -469,4 +469,6 @@ def test_generated_replies_are_what_the_trained_model_computes(bases, name):
     prompt_length = len(tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, return_dict=True)["input_ids"])
     expected = tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True).strip()
 
-    assert generate_replies(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)[0] == expected
+    reply = generate_replies(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)[0]
+    assert reply.text == expected
+    assert reply.stopped == (ids.shape[1] - prompt_length < 6)  # the loop above broke on EOS before six tokens
