@@ -256,6 +256,8 @@ def export(
                    f"(tolerance {report.writer_tolerance:.3g})")
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
+    if report.modelfile:
+        typer.echo(f"Ollama: ollama create NAME -f {report.modelfile}" + (f" ({report.chat_layout} chat template)" if report.chat_layout else ""))
     if not report.passed:
         typer.echo(f"error: {report.path} does not reproduce the model (kept for inspection; do not deploy it)", err=True)
         raise typer.Exit(1)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ftune.errors import FtuneError
-from ftune.gguf import DEFAULT_QUANT, UnsupportedExport, as_stored, check_gguf_support, check_quant, write_gguf
+from ftune.gguf import DEFAULT_QUANT, UnsupportedExport, adds_bos, as_stored, check_gguf_support, check_quant, write_gguf
+from ftune.ollama import LAYOUTS, detect_chat_format, modelfile_path, modelfile_text
 from ftune.parity import compare_logits
 from ftune.recipe.tasks import CLASSIFICATION
 from ftune.run_dir import RunDir, atomic_dir, atomic_file, load_run, run_lock, verification_report, write_json_atomic
@@ -58,6 +59,8 @@ class ExportReport:
     # writer or loader mistake (names, q/k order, metadata) moves it, never the quantization error itself.
     writer_max_abs_logit_diff: float | None = None
     writer_tolerance: float | None = None
+    modelfile: str | None = None  # GGUF: the Ollama Modelfile written beside it
+    chat_layout: str | None = None  # the turn layout its TEMPLATE reproduces (ftune.ollama.LAYOUTS), None if none matched
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -83,8 +86,9 @@ def export_safetensors(model_dir: Path, out: Path, *, max_shard_size: str = "2GB
     return _verified_report(out, "safetensors", None, model, reloaded, tokenizer, AutoTokenizer.from_pretrained(out), [])
 
 
-def export_gguf(model_dir: Path, out: Path, *, quant: str = DEFAULT_QUANT) -> ExportReport:
-    """Write ``model_dir`` as one llama.cpp GGUF file with its tokenizer and chat template."""
+def export_gguf(model_dir: Path, out: Path, *, quant: str = DEFAULT_QUANT, system_prompt: str | None = None) -> ExportReport:
+    """Write ``model_dir`` as one llama.cpp GGUF file with its tokenizer and chat template, and an Ollama Modelfile
+    beside it (``system_prompt``: the recipe's, else the template's own default)."""
     import copy
 
     import torch
@@ -104,24 +108,32 @@ def export_gguf(model_dir: Path, out: Path, *, quant: str = DEFAULT_QUANT) -> Ex
         (Path(isolated) / out.name).symlink_to(out.resolve())
         reloaded = AutoModelForCausalLM.from_pretrained(isolated, gguf_file=out.name, dtype=torch.float32).eval()
         gguf_tokenizer = AutoTokenizer.from_pretrained(isolated, gguf_file=out.name)
-    return _verified_report(out, "gguf", quant, model, reloaded, tokenizer, gguf_tokenizer, notes,
-                            as_stored=as_stored(copy.deepcopy(model), quant))
+    chat = detect_chat_format(tokenizer, runtime_adds_bos=adds_bos(tokenizer))
+    if chat is None:
+        notes = [*notes, f"Modelfile has no TEMPLATE: the chat template matches none of {', '.join(LAYOUTS)}; "
+                         "Ollama falls back to the GGUF's chat template metadata"]
+    with atomic_file(modelfile_path(out)) as staging:
+        staging.write_text(modelfile_text(out.name, chat, system_prompt=system_prompt), encoding="utf-8")
+    report = _verified_report(out, "gguf", quant, model, reloaded, tokenizer, gguf_tokenizer, notes,
+                              as_stored=as_stored(copy.deepcopy(model), quant))
+    report.modelfile, report.chat_layout = str(modelfile_path(out)), chat.layout if chat else None
+    return report
 
 
 @dataclass(frozen=True)
 class ExportFormat:
     write: Callable[..., ExportReport]  # (complete model folder, output path, **options) -> report
     default_name: Callable[[dict], str]  # output name under RUN/export/, from the options
-    options: Callable[[str | None], dict]  # --quant -> the writer's options, refusing what does not apply
+    options: Callable[[str | None, Any], dict]  # (--quant, recipe) -> the writer's options, refusing what does not apply
 
 
-def _gguf_options(quant: str | None) -> dict:
+def _gguf_options(quant: str | None, recipe) -> dict:
     if quant is not None:
         check_quant(quant)
-    return {"quant": quant or DEFAULT_QUANT}
+    return {"quant": quant or DEFAULT_QUANT, "system_prompt": recipe.data.system_prompt}
 
 
-def _no_quant(quant: str | None) -> dict:
+def _no_quant(quant: str | None, recipe) -> dict:
     if quant is not None:
         raise FtuneError("--quant applies to --format gguf only; safetensors keeps the merged weights' dtype")
     return {}
@@ -201,8 +213,8 @@ def run_export(run_dir, fmt: str, *, quant: str | None = None, out: str | Path |
     if fmt not in FORMATS:
         raise FtuneError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     export_format = FORMATS[fmt]
-    options = export_format.options(quant)
     run, recipe = load_run(run_dir)
+    options = export_format.options(quant, recipe)
     if recipe.task == CLASSIFICATION:
         raise UnsupportedExport(
             f"{run.root}: ftune export writes causal language models; a classification run's merged folder "
@@ -212,7 +224,7 @@ def run_export(run_dir, fmt: str, *, quant: str | None = None, out: str | Path |
     with run_lock(run.root, echo=echo):
         source = complete_weights(run, recipe, echo=echo)
         target = Path(out).expanduser().resolve() if out else run.export_dir / export_format.default_name(options)
-        echo(f"Exporting {source} as {fmt}{''.join(' ' + str(v) for v in options.values())} to {target}...")
+        echo(f"Exporting {source} as {fmt}{' ' + options['quant'] if 'quant' in options else ''} to {target}...")
         report = export_format.write(source, target, **options)
         write_json_atomic(verification_report(target), report.to_dict())
     return report

@@ -177,7 +177,7 @@ def test_other_architectures_round_trip(tmp_path, tokenizer, config_cls, model_c
 def test_atomic_write_leaves_no_temp_file(tiny_dir, tmp_path):
     out = tmp_path / "model.gguf"
     export_gguf(tiny_dir, out, quant="f16")
-    assert [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.Modelfile", "model.gguf"]
 
 
 def test_crash_mid_write_keeps_previous_file(tiny_dir, tmp_path, monkeypatch):

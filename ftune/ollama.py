@@ -1,0 +1,102 @@
+"""Ollama Modelfile beside an exported GGUF: FROM, the chat TEMPLATE, stop tokens and the system prompt.
+
+The tokenizer's Jinja chat template is not translated symbol by symbol (Jinja and Go templates share
+no grammar); instead its output on probe conversations is matched against the turn layouts of
+``LAYOUTS``, each of which has a known Go form. A template that matches none gets no TEMPLATE line
+(Ollama then falls back to the GGUF's own chat template metadata) and the report says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TurnLayout:
+    """Every turn is ``before + role + after + content + end``; the reply starts with ``reply_start``."""
+
+    before: str
+    after: str
+    end: str
+    reply_start: str
+
+    def render(self, messages: list[dict]) -> str:
+        turns = "".join(f"{self.before}{m['role']}{self.after}{m['content']}{self.end}" for m in messages)
+        return turns + self.reply_start
+
+    def go_template(self) -> str:
+        # Ollama puts the Modelfile's SYSTEM into .Messages as a system turn when a request has none.
+        return f"{{{{- range .Messages }}}}{self.before}{{{{ .Role }}}}{self.after}{{{{ .Content }}}}{self.end}{{{{ end }}}}{self.reply_start}"
+
+
+# Qwen2/2.5, SmolLM2 and other ChatML models (their default system prompts are found by probing); Llama 3.
+LAYOUTS: dict[str, TurnLayout] = {
+    "chatml": TurnLayout("<|im_start|>", "\n", "<|im_end|>\n", "<|im_start|>assistant\n"),
+    "llama3": TurnLayout("<|start_header_id|>", "<|end_header_id|>\n\n", "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
+}
+
+# Plain words on purpose: no template trims or escapes them, so a layout match is exact.
+_PROBE = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+]
+_PROBE_SYSTEM = {"role": "system", "content": "Answer in one word."}
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    layout: str
+    template: str  # Go template, as Ollama's TEMPLATE takes it
+    stop: tuple[str, ...]
+    default_system: str | None  # what the Jinja template inserts when a conversation has no system turn
+
+
+def detect_chat_format(tokenizer: Any, *, runtime_adds_bos: bool) -> ChatFormat | None:
+    """The layout whose rendering equals the tokenizer's own on the probe conversations, or None."""
+    if not isinstance(tokenizer.chat_template, str):
+        return None
+
+    def jinja(messages: list[dict]) -> str:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        bos = tokenizer.bos_token
+        # llama.cpp puts BOS in front of the prompt itself when the GGUF says so; the template must not repeat it.
+        return text[len(bos):] if runtime_adds_bos and bos and text.startswith(bos) else text
+
+    with_system, without_system = jinja([_PROBE_SYSTEM, *_PROBE]), jinja(_PROBE)
+    for name, layout in LAYOUTS.items():
+        if layout.render([_PROBE_SYSTEM, *_PROBE]) != with_system:
+            continue
+        default_system = None
+        if layout.render(_PROBE) != without_system:
+            default_system = _inserted_system(layout, without_system)
+            if default_system is None or layout.render([{"role": "system", "content": default_system}, *_PROBE]) != without_system:
+                continue
+        stop = tuple(dict.fromkeys(token for token in (layout.end.strip(), tokenizer.eos_token) if token))
+        return ChatFormat(name, layout.go_template(), stop, default_system)
+    return None
+
+
+def _inserted_system(layout: TurnLayout, rendered: str) -> str | None:
+    start = f"{layout.before}system{layout.after}"
+    if not rendered.startswith(start):
+        return None
+    end = rendered.find(layout.end, len(start))
+    return rendered[len(start):end] if end >= 0 else None
+
+
+def modelfile_text(gguf_name: str, chat: ChatFormat | None, *, system_prompt: str | None) -> str:
+    lines = [f"# ollama create NAME -f {gguf_name.removesuffix('.gguf')}.Modelfile", f"FROM ./{gguf_name}"]
+    if chat is not None:
+        lines.append(f'TEMPLATE """{chat.template}"""')
+        lines += [f'PARAMETER stop "{token}"' for token in chat.stop]
+    system = system_prompt if system_prompt is not None else chat.default_system if chat is not None else None
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    return "\n".join(lines) + "\n"
+
+
+def modelfile_path(gguf_file: Path) -> Path:
+    return gguf_file.with_suffix(".Modelfile")
