@@ -237,12 +237,15 @@ def export(
     format: str = typer.Option(..., "--format", help="safetensors or gguf."),
     quant: Optional[str] = typer.Option(None, "--quant", help=f"GGUF weight type: {', '.join(GGUF_QUANTS)} (default {DEFAULT_QUANT})."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf) or folder (safetensors); default under RUN/export/."),
+    verify: Optional[str] = typer.Option(None, "--verify", help="Also run a GGUF in this runtime and compare its replies: llama.cpp "
+                                         "(needs pip install 'ftune[llamacpp]')."),
+    prompts: int = typer.Option(16, "--prompts", min=1, help="Held-out prompts --verify compares replies on."),
 ) -> None:
     """Write the run's complete weights (merging first if needed) as GGUF or safetensors, verified by reloading."""
     from ftune.export import MergeParityError, run_export
 
     try:
-        report = run_export(run_dir, format, quant=quant, out=out, echo=typer.echo)
+        report = run_export(run_dir, format, quant=quant, out=out, verify=verify, prompts=prompts, echo=typer.echo)
     except MergeParityError as failed:
         typer.echo(f"error: cannot export: {failed}; nothing was written", err=True)
         raise typer.Exit(1) from None
@@ -256,6 +259,11 @@ def export(
                    f"(tolerance {report.writer_tolerance:.3g})")
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
+    if report.llama_cpp:
+        checked = report.llama_cpp
+        typer.echo(f"llama.cpp: same reply as transformers on {checked['same_text']:.0%} of {checked['prompts']} prompts "
+                   f"({'required: 100%' if checked['required'] else 'reported for a quantized file'}), same tokens "
+                   f"{checked['same_tokens']:.0%}, stopped on EOS {checked['stopped_rate']:.0%}")
     if report.modelfile:
         typer.echo(f"Ollama: ollama create NAME -f {report.modelfile}" + (f" ({report.chat_layout} chat template)" if report.chat_layout else ""))
     if not report.passed:

@@ -61,6 +61,7 @@ class ExportReport:
     writer_tolerance: float | None = None
     modelfile: str | None = None  # GGUF: the Ollama Modelfile written beside it
     chat_layout: str | None = None  # the turn layout its TEMPLATE reproduces (ftune.ollama.LAYOUTS), None if none matched
+    llama_cpp: dict | None = None  # --verify llama.cpp: ftune.llamacpp.LlamaCppReport
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,12 +207,22 @@ def complete_weights(run: RunDir, recipe, *, echo=print) -> Path:
     return run.merged
 
 
-def run_export(run_dir, fmt: str, *, quant: str | None = None, out: str | Path | None = None, echo=print) -> ExportReport:
-    """Export the run's complete weights with ``FORMATS[fmt]``; the verification report is written beside the output."""
+VERIFIERS = ("llama.cpp",)  # runtimes ``--verify`` can run an export in, beside the transformers reload every export gets
+
+
+def run_export(run_dir, fmt: str, *, quant: str | None = None, out: str | Path | None = None, verify: str | None = None,
+               prompts: int = 16, echo=print) -> ExportReport:
+    """Export the run's complete weights with ``FORMATS[fmt]``; the verification report is written beside the output.
+
+    ``verify="llama.cpp"`` also runs a GGUF in llama.cpp on ``prompts`` of the run's held-out prompts."""
     from ftune.runtime import quiet_libraries
 
     if fmt not in FORMATS:
         raise FtuneError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if verify is not None and verify not in VERIFIERS:
+        raise FtuneError(f"--verify {verify!r}: expected one of {', '.join(VERIFIERS)}")
+    if verify is not None and fmt != "gguf":
+        raise FtuneError(f"--verify {verify} runs GGUF files; add --format gguf")
     export_format = FORMATS[fmt]
     run, recipe = load_run(run_dir)
     options = export_format.options(quant, recipe)
@@ -226,5 +237,26 @@ def run_export(run_dir, fmt: str, *, quant: str | None = None, out: str | Path |
         target = Path(out).expanduser().resolve() if out else run.export_dir / export_format.default_name(options)
         echo(f"Exporting {source} as {fmt}{' ' + options['quant'] if 'quant' in options else ''} to {target}...")
         report = export_format.write(source, target, **options)
+        if verify == "llama.cpp":
+            check_in_llama_cpp(report, run, recipe, source, prompts, echo=echo)
         write_json_atomic(verification_report(target), report.to_dict())
     return report
+
+
+def check_in_llama_cpp(report: ExportReport, run: RunDir, recipe, source: Path, prompts: int, *, echo=print) -> None:
+    from ftune.data.heldout import conversations, load_heldout
+    from ftune.generation import prompt_and_reference
+    from ftune.llamacpp import INSTALL_HINT, llama_cpp_available, verify_with_llama_cpp
+
+    if not llama_cpp_available():
+        report.notes.append(f"llama.cpp check skipped: llama-cpp-python is not installed; {INSTALL_HINT}")
+        return
+    chats = [prompt_and_reference(c)[0] for c in conversations(load_heldout(run, recipe))][:prompts]
+    if not chats:
+        report.notes.append("llama.cpp check skipped: the run's held-out split has no chat prompts")
+        return
+    echo(f"Running {report.path.name} in llama.cpp on {len(chats)} held-out prompts...")
+    checked = verify_with_llama_cpp(report.path, source, chats, quant=report.quant, max_new_tokens=recipe.evaluation.max_new_tokens,
+                                    batch_size=recipe.evaluation.batch_size)
+    report.llama_cpp = checked.to_dict()
+    report.passed = report.passed and checked.passed

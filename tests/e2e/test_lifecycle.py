@@ -111,9 +111,17 @@ def test_lifecycle_through_the_cli(trained_run, tmp_path, alpaca_files):
     assert result.exit_code == 2 and "--split" in result.output
 
     # Export before any merge: it merges first, then writes and verifies the GGUF.
-    result = invoke("export", run, "--format", "gguf", "--quant", "f32")
+    result = invoke("export", run, "--format", "gguf", "--quant", "f32", "--verify", "llama.cpp", "--prompts", "4")
     assert result.exit_code == 0, result.output
     assert "merging first" in result.output and "verification" in result.output
+    assert f"ollama create NAME -f {run / 'export' / 'model-f32.Modelfile'} (chatml chat template)" in result.output
+    from ftune.llamacpp import llama_cpp_available
+
+    if llama_cpp_available():  # the llamacpp extra: the f32 file must give the same replies in llama.cpp
+        checked = json.loads((run / "export" / "model-f32.gguf.verify.json").read_text())["llama_cpp"]
+        assert checked["prompts"] == 4 and checked["same_text"] == 1.0 and checked["same_tokens"] == 1.0, checked
+    else:
+        assert "llama.cpp check skipped: llama-cpp-python is not installed; pip install 'ftune[llamacpp]'" in result.output
     parity = json.loads((run / "merged" / "parity.json").read_text())
     assert parity["passed"] and parity["max_abs_logit_diff"] <= 1e-5 and parity["next_token_agreement"] == 1.0
     gguf_file = run / "export" / "model-f32.gguf"
@@ -283,6 +291,8 @@ def test_export_and_generate_reject_bad_options(tmp_path, tiny_llama_dir, alpaca
         (["--format", "onnx"], "--format 'onnx': expected one of safetensors, gguf"),
         (["--format", "gguf", "--quant", "q3_0"], "--quant 'q3_0': expected one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0"),
         (["--format", "safetensors", "--quant", "f16"], "--quant applies to --format gguf only"),
+        (["--format", "safetensors", "--verify", "llama.cpp"], "--verify llama.cpp runs GGUF files; add --format gguf"),
+        (["--format", "gguf", "--verify", "ollama"], "--verify 'ollama': expected one of llama.cpp"),
     ):
         result = invoke("export", run, *args)
         assert result.exit_code == 2 and expected in result.output
