@@ -68,3 +68,19 @@ def test_merged_and_gguf_exports_generate_like_the_adapter(quickstart_run):
         exported = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32).eval()
         assert greedy(exported, tokenizer, prompts) == expected, quant
         del exported
+
+
+def test_llama_cpp_replies_like_transformers_on_the_exported_files(quickstart_run):
+    pytest.importorskip("llama_cpp", reason="needs the llamacpp extra: pip install 'ftune[llamacpp]'")
+    rows = []
+    for quant in ("f16", "q8_0", "q4_0"):
+        out = quickstart_run / "export" / f"llamacpp-{quant}.gguf"
+        result = invoke("export", quickstart_run, "--format", "gguf", "--quant", quant, "--out", out, "--verify", "llama.cpp")
+        checked = json.loads((out.parent / f"{out.name}.verify.json").read_text())["llama_cpp"]
+        rows.append(f"| {quant} | {checked['prompts']} | {checked['same_text']:.2f} | {checked['same_tokens']:.2f} | {checked['stopped_rate']:.2f} |")
+        assert checked["same_tokens"] == 1.0, checked  # llama.cpp's tokenizer splits the prompts as transformers does
+        assert checked["stopped_rate"] == 1.0, checked  # the tuned model ends its ISO dates in llama.cpp too
+        if quant == "f16":
+            assert checked["same_text"] == 1.0, checked
+        assert "llama.cpp: same reply as transformers" in result.output
+    print("| quant | prompts | same reply | same tokens | stopped |", "| --- | --- | --- | --- | --- |", *rows, sep="\n")
