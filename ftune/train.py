@@ -28,6 +28,7 @@ from ftune.hardware import (
     resolve_tf32, resolve_threads,
 )
 from ftune.methods import apply_method, count_parameters, method_callbacks, save_method_artifact
+from ftune.methods.peft_family import adapted_modules, moe_routers
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.plan import check_fits
 from ftune.recipe import Recipe
@@ -144,14 +145,34 @@ def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=pri
         save_run_data(run, splits)
     seed_everything(recipe.training.seed)  # new heads and adapter weights are drawn from it
     base = load_base_model(recipe.model, recipe.quantization, task=recipe.task, labels=splits.label_names)
+    if (note := keep_router_loss(base)) is not None:
+        echo(note)
+    routers = {name.rsplit(".", 1)[-1] + ".weight" for name in moe_routers(base)}  # before a method wraps them
     model = apply_method(base, recipe.method, recipe.task)
     trainable, total = count_parameters(model)
     echo(f"Method {recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.4f}%)")
+    if adapted := adapted_modules(model):
+        echo(f"  adapted: {', '.join(adapted)}")
+        if routers := routers & set(adapted):
+            echo(f"  note: {', '.join(sorted(routers))} is the mixture-of-experts router: adapting it changes which experts "
+                 "each token reaches (all-linear leaves it alone)")
     echo(f"attention: {base.config._attn_implementation}")
     trainer = (build_preference_trainer if preference else build_trainer)(
         model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks
     )
     return Session(trainer, tokenizer, splits, trainable, total)
+
+
+def keep_router_loss(model) -> str | None:
+    """Mixture-of-experts models add their load-balancing loss to the LM loss only when asked to return router logits;
+    without it the router is free to send every token to the same experts. The weight is the model's own
+    ``router_aux_loss_coef`` (0.001 for Mixtral and Qwen3-MoE), as the architecture was trained with."""
+    config = model.config
+    coefficient = getattr(config, "router_aux_loss_coef", 0.0) or 0.0
+    if not hasattr(config, "output_router_logits") or coefficient <= 0:
+        return None
+    config.output_router_logits = True
+    return f"mixture of experts: training loss = LM loss + {coefficient:g} x router load-balancing loss (router_aux_loss_coef)"
 
 
 def save_run_data(run: RunDir, splits) -> None:

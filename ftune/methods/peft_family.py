@@ -42,8 +42,9 @@ def check_target_modules(model, targets, key: str = "method.target_modules") -> 
     """Every entry must match some module: a partial typo must not silently train fewer layers."""
     if targets is None or isinstance(targets, str):
         return
-    available = module_suffixes(model)
-    missing = [t for t in targets if not modules_named(model, t)]
+    experts = moe_expert_targets(model)
+    available = sorted({*module_suffixes(model), *experts})
+    missing = [t for t in targets if not modules_named(model, t) and t not in experts]
     if missing:
         raise FtuneError(
             f"{key}: {', '.join(repr(m) for m in sorted(missing))} match no module of this model; available: {', '.join(available)}"
@@ -70,10 +71,49 @@ def wrap_with_peft(model, peft_config, method: str):
     from peft import get_peft_model
 
     check_target_modules(model, getattr(peft_config, "target_modules", None))
+    if getattr(peft_config, "target_modules", None) == "all-linear" and (experts := moe_expert_targets(model)):
+        # peft resolves all-linear on a transformers 5 mixture of experts as transformers 4 matched nn.Linear, router
+        # included; adapting the router moves which experts every token reaches, so it is left out unless named.
+        peft_config.target_modules = sorted(linear_layer_names(model, skip=peft_config.modules_to_save or ()) | experts)
     try:
         return get_peft_model(prepare_quantized(model), peft_config)
     except ValueError as exc:  # peft's own checks: block sizes that do not divide, unsupported layers...
         raise FtuneError(f"method: peft cannot apply {method} to this {model.config.model_type} model: {exc}") from exc
+
+
+def moe_routers(model) -> list[str]:
+    """Dotted names of the mixture-of-experts routers (transformers' ``*Router`` modules: Mixtral, Qwen3-MoE, ...)."""
+    return [name for name, module in model.named_modules() if type(module).__name__.endswith("Router")]
+
+
+def moe_expert_targets(model) -> set[str]:
+    """The transformers 4 names peft maps onto a transformers 5 model's fused expert weights (Mixtral: w1, w2, w3;
+    the Qwen-MoE/DeepSeek family: gate_proj, up_proj, down_proj), router excluded; empty for dense models."""
+    try:  # peft's own conversion table (the lock pins the peft it was read from)
+        from peft.utils.transformers_weight_conversion import _MODEL_TO_CONVERSION_PATTERN, _MOE_TARGET_MODULE_MAPPING
+    except ImportError:
+        return set()
+    mapping = _MOE_TARGET_MODULE_MAPPING.get(_MODEL_TO_CONVERSION_PATTERN.get(model.config.model_type), {})
+    routers = {name.rsplit(".", 1)[-1] for name in moe_routers(model)}
+    return {old for old, new in mapping.items() if new.split(".")[0] not in routers}
+
+
+def linear_layer_names(model, *, skip=()) -> set[str]:
+    """Leaf names of the nn.Linear layers, without the LM head and the modules named in ``skip`` (task heads)."""
+    from torch import nn
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head}
+    return names - set(skip)
+
+
+def adapted_modules(model) -> list[str]:
+    """Leaf names of what a peft method wrapped (q_proj, ...; fused expert weights as experts.gate_up_proj, a router's
+    weight as gate.weight); empty for methods that wrap nothing."""
+    tuner = getattr(model, "base_model", None)
+    names = [name.rsplit(".", 1)[-1] for name in getattr(tuner, "targeted_module_names", [])]
+    names += [".".join(name.rsplit(".", 2)[-2:]) for name in getattr(tuner, "targeted_parameter_names", [])]
+    return sorted(set(names))
 
 
 def peft_apply(build: Builder):
