@@ -21,6 +21,8 @@ def test_tuned_smollm2_calls_tools_the_base_does_not(tmp_path, monkeypatch):
     invoke("train", "recipes/smollm2-135m/lora-tools.yaml", "--set", f'output_dir="{run}"')
     invoke("eval", run, "--base")
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    print({label: {k: metrics[label][k] for k in ("tool_call_rate", "tool_call_valid", "tool_call_exact", "stopped_rate")}
+           for label in ("base", "tuned")})
     assert metrics["tuned"]["tool_call_samples"] == 48
     assert metrics["tuned"]["tool_call_exact"] >= 0.7, metrics["tuned"]
     assert metrics["base"]["tool_call_exact"] < 0.1, metrics["base"]
