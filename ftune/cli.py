@@ -86,6 +86,10 @@ def validate(recipe: Path = RecipeArg, overrides: List[str] = SetOption, quiet: 
         typer.echo(f"# training.mixed_precision: {preview_precision(resolved.training.mixed_precision)}", err=True)
         threads = resolve_threads(resolved.training.threads)
         typer.echo(f"# training.threads: {threads.count} ({threads.reason})", err=True)
+    from ftune.families import untested_family_note
+
+    if (note := untested_family_note(resolved.model.name_or_path)) is not None:
+        typer.echo(f"# warning: {note}", err=True)
 
 
 @app.command()
@@ -331,6 +335,18 @@ def methods() -> None:
         typer.echo(
             f"{name:<12} {', '.join(sorted(cls.tasks)):<26} {bits:<10} {flags[0]:<10} {flags[1]:<10} {cls.needs or '-':<20} {cls.summary}"
         )
+
+
+@app.command()
+def models() -> None:
+    """Print the model-family matrix: which methods attach, GGUF export, mixture of experts (every cell is tested)."""
+    from ftune.families import MATRIX_COLUMNS, matrix_rows
+
+    rows = [MATRIX_COLUMNS, *matrix_rows()]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(MATRIX_COLUMNS) - 1)]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    typer.echo("Encoders (bert, roberta, xlm-roberta, distilbert): classification with every method; sequential adapters.")
 
 
 def main() -> None:

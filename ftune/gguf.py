@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ftune.errors import FtuneError
+from ftune.families import FAMILIES
 
 if TYPE_CHECKING:
     import numpy as np
@@ -22,9 +23,8 @@ GGUF_QUANTS = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 K_QUANTS = ("q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 DEFAULT_QUANT = "f16"
 
-# model_type -> (llama.cpp architecture, whether q/k rows are permuted). llama.cpp runs mistral as
-# llama; it runs qwen2 with NEOX rotary, which already matches Hugging Face's rotate-half layout.
-_ARCHITECTURES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+# model_type -> (llama.cpp architecture, whether q/k rows are permuted), from ftune.families.
+_ARCHITECTURES = {model_type: (family.gguf, family.permute_qk) for model_type, family in FAMILIES.items() if family.gguf}
 SUPPORTED_GGUF_ARCHITECTURES = tuple(_ARCHITECTURES)
 
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", **{q: f"MOSTLY_{q.upper()}" for q in GGUF_QUANTS[3:]}}

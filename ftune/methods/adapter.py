@@ -22,35 +22,24 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ftune.errors import FtuneError
+from ftune.families import FAMILIES
 from ftune.methods.heads import task_head_names
 from ftune.methods.peft_family import prepare_quantized
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_NAME = "adapter_config.json"
 
-# Names of the sublayer output projections, relative to one transformer layer.
+# The modules whose output a sequential adapter transforms, and the blocks a parallel adapter sits beside (their
+# first input is the hidden state the block reads, their first output what it adds to the residual stream), relative
+# to one transformer layer; from ftune.families. Post-norm encoders (BERT) normalise inside their attention/output
+# modules, so they have no block to wrap in parallel.
 SUBLAYER_OUTPUTS: dict[str, dict[str, str]] = {
-    **{
-        model_type: {"attention": "self_attn.o_proj", "feed_forward": "mlp.down_proj"}
-        for model_type in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "phi3")
-    },
-    **{
-        model_type: {"attention": "attention.output.dense", "feed_forward": "output.dense"}
-        for model_type in ("bert", "roberta", "xlm-roberta")
-    },
-    "distilbert": {"attention": "attention.out_lin", "feed_forward": "ffn.lin2"},
-    "gpt2": {"attention": "attn.c_proj", "feed_forward": "mlp.c_proj"},
+    model_type: {"attention": family.attention_output, "feed_forward": family.feed_forward_output}
+    for model_type, family in FAMILIES.items() if family.attention_output and family.feed_forward_output
 }
-
-# The blocks a parallel adapter sits beside: their first input is the hidden state the block reads,
-# and their (first) output is what the block adds to the residual stream. Post-norm encoders (BERT)
-# normalise inside the attention/output modules, so there is no such block to wrap there.
 SUBLAYER_BLOCKS: dict[str, dict[str, str]] = {
-    **{
-        model_type: {"attention": "self_attn", "feed_forward": "mlp"}
-        for model_type in ("llama", "mistral", "qwen2", "qwen3", "smollm3", "gemma", "gemma2", "phi3")
-    },
-    "gpt2": {"attention": "attn", "feed_forward": "mlp"},
+    model_type: {"attention": family.attention_block, "feed_forward": family.feed_forward_block}
+    for model_type, family in FAMILIES.items() if family.attention_block and family.feed_forward_block
 }
 
 STYLES = ("sequential", "parallel")

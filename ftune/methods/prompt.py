@@ -81,14 +81,14 @@ def check_prefix_reaches_attention(peft_model, method: str) -> None:
 
     base = peft_model.get_base_model()
     device = next(peft_model.parameters()).device
-    ones = torch.ones((1, 1), dtype=torch.long, device=device)
+    ones = torch.ones((2, 2), dtype=torch.long, device=device)  # a batch: GPT-NeoX's prefixes break on the batch dimension
     was_training = peft_model.training
     peft_model.eval()
     try:
         with torch.no_grad():
             tuned = peft_model(input_ids=ones, attention_mask=ones).logits
             plain = base(input_ids=ones, attention_mask=ones).logits
-    except (TypeError, ValueError) as err:  # an unexpected keyword, or peft's own refusal
+    except (TypeError, ValueError, RuntimeError) as err:  # an unexpected keyword, peft's own refusal, mismatched shapes
         raise FtuneError(prefix_refusal(base, method, str(err))) from err
     finally:
         peft_model.train(was_training)

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ftune.errors import FtuneError
+from ftune.families import with_capability
 from ftune.methods.adapter import BottleneckDelta, WrapsBaseLayer
 from ftune.methods.heads import task_head_names
 from ftune.methods.peft_family import prepare_quantized
@@ -38,7 +39,7 @@ from ftune.methods.peft_family import prepare_quantized
 WEIGHTS_NAME = "unipelt_model.safetensors"
 CONFIG_NAME = "unipelt_config.json"
 # Decoder families whose layers hold self_attn.{q,v,o}_proj and an mlp block taking and returning the hidden state.
-FAMILIES = ("gemma", "gemma2", "llama", "mistral", "qwen2", "qwen3", "smollm3")
+FAMILIES = with_capability("unipelt")
 PART = re.compile(r"\.(lora_A|lora_B|gate|adapter)\.|\.prefix_(keys|values)$")  # names of UniPELT's own parameters
 
 

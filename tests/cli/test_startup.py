@@ -25,3 +25,8 @@ def test_validate_loads_no_heavy_library(make_recipe):
         f"result = CliRunner().invoke(app, ['validate', {str(path)!r}])\nassert result.exit_code == 0, result.output"
     )
     assert loaded_heavy_modules(code) == []
+
+
+def test_models_loads_no_heavy_library():
+    code = "from typer.testing import CliRunner\nfrom ftune.cli import app\nassert CliRunner().invoke(app, ['models']).exit_code == 0"
+    assert loaded_heavy_modules(code) == []

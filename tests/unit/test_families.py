@@ -1,0 +1,154 @@
+"""Every claim of ftune.families.FAMILIES, checked on a tiny model of each decoder family built from its config.
+
+A cell the table claims must work (loss falls, exactly the method's parameters train, save -> reload gives the
+same logits, merge reproduces the adapter); a cell it does not claim must be refused with the reason, naming
+what is supported. ``ftune models`` prints the same table, so it cannot claim what this file does not check.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ftune.errors import FtuneError
+from ftune.families import FAMILIES, Family
+from ftune.methods import apply_method, load_trained, save_method_artifact
+from tests.conftest import TOKENIZER_DIR
+from tests.unit.test_methods import loader, logits_of, make_batch, method, run_steps
+
+DECODERS = sorted(model_type for model_type, family in FAMILIES.items() if family.decoder)
+HIDDEN = 64
+
+
+def sizes(model_type: str) -> dict:
+    if model_type == "gpt2":
+        return dict(n_embd=HIDDEN, n_layer=2, n_head=4)
+    if model_type == "bloom":
+        return dict(hidden_size=HIDDEN, n_layer=2, n_head=4)
+    common = dict(hidden_size=HIDDEN, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=HIDDEN // 4)
+    if model_type == "mixtral":
+        common.update(num_local_experts=4, num_experts_per_tok=2)
+    if model_type == "qwen3_moe":
+        common.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1)
+    return common
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    folders = {}
+    for model_type in DECODERS:
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes(model_type))
+        folder = tmp_path_factory.mktemp(model_type)
+        AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[model_type] = folder
+    return folders
+
+
+def trains(model, steps: int = 4) -> bool:
+    losses = run_steps(model, make_batch(model, "causal_lm"), steps=steps)
+    return losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+@pytest.mark.parametrize("bits", [None, 4], ids=["lora", "qlora"])
+def test_lora_trains_reloads_and_merges(family_dirs, model_type, bits, tmp_path):
+    load = loader(family_dirs[model_type], "causal_lm", bits=bits)
+    model = apply_method(load(), method("lora", r=4, alpha=8, dropout=0.0), "causal_lm")
+    frozen = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
+    assert trains(model)
+    assert all(torch.equal(p, frozen[name]) for name, p in model.named_parameters() if name in frozen)
+    batch = make_batch(model, "causal_lm")
+    expected = logits_of(model, batch)
+    save_method_artifact(model, "lora", tmp_path)
+    assert torch.allclose(logits_of(load_trained("lora", load, tmp_path), batch), expected, atol=1e-5)
+    if bits is None:
+        merged = model.merge_and_unload()
+        assert torch.allclose(logits_of(merged, batch), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_full_fine_tuning_trains(family_dirs, model_type):
+    assert trains(apply_method(loader(family_dirs[model_type], "causal_lm")(), method("full"), "causal_lm"))
+
+
+CLAIMS = {  # capability -> (what the table says, the method that exercises it)
+    "adapter": (lambda family: bool(family.attention_output and family.feed_forward_output), method("adapter")),
+    "parallel adapter": (lambda family: bool(family.attention_block and family.feed_forward_block),
+                         method("adapter", style="parallel", scaling=4.0)),
+    "unipelt": (lambda family: family.unipelt, method("unipelt", lora={"r": 4}, prefix={"num_virtual_tokens": 4}, adapter={"bottleneck": 16})),
+    "prefix": (lambda family: family.prefix, method("prefix", num_virtual_tokens=4)),
+}
+
+
+@pytest.mark.parametrize("capability", sorted(CLAIMS))
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_each_claimed_method_works_and_each_other_is_refused(family_dirs, model_type, capability):
+    claimed, config = CLAIMS[capability]
+    family: Family = FAMILIES[model_type]
+    base = loader(family_dirs[model_type], "causal_lm")()
+    if claimed(family):
+        expected = logits_of(base, make_batch(base, "causal_lm"))
+        model = apply_method(base, config, "causal_lm")
+        if capability != "prefix":  # adapters and UniPELT start as the base; peft's prefixes start random
+            assert torch.allclose(logits_of(model, make_batch(model, "causal_lm")), expected, atol=1e-6)
+        assert trains(model)
+    else:
+        with pytest.raises(FtuneError) as refused:
+            apply_method(base, config, "causal_lm")
+        assert model_type in str(refused.value) or type(base).__name__ in str(refused.value)
+        assert "use method:" in str(refused.value).lower() or "supported" in str(refused.value)
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_gguf_exports_where_the_table_says_and_refuses_elsewhere(family_dirs, model_type, tmp_path):
+    from ftune.export import export_gguf
+    from ftune.gguf import SUPPORTED_GGUF_ARCHITECTURES, UnsupportedExport
+
+    out = tmp_path / "model.gguf"
+    if FAMILIES[model_type].gguf:
+        report = export_gguf(family_dirs[model_type], out, quant="f16")
+        assert report.passed, report.to_dict()
+    else:
+        with pytest.raises(UnsupportedExport) as refused:
+            export_gguf(family_dirs[model_type], out, quant="f16")
+        assert all(arch in str(refused.value) for arch in SUPPORTED_GGUF_ARCHITECTURES)
+        assert not out.exists()
+
+
+def test_the_table_covers_the_families_users_start_from():
+    for model_type in ("llama", "qwen2", "qwen3", "mistral", "gemma2", "phi3", "bloom", "gpt2", "gpt_neox", "mixtral", "qwen3_moe"):
+        assert model_type in DECODERS
+    assert {t for t, f in FAMILIES.items() if f.moe} == {"mixtral", "qwen3_moe"}
+
+
+def test_ftune_models_prints_the_table_and_validate_warns_outside_it(tmp_path, tiny_llama_dir, alpaca_files):
+    import json
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ftune.cli import app
+    from ftune.families import matrix_rows
+    from tests.conftest import recipe_dict, write_recipe
+
+    result = CliRunner().invoke(app, ["models"])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    for row in matrix_rows():
+        assert any(line.split()[: len(row) - 1] == list(row[:-1]) and line.endswith(row[-1]) for line in lines), row
+
+    train, eval_file = alpaca_files
+    recipe = write_recipe(tmp_path / "recipe.yaml", recipe_dict(tiny_llama_dir, train, eval_file, tmp_path / "run"))
+    assert "warning: model" not in CliRunner().invoke(app, ["validate", str(recipe)]).output
+    odd = shutil.copytree(tiny_llama_dir, tmp_path / "odd")
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "model_type": "falcon"}))
+    recipe = write_recipe(tmp_path / "odd.yaml", recipe_dict(odd, train, eval_file, tmp_path / "run"))
+    result = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 0 and "warning: model: model_type 'falcon' is not in ftune's tested families" in result.output
