@@ -33,7 +33,7 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("Llama 2/3, DeepSeek-LLM, SmolLM2", **_LLAMA_LIKE, gguf="llama", permute_qk=True),
     "mistral": Family("Mistral", **_LLAMA_LIKE, gguf="llama", permute_qk=True),  # llama.cpp runs Mistral as llama
     "qwen2": Family("Qwen2, Qwen2.5", **_LLAMA_LIKE, gguf="qwen2"),  # NEOX rotary = Hugging Face's rotate-half
-    "qwen3": Family("Qwen3", **_LLAMA_LIKE),
+    "qwen3": Family("Qwen3", **_LLAMA_LIKE, gguf="qwen3"),
     "smollm3": Family("SmolLM3", **_LLAMA_LIKE),
     "gemma": Family("Gemma", **_LLAMA_LIKE),
     "gemma2": Family("Gemma 2", **_LLAMA_LIKE),
@@ -42,7 +42,7 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family("GPT-2", attention_output="attn.c_proj", feed_forward_output="mlp.c_proj",
                    attention_block="attn", feed_forward_block="mlp"),
     # BLOOM's attention and MLP add the residual inside themselves, so no block can be wrapped as a parallel branch.
-    "bloom": Family("BLOOM", attention_output="self_attention.dense", feed_forward_output="mlp.dense_4h_to_h"),
+    "bloom": Family("BLOOM", attention_output="self_attention.dense", feed_forward_output="mlp.dense_4h_to_h", gguf="bloom"),
     "gpt_neox": Family("GPT-NeoX, Pythia", attention_output="attention.dense", feed_forward_output="mlp.dense_4h_to_h",
                        attention_block="attention", feed_forward_block="mlp", prefix=False),
     # Bottleneck adapters need a dense feed-forward block to sit after or beside; a sparse MoE block is not one.

@@ -53,6 +53,10 @@ def check_gguf_support(config: Any, quant: str) -> None:
             f"GGUF export does not support model_type {config.model_type!r}; "
             f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
         )
+    head_dim = getattr(config, "head_dim", None)
+    if config.model_type == "qwen3" and head_dim != 128:
+        # transformers' GGUF loader, which verifies every file, has no key for it and assumes Qwen3's 128.
+        raise UnsupportedExport(f"GGUF export of Qwen3 needs head_dim 128 (every released Qwen3 has it), not {head_dim}")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise UnsupportedExport(f"GGUF export supports only default rotary embeddings, not {rope['rope_type']!r}")
@@ -65,25 +69,13 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
     config = model.config
     arch_name, permute_qk = _ARCHITECTURES[config.model_type]
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope = getattr(config, "rope_parameters", None) or {}
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
 
     writer = gguf.GGUFWriter(path, arch_name)
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[quant]])
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_rope_dimension_count(head_dim)
-    if head_dim != config.hidden_size // heads:
-        writer.add_key_length(head_dim)
-        writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    (_add_bloom_hyperparameters if arch_name == "bloom" else _add_rotary_hyperparameters)(writer, config)
     writer.add_vocab_size(config.vocab_size)
     _add_tokenizer(writer, tokenizer, config.vocab_size)
     if quant.startswith("q"):
@@ -96,12 +88,16 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp reuses token_embd when output.weight is absent
         mapped = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if mapped is None and "." in hf_name:  # gguf's table lists some BLOOM names without the "transformer." prefix
+            mapped = name_map.get_type_and_name(hf_name.split(".", 1)[1], try_suffixes=(".weight", ".bias"))
         if mapped is None:
             raise UnsupportedExport(f"no GGUF tensor name for {hf_name!r} in architecture {arch_name!r}")
         kind, gguf_name = mapped
         data = tensor.detach().float().numpy()
         if permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
             data = _permute_for_rope(data, heads if kind == gguf.MODEL_TENSOR.ATTN_Q else kv_heads)
+        if arch_name == "bloom" and kind == gguf.MODEL_TENSOR.ATTN_QKV:
+            data = _split_bloom_qkv(data, heads)
         data, stored = _encode(data, qtype)
         if tensor.dim() > 1 and stored != qtype:
             fallbacks.append(gguf_name)
@@ -117,6 +113,43 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
         return []
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     return [f"{quant} needs rows divisible by {block}; stored as f16 instead: {', '.join(fallbacks)}"]
+
+
+def _add_rotary_hyperparameters(writer: Any, config: Any) -> None:
+    """Llama-style decoders (llama, mistral, qwen2, qwen3): RMS norms and rotary positions."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+
+
+def _add_bloom_hyperparameters(writer: Any, config: Any) -> None:
+    """BLOOM: LayerNorm with bias, ALiBi instead of rotary positions, a 4x feed-forward (as llama.cpp's converter)."""
+    writer.add_context_length(getattr(config, "seq_length", None) or config.hidden_size)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(4 * config.hidden_size)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+
+
+def _split_bloom_qkv(weights: "np.ndarray", n_head: int) -> "np.ndarray":
+    """BLOOM interleaves q, k and v per head; llama.cpp wants all q rows, then k, then v (its converter's reshape,
+    which transformers' GGUF loader undoes)."""
+    per_head = weights.reshape(n_head, 3, weights.shape[0] // n_head // 3, *weights.shape[1:])
+    return per_head.swapaxes(0, 1).reshape(weights.shape)
 
 
 def _permute_for_rope(weights: "np.ndarray", n_head: int) -> "np.ndarray":

@@ -204,14 +204,18 @@ def load_base_model(
     from ftune.hardware import resolve_attention
 
     dtype = resolve_dtype(config.dtype)
+    attention = resolve_attention(config.attn_implementation, str(dtype).removeprefix("torch.")).implementation
     kwargs = dict(
         revision=config.revision,
         trust_remote_code=config.trust_remote_code,
         dtype=dtype,
-        attn_implementation=resolve_attention(config.attn_implementation, str(dtype).removeprefix("torch.")).implementation,
         quantization_config=quantization_config(quant, dtype),
         use_safetensors=None if source.is_local else True,
     )
+    if not (config.attn_implementation == "auto" and attention == "sdpa"):
+        # transformers' own default is sdpa where the architecture has it and eager where not (BLOOM); naming sdpa
+        # for a model without it is an error, so auto leaves the choice to transformers.
+        kwargs["attn_implementation"] = attention
     if task == CLASSIFICATION:
         labels = labels or []
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={l: i for i, l in enumerate(labels)})

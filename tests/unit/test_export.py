@@ -257,3 +257,11 @@ def test_formats_dispatch_and_tolerance_table():
     assert {name: f.write for name, f in FORMATS.items()} == {"safetensors": export_safetensors, "gguf": export_gguf}
     assert set(LOGIT_TOLERANCE) == {"safetensors", *GGUF_QUANTS}
     assert "llama" in SUPPORTED_GGUF_ARCHITECTURES
+
+
+def test_qwen3_export_needs_the_head_dim_its_loader_assumes(tmp_path, tokenizer):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    model_dir = save_tiny(tmp_path / "qwen3", tokenizer, config_cls=Qwen3Config, model_cls=Qwen3ForCausalLM, head_dim=16)
+    with pytest.raises(UnsupportedExport, match="Qwen3 needs head_dim 128"):
+        export_gguf(model_dir, tmp_path / "model.gguf")
