@@ -37,6 +37,7 @@ FAMILIES: dict[str, Family] = {
     "smollm3": Family("SmolLM3", **_LLAMA_LIKE),
     "gemma": Family("Gemma", **_LLAMA_LIKE),
     "gemma2": Family("Gemma 2", **_LLAMA_LIKE),
+    # Phi-3's fused GGUF reads back in transformers but llama.cpp 0.3.36 refuses to load it, so it is not exported.
     "phi3": Family("Phi-3", attention_output="self_attn.o_proj", feed_forward_output="mlp.down_proj",
                    attention_block="self_attn", feed_forward_block="mlp"),
     "gpt2": Family("GPT-2", attention_output="attn.c_proj", feed_forward_output="mlp.c_proj",
