@@ -159,3 +159,12 @@ def test_ftune_models_prints_the_table_and_validate_warns_outside_it(tmp_path, t
     recipe = write_recipe(tmp_path / "odd.yaml", recipe_dict(odd, train, eval_file, tmp_path / "run"))
     result = CliRunner().invoke(app, ["validate", str(recipe)])
     assert result.exit_code == 0 and "warning: model: model_type 'falcon' is not in ftune's tested families" in result.output
+
+
+def test_the_readme_shows_the_same_matrix():
+    from ftune.families import MATRIX_COLUMNS, matrix_rows
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    for row in [MATRIX_COLUMNS, *matrix_rows()]:
+        assert "| " + " | ".join(row) + " |" in readme, row
