@@ -79,9 +79,15 @@ def test_lora_trains_reloads_and_merges(family_dirs, model_type, bits, tmp_path)
         assert torch.allclose(logits_of(merged, batch), expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["full", "freeze"])
 @pytest.mark.parametrize("model_type", DECODERS)
-def test_full_fine_tuning_trains(family_dirs, model_type):
-    assert trains(apply_method(loader(family_dirs[model_type], "causal_lm")(), method("full"), "causal_lm"))
+def test_full_and_freeze_train(family_dirs, model_type, name):
+    knobs = {"trainable_layers": 1} if name == "freeze" else {}
+    model = apply_method(loader(family_dirs[model_type], "causal_lm")(), method(name, **knobs), "causal_lm")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    assert trains(model)
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert (name == "full") == (not frozen)  # freeze keeps everything below the top layer as it was
 
 
 CLAIMS = {  # capability -> (what the table says, the method that exercises it)
