@@ -33,6 +33,7 @@ from ftune.model import load_base_model, load_tokenizer, resolve_model_source
 from ftune.plan import check_fits
 from ftune.recipe import Recipe
 from ftune.recipe.stages import PREFERENCE_STAGES, PRETRAIN
+from ftune.recipe.tasks import CAUSAL_LM
 from ftune.run_dir import (
     RunDir, atomic_dir, checkpoint_step, prepare_run_dir, run_lineage, run_lock, save_label_names, write_json_atomic, write_jsonl_atomic,
 )
@@ -248,12 +249,24 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, prec
     else:
         batching = build_collator(model, tokenizer, task=recipe.task, packing=recipe.data.packing)
     echo(batching.note)
+    collator, loss_func = batching.collator, None
+    if recipe.task == CAUSAL_LM and recipe.stage != PRETRAIN:  # pretraining labels every token: nothing to skip
+        from ftune.label_positions import keeps_labelled_positions, labelled_positions_blocker, loss_at_labelled_positions
+
+        if (blocker := labelled_positions_blocker(model, recipe.method.name)) is None:
+            config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+            coefficient = getattr(config, "router_aux_loss_coef", 0.0) if getattr(config, "output_router_logits", False) else 0.0
+            collator, loss_func = keeps_labelled_positions(collator), loss_at_labelled_positions(coefficient)
+            echo("Loss: LM head and cross-entropy at the labelled positions only")
+        else:
+            echo(f"Loss: LM head at every position ({blocker})")
     trainer = Trainer(
         model=model,
         args=build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision),
         train_dataset=splits.train,
         eval_dataset=splits.eval or None,
-        data_collator=batching.collator,
+        data_collator=collator,
+        compute_loss_func=loss_func,
         processing_class=tokenizer,
         callbacks=[MetricsCallback(run.metrics, echo=echo), checkpoint_marker(), *method_callbacks(model, recipe.method, run), *callbacks],
     )

@@ -1,0 +1,80 @@
+"""Training step time with the LM head at every position (the model's own loss) vs at the labelled positions only.
+
+Same process, same model, same batches, alternating the two losses step by step so drift in the machine's
+speed hits both: the quickstart recipe (SmolLM2-135M-Instruct, LoRA r16 all-linear, batch 8, its packing and
+mixed precision). Prints mean seconds per step and tokens/s of each, and their ratio. Run it on an idle machine.
+
+Usage::
+
+    python scripts/bench_label_positions.py [--steps 10] [--recipe recipes/smollm2-135m/lora-quickstart.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/smollm2-135m/lora-quickstart.yaml")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each loss (after one warm-up each)")
+    args = parser.parse_args()
+
+    import torch
+
+    from ftune.data import build_collator, build_datasets
+    from ftune.hardware import resolve_precision
+    from ftune.label_positions import keeps_labelled_positions, loss_at_labelled_positions
+    from ftune.methods import apply_method
+    from ftune.model import load_base_model, load_tokenizer
+    from ftune.recipe import load_recipe
+    from ftune.runtime import quiet_libraries
+
+    quiet_libraries()
+    recipe = load_recipe(args.recipe, [])
+    tokenizer = load_tokenizer(recipe.model)
+    splits = build_datasets(recipe.data, tokenizer, recipe.task)
+    torch.manual_seed(0)
+    model = apply_method(load_base_model(recipe.model, recipe.quantization, task=recipe.task), recipe.method, recipe.task).train()
+    precision = resolve_precision(recipe.training.mixed_precision)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.mode == "bf16")
+    collate = keeps_labelled_positions(build_collator(model, tokenizer, task=recipe.task, packing=recipe.data.packing).collator)
+    labelled_loss = loss_at_labelled_positions()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    size = recipe.training.batch_size
+    rows = [splits.train[i] for i in range(len(splits.train))]
+
+    def step(batch, labelled: bool) -> float:
+        inputs = dict(batch)
+        labels = inputs.pop("labels") if labelled else inputs["labels"]
+        if not labelled:
+            inputs.pop("logits_to_keep")
+        start = time.perf_counter()
+        with autocast:
+            outputs = model(**inputs)
+            loss = labelled_loss(outputs, labels) if labelled else outputs.loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return time.perf_counter() - start
+
+    times = {False: [], True: []}
+    tokens = 0
+    for index in range(args.steps + 1):
+        batch = collate(rows[index * size : (index + 1) * size])
+        for labelled in (False, True):
+            seconds = step(batch, labelled)
+            if index:  # the first step of each warms up
+                times[labelled].append(seconds)
+        if index:
+            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    print(f"{args.recipe}: {args.steps} steps of batch {size}, precision {precision.mode}, torch threads {torch.get_num_threads()}")
+    for labelled, label in ((False, "LM head at every position"), (True, "LM head at labelled positions")):
+        mean = sum(times[labelled]) / len(times[labelled])
+        print(f"  {label:<32} {mean:.3f} s/step  {tokens / sum(times[labelled]):.0f} tokens/s")
+    print(f"  speed-up: {sum(times[False]) / sum(times[True]):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
