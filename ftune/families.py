@@ -36,12 +36,12 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("Qwen3", **_LLAMA_LIKE, gguf="qwen3"),
     "smollm3": Family("SmolLM3", **_LLAMA_LIKE),
     "gemma": Family("Gemma", **_LLAMA_LIKE),
-    "gemma2": Family("Gemma 2", **_LLAMA_LIKE),
+    "gemma2": Family("Gemma 2", **_LLAMA_LIKE, gguf="gemma2"),
     # Phi-3's fused GGUF reads back in transformers but llama.cpp 0.3.36 refuses to load it, so it is not exported.
     "phi3": Family("Phi-3", attention_output="self_attn.o_proj", feed_forward_output="mlp.down_proj",
                    attention_block="self_attn", feed_forward_block="mlp"),
     "gpt2": Family("GPT-2", attention_output="attn.c_proj", feed_forward_output="mlp.c_proj",
-                   attention_block="attn", feed_forward_block="mlp"),
+                   attention_block="attn", feed_forward_block="mlp", gguf="gpt2"),
     # BLOOM's attention and MLP add the residual inside themselves, so no block can be wrapped as a parallel branch.
     "bloom": Family("BLOOM", attention_output="self_attention.dense", feed_forward_output="mlp.dense_4h_to_h", gguf="bloom"),
     "gpt_neox": Family("GPT-NeoX, Pythia", attention_output="attention.dense", feed_forward_output="mlp.dense_4h_to_h",

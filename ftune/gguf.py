@@ -57,6 +57,14 @@ def check_gguf_support(config: Any, quant: str) -> None:
     if config.model_type == "qwen3" and head_dim != 128:
         # transformers' GGUF loader, which verifies every file, has no key for it and assumes Qwen3's 128.
         raise UnsupportedExport(f"GGUF export of Qwen3 needs head_dim 128 (every released Qwen3 has it), not {head_dim}")
+    if config.model_type == "gemma2":
+        assumed = {"query_pre_attn_scalar": head_dim, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
+        differing = {key: getattr(config, key) for key, value in assumed.items() if getattr(config, key) != value}
+        if differing:
+            # llama.cpp scales queries by 1/sqrt(head_dim); transformers' GGUF loader, which verifies every file,
+            # assumes Gemma 2's usual soft-capping. Gemma-2-2B and 9B have exactly these values, 27B does not.
+            raise UnsupportedExport(f"GGUF export of Gemma 2 needs query_pre_attn_scalar = head_dim ({head_dim}) and soft-capping "
+                                    f"50/30; this model has {differing}")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise UnsupportedExport(f"GGUF export supports only default rotary embeddings, not {rope['rope_type']!r}")
@@ -75,7 +83,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
     writer = gguf.GGUFWriter(path, arch_name)
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[quant]])
-    (_add_bloom_hyperparameters if arch_name == "bloom" else _add_rotary_hyperparameters)(writer, config)
+    _HYPERPARAMETERS.get(arch_name, _add_rotary_hyperparameters)(writer, config)
     writer.add_vocab_size(config.vocab_size)
     _add_tokenizer(writer, tokenizer, config.vocab_size)
     if quant.startswith("q"):
@@ -98,6 +106,10 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
             data = _permute_for_rope(data, heads if kind == gguf.MODEL_TENSOR.ATTN_Q else kv_heads)
         if arch_name == "bloom" and kind == gguf.MODEL_TENSOR.ATTN_QKV:
             data = _split_bloom_qkv(data, heads)
+        if _stored_transposed(model, hf_name):
+            data = data.T.copy()
+        if arch_name == "gemma2" and hf_name.endswith("norm.weight"):
+            data = data + 1  # Gemma scales by (1 + weight); llama.cpp stores the factor itself
         data, stored = _encode(data, qtype)
         if tensor.dim() > 1 and stored != qtype:
             fallbacks.append(gguf_name)
@@ -145,11 +157,36 @@ def _add_bloom_hyperparameters(writer: Any, config: Any) -> None:
     writer.add_layer_norm_eps(config.layer_norm_epsilon)
 
 
+def _add_gemma2_hyperparameters(writer: Any, config: Any) -> None:
+    """Gemma 2: rotary hyperparameters plus its own head size, logit soft-capping and sliding window."""
+    _add_rotary_hyperparameters(writer, config)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_attn_logit_softcapping(config.attn_logit_softcapping)
+    writer.add_final_logit_softcapping(config.final_logit_softcapping)
+    writer.add_sliding_window(config.sliding_window)
+
+
 def _split_bloom_qkv(weights: "np.ndarray", n_head: int) -> "np.ndarray":
     """BLOOM interleaves q, k and v per head; llama.cpp wants all q rows, then k, then v (its converter's reshape,
     which transformers' GGUF loader undoes)."""
     per_head = weights.reshape(n_head, 3, weights.shape[0] // n_head // 3, *weights.shape[1:])
     return per_head.swapaxes(0, 1).reshape(weights.shape)
+
+
+def _add_gpt2_hyperparameters(writer: Any, config: Any) -> None:
+    """GPT-2: learned positions, LayerNorm with bias, a 4x feed-forward unless n_inner says otherwise."""
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+    writer.add_head_count(config.n_head)
+    writer.add_head_count_kv(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+
+
+_HYPERPARAMETERS = {"bloom": _add_bloom_hyperparameters, "gemma2": _add_gemma2_hyperparameters,
+                    "gpt2": _add_gpt2_hyperparameters}  # the others: _add_rotary_hyperparameters
 
 
 def _permute_for_rope(weights: "np.ndarray", n_head: int) -> "np.ndarray":
@@ -175,11 +212,21 @@ def as_stored(model: Any, quant: str) -> Any:
 
     qtype = gguf.GGMLQuantizationType[quant.upper()]
     with torch.no_grad():
-        for parameter in model.parameters():
-            encoded, stored = _encode(parameter.detach().float().numpy(), qtype)
-            loaded = gguf.quants.dequantize(encoded, stored).reshape(parameter.shape)
-            parameter.copy_(torch.from_numpy(loaded.astype("float32", copy=False)))
+        for name, parameter in model.named_parameters():
+            transposed = _stored_transposed(model, name)
+            data = parameter.detach().float().numpy()
+            encoded, stored = _encode(data.T.copy() if transposed else data, qtype)
+            loaded = gguf.quants.dequantize(encoded, stored).reshape(data.T.shape if transposed else data.shape)
+            parameter.copy_(torch.from_numpy((loaded.T if transposed else loaded).astype("float32", copy=False)))
     return model
+
+
+def _stored_transposed(model: Any, name: str) -> bool:
+    """Whether the file holds this weight transposed: GPT-2's Conv1D layers keep (in, out), llama.cpp wants (out, in)."""
+    from transformers.pytorch_utils import Conv1D
+
+    owner, _, leaf = name.rpartition(".")
+    return leaf == "weight" and isinstance(model.get_submodule(owner), Conv1D)
 
 
 def _encode(data: "np.ndarray", qtype: Any) -> tuple["np.ndarray", Any]:

@@ -265,3 +265,11 @@ def test_qwen3_export_needs_the_head_dim_its_loader_assumes(tmp_path, tokenizer)
     model_dir = save_tiny(tmp_path / "qwen3", tokenizer, config_cls=Qwen3Config, model_cls=Qwen3ForCausalLM, head_dim=16)
     with pytest.raises(UnsupportedExport, match="Qwen3 needs head_dim 128"):
         export_gguf(model_dir, tmp_path / "model.gguf")
+
+
+def test_gemma2_export_needs_the_query_scale_llama_cpp_uses(tmp_path, tokenizer):
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model_dir = save_tiny(tmp_path / "gemma2", tokenizer, config_cls=Gemma2Config, model_cls=Gemma2ForCausalLM, head_dim=16)
+    with pytest.raises(UnsupportedExport, match=r"query_pre_attn_scalar = head_dim \(16\).*'query_pre_attn_scalar': 256"):
+        export_gguf(model_dir, tmp_path / "model.gguf")

@@ -30,6 +30,8 @@ def sizes(model_type: str) -> dict:
                   head_dim=HIDDEN // 4)
     if model_type == "qwen3":
         common.update(head_dim=128)  # as every released Qwen3; GGUF export refuses others (tested in test_export)
+    if model_type == "gemma2":
+        common.update(head_dim=256, query_pre_attn_scalar=256)  # as Gemma-2-2B/9B; GGUF export refuses other scales
     if model_type == "mixtral":
         common.update(num_local_experts=4, num_experts_per_tok=2)
     if model_type == "qwen3_moe":
@@ -127,6 +129,10 @@ def test_gguf_exports_where_the_table_says_and_refuses_elsewhere(family_dirs, mo
     if FAMILIES[model_type].gguf:
         report = export_gguf(family_dirs[model_type], out, quant="f16")
         assert report.passed, report.to_dict()
+        # Block quantization runs along the file's rows (transposed for GPT-2, regrouped for BLOOM): the reload must
+        # still match the source rounded exactly as stored.
+        report = export_gguf(family_dirs[model_type], tmp_path / "q4.gguf", quant="q4_0")
+        assert report.writer_max_abs_logit_diff <= report.writer_tolerance, report.to_dict()
     else:
         with pytest.raises(UnsupportedExport) as refused:
             export_gguf(family_dirs[model_type], out, quant="f16")
