@@ -100,11 +100,22 @@ def train(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output_dir."),
     resume: bool = typer.Option(False, "--resume", help="Continue output_dir from its last checkpoint."),
     force: bool = typer.Option(False, "--force", help="Train even where the memory plan exceeds the free memory."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes on this machine (e.g. one per GPU), started by torch.distributed."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Machines taking part; run the same command on each."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This machine's index among --nnodes (0 hosts the rendezvous)."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Address of the --node-rank 0 machine (several machines)."),
+    master_port: int = typer.Option(29500, "--master-port", help="Port of the rendezvous on --master-addr."),
 ) -> None:
     """Fine-tune a model as the recipe says and write a run directory."""
+    from ftune.launch import launch, launched_by_torch
     from ftune.recipe import load_recipe
 
-    resolved = load_recipe(recipe, overrides)
+    resolved = load_recipe(recipe, overrides)  # a recipe error stops here, before any process starts
+    if (nproc > 1 or nnodes > 1) and not launched_by_torch():
+        child = ["train", str(recipe), *[f"--set={item}" for item in overrides], *(["--overwrite"] if overwrite else []),
+                 *(["--resume"] if resume else []), *(["--force"] if force else [])]
+        code = launch(child, nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+        raise typer.Exit(code)
     from ftune.train import is_main_process, run_training
 
     run = run_training(resolved, overwrite=overwrite, resume=resume, force=force, echo=typer.echo)

@@ -101,6 +101,10 @@ class Launch:
 
 def prepare_hardware(recipe: Recipe, *, echo=print) -> Launch:
     """Resolve and apply precision, threads and TF32, saying what was chosen and why."""
+    from ftune.launch import describe_world
+
+    if (world := describe_world()) is not None:
+        echo(world)
     precision = resolve_precision(recipe.training.mixed_precision)
     echo(precision.describe(recipe.training.mixed_precision))
     if precision.warning:
