@@ -33,8 +33,30 @@ def resume_point(run: RunDir, echo) -> Path | None:
             echo(f"Skipping {broken.name}: it was not completely written (interrupted while saving); removing it")
             shutil.rmtree(broken, ignore_errors=True)
     checkpoint = run.last_checkpoint()
+    if checkpoint is not None:
+        check_same_process_count(checkpoint)
     echo(f"Resuming from {checkpoint.name}" if checkpoint else "No complete checkpoint yet; training from step 0")
     return checkpoint
+
+
+def checkpoint_world_size(checkpoint: Path) -> int:
+    """How many processes wrote ``checkpoint``: the Trainer saves one RNG state per rank (rng_state_R.pth), or a
+    single rng_state.pth for one process."""
+    return len(list(checkpoint.glob("rng_state_*.pth"))) or 1
+
+
+def check_same_process_count(checkpoint: Path) -> None:
+    """Refuse a resume on another process count: the Trainer finds its data position by skipping the batches each
+    process's sampler has served, and a sampler split over another number of processes serves other rows, so the
+    run would repeat some rows and never see others."""
+    written = checkpoint_world_size(checkpoint)
+    now = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if written != now:
+        raise FtuneError(
+            f"--resume: {checkpoint.name} was written by {written} process{'es' if written > 1 else ''}, this launch has {now}; "
+            f"resume with the same count ({'--nproc ' + str(written) if written > 1 else 'a single process'}): each process's "
+            "share of the data and its random state are tied to the process count"
+        )
 
 
 def train_or_restore(trainer, checkpoint: Path | None, echo) -> int:
