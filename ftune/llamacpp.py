@@ -9,7 +9,6 @@ complete weights in transformers. llama-cpp-python is an optional extra (``pip i
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -45,6 +44,7 @@ def verify_with_llama_cpp(gguf_file: Path, model_dir: Path, prompts: list[list[d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftune.generation import generate_replies
+    from ftune.hardware import resolve_threads
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -54,7 +54,7 @@ def verify_with_llama_cpp(gguf_file: Path, model_dir: Path, prompts: list[list[d
     texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     hf_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     longest = max(map(len, hf_ids)) + max_new_tokens
-    llm = Llama(model_path=str(gguf_file), n_ctx=max(512, longest), n_threads=max(1, len(os.sched_getaffinity(0))),
+    llm = Llama(model_path=str(gguf_file), n_ctx=max(512, longest), n_threads=resolve_threads(None).count,
                 n_batch=512, verbose=False, seed=0)
     same_text = same_tokens = stopped = 0
     differing = []
