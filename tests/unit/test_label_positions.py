@@ -41,10 +41,25 @@ def loss_and_grads(model, batch, loss_func=None, num_items=None):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def ftune_method(tiny_llama_dir, name: str, **knobs):
+    from ftune.methods import apply_method
+    from tests.unit.test_methods import loader, method
+
+    model = apply_method(loader(tiny_llama_dir, "causal_lm")(), method(name, **knobs), "causal_lm")
+    torch.manual_seed(1)
+    with torch.no_grad():  # away from the identity start, so every part of the method is on the path
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+    return model.train()
+
+
 @pytest.mark.parametrize("collator", [PadCollator(0), PackCollator()], ids=["padded", "packed"])
 @pytest.mark.parametrize("num_items", [None, 15], ids=["mean", "summed over the accumulation window"])
-def test_same_loss_and_gradients_as_the_models_own_loss(tiny_llama_dir, collator, num_items):
-    model = lora_model(tiny_llama_dir)
+@pytest.mark.parametrize("name", ["lora", "prefix", "unipelt", "adapter"])
+def test_same_loss_and_gradients_as_the_models_own_loss(tiny_llama_dir, collator, num_items, name):
+    knobs = {"prefix": dict(num_virtual_tokens=4), "unipelt": dict(lora={"r": 4}, prefix={"num_virtual_tokens": 4}, adapter={"bottleneck": 16})}
+    model = lora_model(tiny_llama_dir) if name == "lora" else ftune_method(tiny_llama_dir, name, **knobs.get(name, {}))
     batch = keeps_labelled_positions(collator)(features())
     positions = batch["logits_to_keep"]
     # Packed, only the answers' positions reach the head; padded, the union over rows (answers end at different places).
