@@ -119,19 +119,19 @@ def score_tool_calls(model, tokenizer, records: list, recipe) -> tuple[dict, lis
     replies = generate_replies(model, tokenizer, [p for p, _, _ in prompts], tools=[t for _, _, t in prompts],
                                max_new_tokens=recipe.evaluation.max_new_tokens, batch_size=recipe.evaluation.batch_size)
     rows = []
-    for (prompt, reference, tools), reply in zip(prompts, (r.text for r in replies)):
-        calls = parse_reply_calls(reply)
+    for (prompt, reference, tools), reply in zip(prompts, replies):
+        calls = parse_reply_calls(reply.text)
         known = {t["function"]["name"] for t in tools} if tools else {c["name"] for c in reference}
-        rows.append({"prompt": prompt[-1]["content"], "reference": json.dumps(reference, ensure_ascii=False), "prediction": reply,
-                     "tool_call_attempted": attempts_call(reply), "tool_call_valid": tool_call_valid(calls, known),
-                     "tool_call_exact": tool_call_exact(calls, reference)})
+        rows.append({"prompt": prompt[-1]["content"], "reference": json.dumps(reference, ensure_ascii=False), "prediction": reply.text,
+                     "tool_call_attempted": attempts_call(reply.text), "tool_call_valid": tool_call_valid(calls, known),
+                     "tool_call_exact": tool_call_exact(calls, reference), "stopped": reply.stopped})
     attempts = [row for row in rows if row["tool_call_attempted"]]
     return {
         "tool_call_rate": len(attempts) / len(rows),
         "tool_call_valid": sum(row["tool_call_valid"] for row in attempts) / max(len(attempts), 1),
         "tool_call_exact": sum(row["tool_call_exact"] for row in rows) / len(rows),
         "tool_call_samples": len(rows),
-    }, [{**row, "stopped": r.stopped} for row, r in zip(rows, replies)]
+    }, rows
 
 
 def score_generation(model, tokenizer, records: list, recipe) -> tuple[dict, list[dict]]:
@@ -162,7 +162,7 @@ def score_generation(model, tokenizer, records: list, recipe) -> tuple[dict, lis
     generated = rows + tool_rows
     metrics.update(stopped_rate=sum(row["stopped"] for row in generated) / len(generated) if generated else 0.0,
                    samples=len(generated), wall_time_s=time.perf_counter() - clock)
-    return metrics, rows + tool_rows
+    return metrics, generated
 
 
 def score_classification(model, tokenizer, examples: list[dict], recipe, label_names: list[str]) -> tuple[dict, list[dict]]:

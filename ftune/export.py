@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ftune.errors import FtuneError
-from ftune.gguf import DEFAULT_QUANT, UnsupportedExport, adds_bos, as_stored, check_gguf_support, check_quant, write_gguf
+from ftune.gguf import DEFAULT_QUANT, UnsupportedExport, as_stored, check_gguf_support, check_quant, special_tokens_added, write_gguf
 from ftune.ollama import LAYOUTS, detect_chat_format, modelfile_path, modelfile_text
 from ftune.parity import compare_logits
 from ftune.recipe.tasks import CLASSIFICATION
@@ -109,7 +109,7 @@ def export_gguf(model_dir: Path, out: Path, *, quant: str = DEFAULT_QUANT, syste
         (Path(isolated) / out.name).symlink_to(out.resolve())
         reloaded = AutoModelForCausalLM.from_pretrained(isolated, gguf_file=out.name, dtype=torch.float32).eval()
         gguf_tokenizer = AutoTokenizer.from_pretrained(isolated, gguf_file=out.name)
-    chat = detect_chat_format(tokenizer, runtime_adds_bos=adds_bos(tokenizer))
+    chat = detect_chat_format(tokenizer, runtime_adds_bos=special_tokens_added(tokenizer)[0])
     if chat is None:
         notes = [*notes, f"Modelfile has no TEMPLATE: the chat template matches none of {', '.join(LAYOUTS)}; "
                          "Ollama falls back to the GGUF's chat template metadata"]

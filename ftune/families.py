@@ -55,10 +55,6 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-def family_of(model_type: str | None) -> Family | None:
-    return FAMILIES.get(model_type or "")
-
-
 def with_capability(attribute: str) -> tuple[str, ...]:
     """The model types whose row sets ``attribute`` (a truthy field of ``Family``)."""
     return tuple(sorted(model_type for model_type, family in FAMILIES.items() if getattr(family, attribute)))

@@ -269,17 +269,19 @@ def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
     for key in ("bos", "eos", "pad", "unk"):
         if (token_id := getattr(tokenizer, f"{key}_token_id")) is not None:
             getattr(writer, f"add_{key}_token_id")(token_id)
-    with_special, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
-    writer.add_add_bos_token(adds_bos(tokenizer))
-    writer.add_add_eos_token(with_special[-1:] != plain[-1:] and with_special[-1] == tokenizer.eos_token_id)
+    bos, eos = special_tokens_added(tokenizer)
+    writer.add_add_bos_token(bos)
+    writer.add_add_eos_token(eos)
     if isinstance(tokenizer.chat_template, str):
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def adds_bos(tokenizer: Any) -> bool:
-    """Whether encoding puts BOS in front; the GGUF then tells llama.cpp to do the same."""
+def special_tokens_added(tokenizer: Any) -> tuple[bool, bool]:
+    """Whether encoding puts BOS in front and EOS at the end; the GGUF then tells llama.cpp to do the same."""
     with_special, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
-    return with_special[:1] != plain[:1] and with_special[0] == tokenizer.bos_token_id
+    bos = with_special[:1] != plain[:1] and with_special[0] == tokenizer.bos_token_id
+    eos = with_special[-1:] != plain[-1:] and with_special[-1] == tokenizer.eos_token_id
+    return bos, eos
 
 
 def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:

@@ -7,22 +7,17 @@ import json
 import pytest
 import torch
 
-from tests.conftest import TOKENIZER_DIR, invoke_ok, recipe_dict, write_recipe
+from tests.conftest import invoke_ok, recipe_dict, write_recipe
 from ftune.families import FAMILIES
-from tests.unit.test_families import sizes
+from tests.unit.test_families import save_family_model
 
 
 @pytest.mark.parametrize("model_type", ["bloom", "qwen2"])
 def test_train_merge_export_reload(model_type, tmp_path, alpaca_files):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes(model_type))
-    torch.manual_seed(0)
-    base = tmp_path / "base"
-    AutoModelForCausalLM.from_config(config).save_pretrained(base)
-    tokenizer.save_pretrained(base)
+    base = save_family_model(model_type, tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(base)
     train, eval_file = alpaca_files
     run = tmp_path / "run"
     invoke_ok("train", write_recipe(tmp_path / "recipe.yaml", recipe_dict(base, train, eval_file, run)))
@@ -46,23 +41,10 @@ def test_train_merge_export_reload(model_type, tmp_path, alpaca_files):
 def test_llama_cpp_runs_every_gguf_family_as_transformers_does(model_type, tmp_path):
     """With the llamacpp extra: each family ftune exports to GGUF gives the same greedy replies in llama.cpp (f32)."""
     pytest.importorskip("llama_cpp", reason="needs the llamacpp extra: pip install 'ftune[llamacpp]'")
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     from ftune.export import export_gguf
     from ftune.llamacpp import verify_with_llama_cpp
 
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes(model_type))
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # norms away from 1 and 0, so a dropped or swapped one shows
-        for parameter in model.parameters():
-            if parameter.dim() == 1:
-                parameter.add_(torch.randn_like(parameter) * 0.1)
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    folder = save_family_model(model_type, tmp_path / "model")
     assert export_gguf(folder, tmp_path / "model.gguf", quant="f32").passed
     prompts = [[{"role": "user", "content": text}] for text in ("moon", "red sun", "Repeat the word twice.\n\ncat", "tree")]
     checked = verify_with_llama_cpp(tmp_path / "model.gguf", folder, prompts, quant="f32", max_new_tokens=8, batch_size=4)

@@ -39,24 +39,25 @@ def sizes(model_type: str) -> dict:
     return common
 
 
+def save_family_model(model_type: str, folder):
+    """A tiny model of ``model_type`` from its config, with the tiny chat tokenizer, saved to ``folder``."""
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes(model_type))
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms start at exactly 1 and 0: an export that drops or swaps one would go unseen
+        for parameter in model.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(torch.randn_like(parameter) * 0.1)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory) -> dict:
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    folders = {}
-    for model_type in DECODERS:
-        torch.manual_seed(0)
-        config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                      bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes(model_type))
-        folder = tmp_path_factory.mktemp(model_type)
-        model = AutoModelForCausalLM.from_config(config)
-        with torch.no_grad():  # norms start at exactly 1 and 0: an export that drops or swaps one would go unseen
-            for parameter in model.parameters():
-                if parameter.dim() == 1:
-                    parameter.add_(torch.randn_like(parameter) * 0.1)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        folders[model_type] = folder
-    return folders
+    return {model_type: save_family_model(model_type, tmp_path_factory.mktemp(model_type)) for model_type in DECODERS}
 
 
 def trains(model, steps: int = 4, lr: float = 1e-2) -> bool:
