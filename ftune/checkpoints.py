@@ -14,10 +14,11 @@ import json
 import os
 import shutil
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from ftune.errors import FtuneError
-from ftune.run_dir import RunDir, mark_checkpoint_complete, write_text_atomic
+from ftune.run_dir import RunDir, mark_checkpoint_complete, write_json_atomic, write_text_atomic
 
 
 def is_main_process() -> bool:
@@ -33,30 +34,68 @@ def resume_point(run: RunDir, echo) -> Path | None:
             echo(f"Skipping {broken.name}: it was not completely written (interrupted while saving); removing it")
             shutil.rmtree(broken, ignore_errors=True)
     checkpoint = run.last_checkpoint()
-    if checkpoint is not None:
-        check_same_process_count(checkpoint)
     echo(f"Resuming from {checkpoint.name}" if checkpoint else "No complete checkpoint yet; training from step 0")
     return checkpoint
 
 
-def checkpoint_world_size(checkpoint: Path) -> int:
-    """How many processes wrote ``checkpoint``: the Trainer saves one RNG state per rank (rng_state_R.pth), or a
-    single rng_state.pth for one process."""
-    return len(list(checkpoint.glob("rng_state_*.pth"))) or 1
+PROCESSES_FILE = "ftune-processes.json"  # in each checkpoint: how many processes wrote it, how they split a step
 
 
-def check_same_process_count(checkpoint: Path) -> None:
-    """Refuse a resume on another process count: the Trainer finds its data position by skipping the batches each
-    process's sampler has served, and a sampler split over another number of processes serves other rows, so the
-    run would repeat some rows and never see others."""
-    written = checkpoint_world_size(checkpoint)
-    now = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if written != now:
-        raise FtuneError(
-            f"--resume: {checkpoint.name} was written by {written} process{'es' if written > 1 else ''}, this launch has {now}; "
-            f"resume with the same count ({'--nproc ' + str(written) if written > 1 else 'a single process'}): each process's "
-            "share of the data and its random state are tied to the process count"
-        )
+@dataclass(frozen=True)
+class Processes:
+    """How the processes that wrote a checkpoint split an optimizer step."""
+
+    world_size: int
+    batch_size: int  # per process and forward pass
+    accumulation: int
+    strategy: str  # single, ddp, fsdp or deepspeed
+
+    @property
+    def global_batch(self) -> int:
+        return self.world_size * self.batch_size * self.accumulation
+
+
+def record_processes(checkpoint: Path, args) -> None:
+    strategy = "fsdp" if args.fsdp else "deepspeed" if args.deepspeed else "ddp" if args.world_size > 1 else "single"
+    write_json_atomic(checkpoint / PROCESSES_FILE, {"world_size": args.world_size, "batch_size": args.per_device_train_batch_size,
+                                                    "accumulation": args.gradient_accumulation_steps, "strategy": strategy})
+
+
+def checkpoint_processes(checkpoint: Path, recipe) -> Processes:
+    """What wrote ``checkpoint``; for a checkpoint without the record, read from its files (one RNG state per rank)."""
+    record = checkpoint / PROCESSES_FILE
+    if record.is_file():
+        return Processes(**json.loads(record.read_text()))
+    world = len(list(checkpoint.glob("rng_state_*.pth"))) or 1
+    strategy = "fsdp" if any(checkpoint.glob("pytorch_model_fsdp*")) else "deepspeed" if any(checkpoint.glob("global_step*")) else (
+        "ddp" if world > 1 else "single")
+    return Processes(world, recipe.training.batch_size, recipe.training.gradient_accumulation_steps, strategy)
+
+
+def resume_accumulation(checkpoint: Path, recipe, *, world_size: int, strategy: str) -> int:
+    """The gradient accumulation that resumes ``checkpoint`` on ``world_size`` processes at the same data position:
+    every optimizer step must take as many rows as before, because the Trainer finds its position by skipping the
+    batches each process's sampler served, and the processes' shares interleave one global order. A checkpoint the
+    new launch cannot read (another strategy's optimizer format, ZeRO's per-rank partitions) is refused with the reason."""
+    written = checkpoint_processes(checkpoint, recipe)
+    batch = recipe.training.batch_size
+    if written.world_size == world_size and batch == written.batch_size:
+        return written.accumulation
+    processes = f"{written.world_size} process{'es' if written.world_size > 1 else ''}"
+    if written.strategy == "deepspeed" or strategy == "deepspeed":
+        raise FtuneError(f"--resume: {checkpoint.name} was written by {processes} and DeepSpeed partitions the optimizer state per "
+                         f"process; resume on the same count (--nproc {written.world_size})")
+    if (written.strategy == "fsdp") != (strategy == "fsdp"):
+        need = "--nproc 2 or more with distributed.strategy: fsdp" if written.strategy == "fsdp" else f"{written.strategy} as it was written"
+        raise FtuneError(f"--resume: {checkpoint.name} was written under {written.strategy} by {processes} and this launch runs "
+                         f"{strategy}; the optimizer state is stored in the strategy's own format, so resume with {need}")
+    per_step = batch * world_size
+    if written.global_batch % per_step:
+        fits = [n for n in range(1, written.global_batch + 1) if written.global_batch % (batch * n) == 0]
+        raise FtuneError(f"--resume: {checkpoint.name} took {written.global_batch} rows per optimizer step ({processes} x batch "
+                         f"{written.batch_size} x accumulation {written.accumulation}); {world_size} processes x batch {batch} cannot "
+                         f"make that up; resume with --nproc in {fits} or change training.batch_size")
+    return written.global_batch // per_step
 
 
 def train_or_restore(trainer, checkpoint: Path | None, echo) -> int:
@@ -118,11 +157,70 @@ def checkpoint_marker():
             if control.should_save or state.global_step >= state.max_steps:
                 control.should_log = True
 
-        def on_save(self, args, state, control, **kwargs):
+        def on_save(self, args, state, control, model=None, **kwargs):
             if state.is_world_process_zero:
-                mark_checkpoint_complete(Path(args.output_dir) / f"checkpoint-{state.global_step}")
+                checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                record_processes(checkpoint, args)
+                if not self.checked and model is not None:  # the first save of this process: is it loadable and whole?
+                    check_saved_weights(checkpoint, model)
+                    self.checked = True
+                mark_checkpoint_complete(checkpoint)
 
-    return MarkComplete()
+    marker = MarkComplete()
+    marker.checked = False
+    return marker
+
+
+# Wrapper and adapter-name parts that a save leaves out of a parameter's name.
+NAME_NOISE = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "module.")
+
+
+def saved_name(name: str) -> str:
+    for noise in NAME_NOISE:
+        name = name.replace(noise, "")
+    return name.replace(".default.", ".").replace(".default", "").removeprefix("base_model.model.")
+
+
+def check_saved_weights(checkpoint: Path, model, *, compared: int = 4) -> None:
+    """Fail at the first checkpoint, not at the end, when a save came out empty or partial: every trainable tensor
+    must be in the checkpoint's safetensors files with its whole shape, and the first ``compared`` must hold this
+    process's values. Under FSDP or ZeRO-3 rank 0 holds the first slice of each tensor, which is compared in place."""
+    from safetensors import safe_open
+
+    files = sorted(checkpoint.glob("*.safetensors"))
+    saved = {}
+    for file in files:
+        handle = safe_open(str(file), framework="pt")
+        saved.update({saved_name(key): (handle, key) for key in handle.keys()})
+    trainable = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    # peft saves a prompt encoder as the virtual tokens it produces, under one name.
+    prompt = [name for name, _ in trainable if "prompt_encoder." in name]
+    trainable = [(name, param) for name, param in trainable if name not in prompt]
+    missing = [name for name, _ in trainable if saved_name(name) not in saved] + (["prompt_embeddings"] if prompt and "prompt_embeddings" not in saved else [])
+    if not files or missing:
+        raise FtuneError(
+            f"the first checkpoint ({checkpoint}) is {'empty' if not files else 'partial'}: "
+            f"{len(missing)} of {len(trainable)} trainable tensors missing (e.g. {saved_name((missing or [trainable[0][0]])[0])}); "
+            "the strategy's save did not gather the weights, so training stopped here instead of at the end"
+        )
+    for name, param in trainable[:compared]:
+        handle, key = saved[saved_name(name)]
+        on_disk = handle.get_tensor(key)
+        whole_shape = tuple(getattr(param, "ds_shape", None) or param.shape)  # ZeRO-3 keeps the whole shape aside
+        local = local_slice(param).flatten()
+        start = min(local.numel(), on_disk.numel())  # ZeRO-3 pads the last partition
+        if tuple(on_disk.shape) != whole_shape or not on_disk.flatten()[:start].float().equal(local[:start].float()):
+            raise FtuneError(f"the first checkpoint ({checkpoint}) does not hold the trained values of {saved_name(name)} "
+                             f"(saved shape {tuple(on_disk.shape)}, model {whole_shape}); the save is not loadable as trained")
+
+
+def local_slice(param):
+    """This process's values of ``param``, from its start: all of it, or rank 0's shard under FSDP / ZeRO-3."""
+    if hasattr(param, "to_local"):  # FSDP2 DTensor sharded along dim 0: rank 0 holds the first rows
+        return param.to_local().detach().cpu()
+    if hasattr(param, "ds_tensor"):  # ZeRO-3 keeps a flat partition; rank 0's is the start of the flat tensor
+        return param.ds_tensor.detach().cpu()
+    return param.detach().cpu()
 
 
 def truncate_metrics(run: RunDir, *, step: int) -> None:

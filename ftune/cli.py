@@ -86,6 +86,10 @@ def validate(recipe: Path = RecipeArg, overrides: List[str] = SetOption, quiet: 
         typer.echo(f"# training.mixed_precision: {preview_precision(resolved.training.mixed_precision)}", err=True)
         threads = resolve_threads(resolved.training.threads)
         typer.echo(f"# training.threads: {threads.count} ({threads.reason})", err=True)
+        from ftune.recipe.distributed import describe_strategy
+
+        typer.echo(f"# distributed.strategy: {describe_strategy(resolved.distributed)}; process count from the launch "
+                   "(--nproc, torchrun, accelerate launch)", err=True)
     from ftune.families import untested_family_note
 
     if (note := untested_family_note(resolved.model.name_or_path)) is not None:

@@ -47,10 +47,12 @@ def launch(child_argv: list[str], **placement) -> int:
     return 0
 
 
-def describe_world() -> str | None:
-    """The line train prints first in a multi-process run: how many processes, and how they split the work."""
+def describe_world(section) -> str | None:
+    """The line train prints first in a multi-process run: how many processes, and how they share the work."""
+    from ftune.recipe.distributed import describe_strategy
+
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
-        return None
+        return None if section.strategy == "auto" else f"processes: 1, distributed.strategy: {section.strategy} has nothing to shard; single process"
     local = os.environ.get("LOCAL_WORLD_SIZE", "?")
-    return f"processes: world size {world} ({local} on this machine), data parallel (DDP): each process trains on its own share of every batch"
+    return f"processes: world size {world} ({local} on this machine), strategy {describe_strategy(section, world_size=world)}"

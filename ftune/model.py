@@ -175,6 +175,7 @@ def quantization_config(quant: QuantizationConfig, dtype: "torch.dtype"):
     """A BitsAndBytesConfig for the recipe's quantization section, or None."""
     if quant.bits is None:
         return None
+    import torch
     from transformers import BitsAndBytesConfig
 
     if quant.bits == 8:
@@ -185,6 +186,7 @@ def quantization_config(quant: QuantizationConfig, dtype: "torch.dtype"):
         bnb_4bit_quant_type=quant.quant_type,
         bnb_4bit_use_double_quant=quant.double_quant,
         bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=getattr(torch, quant.quant_storage),
     )
 
 

@@ -101,7 +101,7 @@ def build_dpo_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run,
         ref_model = load_base_model(recipe.model, recipe.quantization, task=recipe.task).eval()
         ref_model.requires_grad_(False)
     args = build_training_arguments(
-        recipe, run, has_eval=bool(splits.eval), precision=precision, args_class=DPOConfig,
+        recipe, run, has_eval=bool(splits.eval), precision=precision, model=model, args_class=DPOConfig,
         beta=pref.beta, loss_type=[pref.loss_type], max_length=recipe.data.max_length,
         precompute_ref_log_probs=pref.precompute_reference, padding_free=False,
     )
@@ -165,7 +165,7 @@ def build_reward_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, r
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
-    args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, args_class=RewardConfig,
+    args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, model=model, args_class=RewardConfig,
                                     max_length=recipe.data.max_length)
     trainer = RewardTrainer(
         model=model,
@@ -195,7 +195,7 @@ def build_preference_trainer(model, tokenizer, splits: PairSplits, recipe: Recip
     quiet_experimental()
     from trl.experimental.orpo import ORPOConfig
 
-    args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, args_class=ORPOConfig,
+    args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, model=model, args_class=ORPOConfig,
                                     beta=recipe.preference.beta, max_length=recipe.data.max_length)
     trainer = orpo_trainer_class()(
         model=model,

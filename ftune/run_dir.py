@@ -59,6 +59,9 @@ class RunDir:
     eval_predictions = property(lambda self: self.root / "eval" / "predictions.jsonl")
     merged = property(lambda self: self.root / "merged")
     export_dir = property(lambda self: self.root / "export")
+    strategy = property(lambda self: self.root / "distributed.json")  # the processes and strategy that trained the run
+    accelerate_config = property(lambda self: self.root / "accelerate.yaml")
+    deepspeed_config = property(lambda self: self.root / "deepspeed.json")
 
     def has_complete_weights(self) -> bool:
         """Training wrote a whole model (full, freeze, bitfit), not an adapter to apply to a base."""

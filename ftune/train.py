@@ -19,9 +19,10 @@ from typing import Any
 
 from ftune import __version__
 from ftune.checkpoints import (
-    checkpoint_marker, disk_errors_explained, is_main_process, logged_train_loss, resume_point, train_or_restore, truncate_metrics,
+    checkpoint_marker, disk_errors_explained, is_main_process, logged_train_loss, resume_accumulation, resume_point, train_or_restore, truncate_metrics,
 )
 from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits
+from ftune.distributed import whole_weights
 from ftune.errors import FtuneError
 from ftune.hardware import (
     Precision, Threads, apply_tf32, apply_threads, cheap_affinity_cpus, free_memory_mib, resolve_loader, resolve_precision,
@@ -69,6 +70,8 @@ def train_into(recipe: Recipe, launch: Launch, *, overwrite: bool, resume: bool,
     started = datetime.now(timezone.utc)
     run = prepare_run_dir(recipe, overwrite=overwrite, resume=resume, write=is_main_process())
     checkpoint = resume_point(run, echo) if resume else None
+    if checkpoint is not None:
+        recipe = keep_rows_per_step(recipe, checkpoint, echo=echo)
     if resume and is_main_process():
         truncate_metrics(run, step=checkpoint_step(checkpoint) if checkpoint else 0)  # forget steps logged after it
     session = build_session(recipe, run, precision=launch.precision, echo=echo)
@@ -78,9 +81,10 @@ def train_into(recipe: Recipe, launch: Launch, *, overwrite: bool, resume: bool,
         trained_here = train_or_restore(trainer, checkpoint, echo)
         wall = time.perf_counter() - clock
         eval_metrics = trainer.evaluate() if session.splits.eval else {}
-        if not trainer.is_world_process_zero():
-            return run
-        save_artifacts(trainer.model, session.tokenizer, recipe, run)
+        with whole_weights(trainer):
+            if not trainer.is_world_process_zero():
+                return run
+            save_artifacts(trainer.model, session.tokenizer, recipe, run)
         summary = build_summary(run, eval_metrics, trainer, wall, trained_here, session.trainable, session.total)
         save_loss_plot(run)
         write_json_atomic(run.manifest, build_manifest(recipe, started, launch=launch, model=trainer.model))
@@ -88,6 +92,20 @@ def train_into(recipe: Recipe, launch: Launch, *, overwrite: bool, resume: bool,
     echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
     return run
+
+
+def keep_rows_per_step(recipe: Recipe, checkpoint: Path, *, echo) -> Recipe:
+    """The recipe to resume ``checkpoint`` with on this launch's process count: the same rows per optimizer step, by
+    gradient accumulation, so the loss curve and the data position continue where they were."""
+    from ftune.distributed import strategy_name, world_size
+
+    world = world_size()
+    accumulation = resume_accumulation(checkpoint, recipe, world_size=world, strategy=strategy_name(recipe.distributed, world))
+    if accumulation == recipe.training.gradient_accumulation_steps:
+        return recipe
+    echo(f"resuming on {world} process{'es' if world > 1 else ''}: gradient_accumulation_steps {recipe.training.gradient_accumulation_steps} "
+         f"-> {accumulation}, so each optimizer step still takes {accumulation * world * recipe.training.batch_size} rows as the checkpoint's did")
+    return recipe.model_copy(update={"training": recipe.training.model_copy(update={"gradient_accumulation_steps": accumulation})})
 
 
 @dataclass(frozen=True)
@@ -103,7 +121,7 @@ def prepare_hardware(recipe: Recipe, *, echo=print) -> Launch:
     """Resolve and apply precision, threads and TF32, saying what was chosen and why."""
     from ftune.launch import describe_world
 
-    if (world := describe_world()) is not None:
+    if (world := describe_world(recipe.distributed)) is not None:
         echo(world)
     precision = resolve_precision(recipe.training.mixed_precision)
     echo(precision.describe(recipe.training.mixed_precision))
@@ -196,14 +214,24 @@ def run_preprocess(recipe: Recipe, *, echo=print):
     return splits
 
 
-def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, precision: Precision, args_class=None, **stage_options):
-    """The Trainer's arguments; a stage passes its own arguments class (a TrainingArguments subclass) and options."""
+def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, precision: Precision, model=None, args_class=None,
+                             **stage_options):
+    """The Trainer's arguments; a stage passes its own arguments class (a TrainingArguments subclass) and options.
+    ``model`` (the one being trained) is what FSDP's units are found in."""
     import torch
     from transformers import TrainingArguments
+
+    from ftune.distributed import decoder_layer_classes, resolve_strategy, write_strategy_files
 
     train = recipe.training
     cuda = torch.cuda.is_available()
     loader = resolve_loader(cuda=cuda, cpus=cheap_affinity_cpus())
+    strategy = resolve_strategy(recipe.distributed, cuda=cuda, wrap_classes=decoder_layer_classes(model) if model is not None else None,
+                                precision=precision.mode, gradient_checkpointing=train.gradient_checkpointing)
+    # FSDP checkpoints activations itself (its fsdp_config), without the Trainer's extra all-gather in backward.
+    checkpointing = train.gradient_checkpointing and strategy.name != "fsdp"
+    if is_main_process():
+        write_strategy_files(run, strategy, cuda=cuda)
     return (args_class or TrainingArguments)(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=train.batch_size,
@@ -219,8 +247,8 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, pre
         optim=train.optimizer,
         bf16=precision.mode == "bf16",
         fp16=precision.mode == "fp16",
-        gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         logging_steps=train.logging_steps,
         logging_first_step=True,
         eval_strategy="steps" if has_eval and train.eval_steps else "no",
@@ -237,8 +265,18 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, pre
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=loader.workers,
         dataloader_pin_memory=loader.pin_memory,
+        **strategy.trainer_options,
         **stage_options,
     )
+
+
+def distributed_trainer(trainer_class: type, args) -> type:
+    """The Trainer class to build for ``args``'s strategy (the same class except FSDP on CPU)."""
+    import torch
+
+    from ftune.distributed import trainer_class as strategy_trainer_class
+
+    return strategy_trainer_class(trainer_class, cuda=torch.cuda.is_available(), fsdp=bool(args.fsdp))
 
 
 def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, precision: Precision, echo=print, callbacks: tuple = ()):
@@ -264,9 +302,10 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, prec
             echo("Loss: LM head and cross-entropy at the labelled positions only")
         else:
             echo(f"Loss: LM head at every position ({blocker})")
-    trainer = Trainer(
+    args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, model=model)
+    trainer = distributed_trainer(Trainer, args)(
         model=model,
-        args=build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision),
+        args=args,
         train_dataset=splits.train,
         eval_dataset=splits.eval or None,
         data_collator=collator,

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ftune.recipe.data import DataConfig
+from ftune.recipe.distributed import DistributedConfig, distributed_problems
 from ftune.recipe.methods import MethodConfig, Strict, method_class
 from ftune.recipe.paths import HUB_ID, checks_paths, existing_path
 from ftune.recipe.stages import SFT, PreferenceConfig, StageName, stage_problems
@@ -56,12 +57,17 @@ class QuantizationConfig(Strict):
     double_quant: bool = Field(True, description="Quantize the 4-bit scales too (saves ~0.4 bits/param).")
     compute_dtype: DType = Field("auto", description="dtype of 4-bit matmuls; auto follows model.dtype.")
     int8_threshold: float = Field(6.0, gt=0, description="LLM.int8 outlier threshold for 8-bit loading.")
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = Field(
+        "uint8",
+        description="dtype the packed 4-bit blocks are stored in; set it to the other weights' dtype (bfloat16) when FSDP or "
+        "ZeRO-3 shards the model, so the 4-bit blocks are sharded with them.",
+    )
 
     @model_validator(mode="after")
     def _options_match_bits(self) -> QuantizationConfig:
         # Compare with defaults, not with "was it written": a resolved recipe spells every default out.
         changed = {name for name, field in self.model_fields.items() if getattr(self, name) != field.default} - {"bits"}
-        four_bit_only = changed & {"quant_type", "double_quant", "compute_dtype"}
+        four_bit_only = changed & {"quant_type", "double_quant", "compute_dtype", "quant_storage"}
         if self.bits == 8 and four_bit_only:
             raise ValueError(f"{', '.join(sorted(four_bit_only))} only apply to bits: 4; remove them or set bits: 4")
         if self.bits is None and changed:
@@ -137,6 +143,7 @@ class Recipe(Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: str = Field(description="Run directory written by ftune train.")
 
     @model_validator(mode="after")
@@ -167,6 +174,13 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _stage_fits(self) -> Recipe:
         problems = stage_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _distributed_fits(self) -> Recipe:
+        problems = distributed_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
