@@ -1,0 +1,111 @@
+"""Several processes on CPU (gloo): the same recipe gives the same training as one process, under DDP and FSDP, and a
+checkpoint of two processes continues on one. fp32 and a fixed data order, so equal means equal to rounding."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from ftune.errors import FtuneError
+from ftune.recipe import load_recipe
+from ftune.run_dir import RunDir
+from ftune.train import run_training
+from tests.conftest import invoke_ok, recipe_dict, write_recipe
+
+FP32 = {"mixed_precision": "no", "max_steps": 4, "save_steps": 2, "logging_steps": 1}
+
+
+def step_losses(run: RunDir) -> list[float]:
+    return [record["loss"] for record in map(json.loads, run.metrics.read_text().splitlines()) if "loss" in record]
+
+
+def assert_same_curve(losses: list[float], reference: list[float]) -> None:
+    assert len(losses) == len(reference) == 4
+    assert losses == pytest.approx(reference, rel=1e-4)
+
+
+def recipe_for(tmp_path, tiny_llama_dir, alpaca_files, name: str, **sections):
+    train, eval_file = alpaca_files
+    return write_recipe(tmp_path / f"{name}.yaml", recipe_dict(tiny_llama_dir, train, eval_file, tmp_path / name, **sections))
+
+
+def train_on_two_processes(recipe_path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "ftune", "train", str(recipe_path), "--nproc", "2"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def quiet(*_):
+    pass
+
+
+def test_ddp_on_two_processes_matches_one_process_and_accumulation_and_resumes_on_one(tmp_path, tiny_llama_dir, alpaca_files):
+    one = run_training(load_recipe(recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "one", training={**FP32, "batch_size": 4})), echo=quiet)
+    accumulated = run_training(load_recipe(recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "accumulated",
+                                                      training={**FP32, "batch_size": 2, "gradient_accumulation_steps": 2})), echo=quiet)
+    two_path = recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "two", training={**FP32, "batch_size": 2})
+    started = train_on_two_processes(two_path)
+    assert started.stdout.startswith("processes: world size 2 (2 on this machine), strategy ddp")
+    two = RunDir(tmp_path / "two")
+    assert_same_curve(step_losses(accumulated), step_losses(one))
+    assert_same_curve(step_losses(two), step_losses(one))
+    assert json.loads(two.strategy.read_text())["strategy"] == "ddp"
+    uninterrupted = load_file(two.model / "adapter_model.safetensors")
+
+    # Interrupted after its step-2 checkpoint, the two-process run continues on one process.
+    shutil.rmtree(two.checkpoints / "checkpoint-4")
+    two.summary.unlink()
+    lines = []
+    run_training(load_recipe(two_path), resume=True, echo=lines.append)
+    assert "resuming on 1 process: gradient_accumulation_steps 1 -> 2, so each optimizer step still takes 4 rows as the checkpoint's did" in lines
+    assert_same_curve(step_losses(two), step_losses(one))
+    resumed = load_file(two.model / "adapter_model.safetensors")
+    assert max((resumed[name] - uninterrupted[name]).abs().max().item() for name in uninterrupted) < 1e-6
+
+
+def test_fsdp_on_two_processes_matches_one_process_then_merges_and_evaluates(tmp_path, tiny_llama_dir, alpaca_files):
+    one = run_training(load_recipe(recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "one", training={**FP32, "batch_size": 4})), echo=quiet)
+    fsdp_path = recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "fsdp", training={**FP32, "batch_size": 2}, distributed={"strategy": "fsdp"})
+    started = train_on_two_processes(fsdp_path)
+    assert started.stdout.startswith("processes: world size 2 (2 on this machine), strategy fsdp (full shard, one unit per the model's decoder layer)")
+    fsdp = RunDir(tmp_path / "fsdp")
+    assert_same_curve(step_losses(fsdp), step_losses(one))
+    assert (fsdp.checkpoints / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()  # the FSDP optimizer/model format
+    written = json.loads(fsdp.strategy.read_text())
+    assert written["trainer_options"]["fsdp_config"]["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
+    assert "distributed_type: FSDP" in fsdp.accelerate_config.read_text()
+    adapter, single = load_file(fsdp.model / "adapter_model.safetensors"), load_file(one.model / "adapter_model.safetensors")
+    assert adapter.keys() == single.keys() and max((adapter[k] - single[k]).abs().max().item() for k in adapter) < 1e-4
+
+    invoke_ok("merge", fsdp.root)
+    assert json.loads(fsdp.parity_report().read_text())["passed"]
+    invoke_ok("eval", fsdp.root)
+    assert json.loads(fsdp.eval_metrics.read_text())["tuned"]["samples"] == 8
+
+    # One process is not FSDP, and cannot read FSDP's optimizer state: refused before anything loads.
+    shutil.rmtree(fsdp.checkpoints / "checkpoint-4")
+    fsdp.summary.unlink()
+    with pytest.raises(FtuneError, match="written under fsdp by 2 processes and this launch runs single; .* --nproc 2 or more"):
+        run_training(load_recipe(fsdp_path), resume=True, echo=quiet)
+
+
+def test_full_fine_tuning_under_fsdp_saves_the_whole_model_as_one_process_trains_it(tmp_path, tiny_llama_dir, alpaca_files):
+    full = {"name": "full"}
+    training = {**FP32, "learning_rate": 1e-3}
+    one = run_training(load_recipe(recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "one", method=full,
+                                              training={**training, "batch_size": 4})), echo=quiet)
+    train_on_two_processes(recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "fsdp", method=full,
+                                      training={**training, "batch_size": 2}, distributed={"strategy": "fsdp"}))
+    fsdp = RunDir(tmp_path / "fsdp")
+    assert_same_curve(step_losses(fsdp), step_losses(one))
+    sharded, single = load_file(fsdp.model / "model.safetensors"), load_file(one.model / "model.safetensors")
+    assert sharded.keys() == single.keys()
+    assert max((sharded[k] - single[k]).abs().max().item() for k in single) < 1e-4
+    base = load_file(tiny_llama_dir / "model.safetensors")
+    assert any(not sharded[k].equal(base[k]) for k in base)  # trained, not the base saved back
