@@ -178,7 +178,9 @@ NAME_NOISE = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod
 def saved_name(name: str) -> str:
     for noise in NAME_NOISE:
         name = name.replace(noise, "")
-    return name.replace(".default.", ".").replace(".default", "").removeprefix("base_model.model.")
+    # peft drops its adapter name and the modules_to_save infix of a wrapped copy (a classifier head, MAM's adapters).
+    name = name.replace(".default.", ".").replace(".default", "").replace(".modules_to_save.", ".")
+    return name.removeprefix("base_model.model.")
 
 
 def check_saved_weights(checkpoint: Path, model, *, compared: int = 4) -> None:
@@ -203,7 +205,9 @@ def check_saved_weights(checkpoint: Path, model, *, compared: int = 4) -> None:
             f"{len(missing)} of {len(trainable)} trainable tensors missing (e.g. {saved_name((missing or [trainable[0][0]])[0])}); "
             "the strategy's save did not gather the weights, so training stopped here instead of at the end"
         )
-    for name, param in trainable[:compared]:
+    # AdaLoRA saves each matrix cut to the rank its budget left, not as the model holds it.
+    pruned_on_save = any(type(config).__name__ == "AdaLoraConfig" for config in getattr(model, "peft_config", {}).values())
+    for name, param in trainable[: 0 if pruned_on_save else compared]:
         handle, key = saved[saved_name(name)]
         on_disk = handle.get_tensor(key)
         whole_shape = tuple(getattr(param, "ds_shape", None) or param.shape)  # ZeRO-3 keeps the whole shape aside
