@@ -16,9 +16,9 @@ from pydantic import Field
 from ftune.recipe.methods import Strict
 
 StrategyName = Literal["auto", "ddp", "fsdp", "deepspeed"]
-# Methods whose trainable weights live outside the decoder layers FSDP wraps and are read by every layer at once
-# (a prompt encoder feeding every layer's keys and values), so FSDP would gather them in no unit: refused.
-FSDP_UNSUPPORTED_METHODS = frozenset({"prefix", "ptuning_v2", "mam", "unipelt"})
+# peft's prompt-learning methods keep their prompt encoder outside the decoder layers FSDP makes units of; under FSDP2
+# its embedding fails after the first save ("aten.embedding got mixed torch.Tensor and DTensor", measured for each).
+FSDP_UNSUPPORTED_METHODS = frozenset({"prefix", "prompt", "ptuning", "ptuning_v2", "mam"})
 
 
 class FsdpConfig(Strict):
@@ -76,8 +76,8 @@ def distributed_problems(recipe) -> list[str]:
             problems.append("distributed.fsdp.sharding: hybrid needs FSDP1, which transformers 5 removed; use full (or "
                             "strategy: deepspeed with zero_stage: 3 across nodes)")
         if recipe.method.name in FSDP_UNSUPPORTED_METHODS:
-            problems.append(f"distributed.strategy: fsdp does not support method '{recipe.method.name}' (its prefix encoder feeds "
-                            "every layer, outside the layers FSDP shards); use strategy: ddp, or method: lora")
+            problems.append(f"distributed.strategy: fsdp does not support method '{recipe.method.name}' (peft's prompt encoder sits "
+                            "outside the layers FSDP shards and breaks after the first save); use strategy: ddp, or method: lora or unipelt")
     if strategy == "deepspeed":
         if not deepspeed_installed():
             problems.append("distributed.strategy: deepspeed needs the deepspeed package: pip install deepspeed (CUDA GPUs only); "
