@@ -175,6 +175,15 @@ def trainer_class(trainer_class: type, *, cuda: bool, fsdp: bool) -> type:
             state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
             self.is_fsdp_enabled = True
 
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            import torch
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            # accelerate broadcasts rank 0's copy, and over gloo the other ranks leave that broadcast early and hang
+            # the run; every rank reads the (CPU-sized) file itself instead.
+            saved = torch.load(os.path.join(resume_from_checkpoint, "pytorch_model_fsdp.bin"), weights_only=True)
+            set_model_state_dict(model or self.model_wrapped, saved, options=StateDictOptions(full_state_dict=True, strict=False))
+
         def save_model(self, output_dir=None, _internal_call=False):
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 

@@ -69,7 +69,7 @@ def test_ddp_on_two_processes_matches_one_process_and_accumulation_and_resumes_o
     assert max((resumed[name] - uninterrupted[name]).abs().max().item() for name in uninterrupted) < 1e-6
 
 
-def test_fsdp_on_two_processes_matches_one_process_then_merges_and_evaluates(tmp_path, tiny_llama_dir, alpaca_files):
+def test_fsdp_on_two_processes_matches_one_process_merges_evaluates_and_resumes(tmp_path, tiny_llama_dir, alpaca_files):
     one = run_training(load_recipe(recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "one", training={**FP32, "batch_size": 4})), echo=quiet)
     fsdp_path = recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "fsdp", training={**FP32, "batch_size": 2}, distributed={"strategy": "fsdp"})
     started = train_on_two_processes(fsdp_path)
@@ -93,6 +93,14 @@ def test_fsdp_on_two_processes_matches_one_process_then_merges_and_evaluates(tmp
     fsdp.summary.unlink()
     with pytest.raises(FtuneError, match="written under fsdp by 2 processes and this launch runs single; .* --nproc 2 or more"):
         run_training(load_recipe(fsdp_path), resume=True, echo=quiet)
+    uninterrupted = adapter
+    result = subprocess.run([sys.executable, "-m", "ftune", "train", str(fsdp_path), "--nproc", "2", "--resume"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Resuming from checkpoint-2" in result.stdout
+    assert_same_curve(step_losses(fsdp), step_losses(one))
+    resumed = load_file(fsdp.model / "adapter_model.safetensors")
+    assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) < 1e-6
 
 
 def test_full_fine_tuning_under_fsdp_saves_the_whole_model_as_one_process_trains_it(tmp_path, tiny_llama_dir, alpaca_files):
