@@ -1,0 +1,220 @@
+"""ftune train against the plain transformers Trainer + peft script, side by side, in one invocation.
+
+Three runs on the same model, data, LoRA settings, precision, batch and optimizer steps, each in its own process
+(so each peak memory is its own):
+
+  a. the tutorial script: transformers Trainer + peft, rows padded to max_length
+  b. the same with dynamic padding (DataCollatorForSeq2Seq)
+  c. ftune train
+
+a and b train on ftune's own tokenized rows (same tokens, same answer-only labels), so only the batching and the
+loss differ. Every run's held-out loss is computed the same way afterwards (mean over answer tokens). The machine's
+GEMM peak in the dtype used is measured first, in this invocation; achieved FLOP/s counts 4 x parameters x tokens
+for LoRA (forward, backward through the activations) and 6 x for full fine-tuning. Run it on an idle machine.
+
+Usage::
+
+    python scripts/bench_train.py [--recipe recipes/smollm2-135m/lora-quickstart.yaml] [--steps 20]
+                                  [--model NAME] [--data TRAIN.jsonl] [--method lora|full] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RUNS = {"a": "Trainer, padded to max_length", "b": "Trainer, dynamic padding", "c": "ftune train"}
+
+
+def overrides(args) -> list[str]:
+    sets = [f"training.max_steps={args.steps}", "training.save_steps=100000", "training.logging_steps=5",
+            f"output_dir={args.workdir}/ftune-run", *args.set]
+    if args.model:
+        sets.append(f"model.name_or_path={args.model}")
+    if args.data:
+        sets.append(f"data.train={args.data}")
+    if args.method:
+        sets.append(f"method.name={args.method}")
+    return sets
+
+
+def gemm_peak(dtype_name: str, seconds: float = 2.0) -> float:
+    """FLOP/s of a large square matmul in ``dtype_name`` on this device."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, dtype_name)
+    size = 4096 if device == "cuda" else 1024
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return 2 * size**3 * count / (time.perf_counter() - start)
+
+
+def peak_memory_mib() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    from ftune.hardware import peak_rss_mib
+
+    return peak_rss_mib()
+
+
+def heldout_loss(model, rows, collate) -> float:
+    """Mean cross-entropy over the answer tokens of the held-out rows, the same for every run."""
+    import torch
+
+    model.eval()
+    total = count = 0.0
+    with torch.no_grad():
+        for start in range(0, len(rows), 8):
+            batch = collate(rows[start : start + 8])
+            labels = batch["labels"]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            targets = labels[:, 1:]
+            losses = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum")
+            total, count = total + losses.item(), count + (targets != -100).sum().item()
+    return total / count
+
+
+def run_one(which: str, args) -> dict:
+    """One run, in this process: its training wall time, real tokens, final train loss, held-out loss, peak memory."""
+    from transformers import DataCollatorForSeq2Seq
+
+    from ftune.data import build_datasets
+    from ftune.model import load_tokenizer
+    from ftune.recipe import load_recipe
+    from ftune.runtime import quiet_libraries
+
+    quiet_libraries()
+    recipe = load_recipe(args.recipe, overrides(args))
+    tokenizer = load_tokenizer(recipe.model)
+    splits = build_datasets(recipe.data, tokenizer, recipe.task)
+    dynamic = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    def as_rows(dataset) -> list[dict]:
+        return [{"input_ids": row["input_ids"], "attention_mask": [1] * len(row["input_ids"]), "labels": row["labels"]}
+                for row in (dataset[i] for i in range(len(dataset)))]
+
+    eval_rows = as_rows(splits.eval)
+
+    if which == "c":
+        from ftune.methods import load_trained
+        from ftune.model import load_base_model
+        from ftune.train import run_training
+
+        run = run_training(recipe, overwrite=True, echo=lambda *_: None)
+        summary = json.loads(run.summary.read_text())
+        memory = peak_memory_mib()
+        model = load_trained(recipe.method.name, lambda: load_base_model(recipe.model, recipe.quantization, task=recipe.task), run.model)
+        return {"wall": summary["wall_time_s"], "tokens": summary["tokens_seen"], "train_loss": last_logged_loss(run.metrics),
+                "heldout_loss": heldout_loss(model, eval_rows, dynamic), "memory": memory,
+                "params": sum(p.numel() for p in model.parameters())}
+
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from ftune.hardware import resolve_precision
+    from ftune.methods import apply_method
+    from ftune.model import load_base_model
+
+    torch.manual_seed(recipe.training.seed)
+    model = apply_method(load_base_model(recipe.model, recipe.quantization, task=recipe.task), recipe.method, recipe.task)
+    precision = resolve_precision(recipe.training.mixed_precision)
+    padded = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=recipe.data.max_length, label_pad_token_id=-100,
+                                    return_tensors="pt")
+    train = recipe.training
+    arguments = TrainingArguments(
+        output_dir=f"{args.workdir}/trainer-{which}", per_device_train_batch_size=train.batch_size, max_steps=train.max_steps,
+        learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler, warmup_steps=train.warmup_ratio,
+        optim=train.optimizer, bf16=precision.mode == "bf16", fp16=precision.mode == "fp16", logging_steps=5,
+        save_strategy="no", report_to="none", disable_tqdm=True, seed=train.seed, data_seed=train.seed,
+        use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+    )
+    trainer = Trainer(model=model, args=arguments, train_dataset=as_rows(splits.train), data_collator=padded if which == "a" else dynamic)
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
+    return {"wall": wall, "tokens": trainer.state.num_input_tokens_seen, "train_loss": losses[-1] if losses else float("nan"),
+            "heldout_loss": heldout_loss(model, eval_rows, dynamic), "memory": peak_memory_mib(),
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def last_logged_loss(metrics: Path) -> float:
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    losses = [record["loss"] for record in records if "loss" in record]
+    return losses[-1] if losses else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/smollm2-135m/lora-quickstart.yaml")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of every run")
+    parser.add_argument("--model", help="model.name_or_path override")
+    parser.add_argument("--data", help="data.train override")
+    parser.add_argument("--method", help="method.name override (lora or full)")
+    parser.add_argument("--set", action="append", default=[], help="any other recipe override, key=value")
+    parser.add_argument("--one", choices=sorted(RUNS), help=argparse.SUPPRESS)  # a child run
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args)))
+        return
+
+    import torch
+
+    from ftune.hardware import resolve_precision
+    from ftune.recipe import load_recipe
+
+    with tempfile.TemporaryDirectory() as workdir:
+        args.workdir = workdir
+        recipe = load_recipe(args.recipe, overrides(args))
+        precision = resolve_precision(recipe.training.mixed_precision)
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision.mode, "float32")
+        peak = gemm_peak(dtype)
+        results = {}
+        for which in RUNS:
+            child = [sys.executable, __file__, "--one", which, "--workdir", workdir, "--recipe", args.recipe, "--steps", str(args.steps),
+                     *sum((["--set", item] for item in args.set), [])]
+            for flag in ("model", "data", "method"):
+                if getattr(args, flag):
+                    child += [f"--{flag}", getattr(args, flag)]
+            output = subprocess.run(child, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            line = next((line for line in output.stdout.splitlines() if line.startswith("RESULT ")), None)
+            if line is None:
+                sys.exit(f"run {which} failed:\n{output.stderr[-3000:]}")
+            results[which] = json.loads(line[len("RESULT "):])
+
+    factor = 6 if recipe.method.name == "full" else 4
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"{recipe.model.name_or_path}, method {recipe.method.name}, batch {recipe.training.batch_size}, max_length "
+          f"{recipe.data.max_length}, {args.steps} steps, precision {precision.mode}, {device}")
+    print(f"measured GEMM peak ({dtype}): {peak / 1e9:.0f} GFLOP/s")
+    print(f"| run | real tokens/s | wall s | peak memory MiB | final train loss | held-out loss | GFLOP/s | share of peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for which, label in RUNS.items():
+        result = results[which]
+        speed = result["tokens"] / result["wall"]
+        flops = factor * result["params"] * speed
+        print(f"| {which}. {label} | {speed:.0f} | {result['wall']:.1f} | {result['memory']:,.0f} | {result['train_loss']:.4f} | "
+              f"{result['heldout_loss']:.4f} | {flops / 1e9:.0f} | {flops / peak:.0%} |")
+    speed = {which: results[which]["tokens"] / results[which]["wall"] for which in RUNS}
+    print(f"ftune vs padded script: {speed['c'] / speed['a']:.2f}x; vs dynamic padding: {speed['c'] / speed['b']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
