@@ -63,7 +63,19 @@ def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = Fals
     quiet_libraries()
     root = Path(recipe.output_dir).expanduser().resolve()
     with run_lock(root, echo=echo) if main else nullcontext():
-        return train_into(recipe, launch, overwrite=overwrite, resume=resume, echo=echo)
+        run = train_into(recipe, launch, overwrite=overwrite, resume=resume, echo=echo)
+    close_processes()
+    return run
+
+
+def close_processes() -> None:
+    """End a multi-process run together: the other ranks wait until rank 0 has written the run directory, then the
+    process group is closed, so no rank exits with its communication threads still running (a C++ abort over gloo)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def train_into(recipe: Recipe, launch: Launch, *, overwrite: bool, resume: bool, echo) -> RunDir:
