@@ -151,6 +151,7 @@ def checkpoint_marker():
     from transformers import TrainerCallback
 
     class MarkComplete(TrainerCallback):
+        checked = False  # whether this process's first save has been checked
         def on_step_end(self, args, state, control, **kwargs):
             # A log line at every checkpoint and at the last step: the logged windows then cover every
             # step, and a resumed run's windows start exactly where the checkpoint's ended.
@@ -166,9 +167,7 @@ def checkpoint_marker():
                     self.checked = True
                 mark_checkpoint_complete(checkpoint)
 
-    marker = MarkComplete()
-    marker.checked = False
-    return marker
+    return MarkComplete()
 
 
 # Wrapper and adapter-name parts that a save leaves out of a parameter's name.

@@ -30,10 +30,6 @@ class Strategy:
     trainer_options: dict = field(default_factory=dict)  # TrainingArguments keywords
     deepspeed: dict | None = None  # the DeepSpeed config, when DeepSpeed runs
 
-    @property
-    def shards(self) -> bool:
-        return self.name in ("fsdp", "deepspeed")
-
 
 def strategy_name(section: DistributedConfig, world: int) -> str:
     """single, ddp, fsdp or deepspeed: what ``world`` processes run for the recipe's strategy."""
@@ -157,10 +153,12 @@ def accelerate_launch_config(strategy: Strategy, *, cuda: bool) -> dict:
     return config
 
 
-def trainer_class(trainer_class: type, *, cuda: bool, fsdp: bool) -> type:
-    """``trainer_class``, or on CPU under FSDP a subclass that lets accelerate shard on CPU: accelerate only turns
-    FSDP on for accelerator devices, while torch's FSDP2 runs on CPU over gloo; everything else is accelerate's own."""
-    if cuda or not fsdp:
+def trainer_class_for(trainer_class: type, args) -> type:
+    """The Trainer class to build for ``args``: ``trainer_class``, or on CPU under FSDP a subclass that lets accelerate
+    shard on CPU (accelerate only turns FSDP on for accelerator devices, while torch's FSDP2 runs on CPU over gloo)."""
+    import torch
+
+    if torch.cuda.is_available() or not args.fsdp:
         return trainer_class
 
     class CpuFsdpTrainer(trainer_class):
@@ -185,12 +183,8 @@ def trainer_class(trainer_class: type, *, cuda: bool, fsdp: bool) -> type:
             set_model_state_dict(model or self.model_wrapped, saved, options=StateDictOptions(full_state_dict=True, strict=False))
 
         def save_model(self, output_dir=None, _internal_call=False):
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            # accelerate gathers with cpu_offload=True, which on CPU hands back tensors whose storage FSDP has already
-            # freed; gathered without it, each tensor is copied out before FSDP reshards.
-            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
-            self._save(output_dir or self.args.output_dir, state_dict={name: tensor.clone() for name, tensor in full.items()})
+            # accelerate gathers with cpu_offload=True, which on CPU hands back tensors whose storage FSDP has already freed.
+            self._save(output_dir or self.args.output_dir, state_dict=gathered_state_dict(self.model))
 
     CpuFsdpTrainer.__name__ = CpuFsdpTrainer.__qualname__ = f"CpuFsdp{trainer_class.__name__}"
     return CpuFsdpTrainer
@@ -202,9 +196,7 @@ def whole_weights(trainer):
     a normal folder; every rank must enter (gathering is collective). Outside FSDP and ZeRO-3 it does nothing."""
     model = trainer.model
     if getattr(trainer, "is_fsdp_enabled", False):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+        full = gathered_state_dict(model)
         if trainer.is_world_process_zero():
             replace_with_whole(model, full)
         yield
@@ -215,6 +207,14 @@ def whole_weights(trainer):
             yield
     else:
         yield
+
+
+def gathered_state_dict(model) -> dict:
+    """The whole state dict of an FSDP model on every rank (collective), each tensor copied out before FSDP reshards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
+    return {name: tensor.detach().clone() for name, tensor in full.items()}
 
 
 def replace_with_whole(model, full: dict) -> None:
@@ -229,9 +229,9 @@ def replace_with_whole(model, full: dict) -> None:
             whole = full.get(name)
             if whole is None:
                 continue  # a duplicate name of a tied weight the state dict lists once; set through its first name
-            replaced[id(param)] = torch.nn.Parameter(whole.detach().clone(), requires_grad=param.requires_grad)
+            replaced[id(param)] = torch.nn.Parameter(whole, requires_grad=param.requires_grad)
         owner._parameters[leaf] = replaced[id(param)]
     for name, buffer in model.named_buffers(remove_duplicate=False):
         if name in full:
             owner_name, _, leaf = name.rpartition(".")
-            model.get_submodule(owner_name)._buffers[leaf] = full[name].detach().clone()
+            model.get_submodule(owner_name)._buffers[leaf] = full[name]

@@ -49,9 +49,10 @@ def launch(child_argv: list[str], **placement) -> int:
 
 def describe_world(section) -> str | None:
     """The line train prints first in a multi-process run: how many processes, and how they share the work."""
+    from ftune.distributed import world_size
     from ftune.recipe.distributed import describe_strategy
 
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    world = world_size()
     if world <= 1:
         return None if section.strategy == "auto" else f"processes: 1, distributed.strategy: {section.strategy} has nothing to shard; single process"
     local = os.environ.get("LOCAL_WORLD_SIZE", "?")

@@ -92,7 +92,8 @@ def build_dpo_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run,
     from ftune.methods import method_callbacks
     from ftune.model import load_base_model
     from ftune.progress import MetricsCallback
-    from ftune.train import build_training_arguments, distributed_trainer
+    from ftune.distributed import trainer_class_for
+    from ftune.train import build_training_arguments
     from trl import DPOConfig
 
     pref = recipe.preference
@@ -105,7 +106,7 @@ def build_dpo_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run,
         beta=pref.beta, loss_type=[pref.loss_type], max_length=recipe.data.max_length,
         precompute_ref_log_probs=pref.precompute_reference, padding_free=False,
     )
-    trainer = distributed_trainer(dpo_trainer_class(), args)(
+    trainer = trainer_class_for(dpo_trainer_class(), args)(
         model=model,
         ref_model=ref_model,
         args=args,
@@ -160,14 +161,15 @@ def build_reward_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, r
     from ftune.checkpoints import checkpoint_marker
     from ftune.methods import method_callbacks
     from ftune.progress import MetricsCallback
-    from ftune.train import build_training_arguments, distributed_trainer
+    from ftune.distributed import trainer_class_for
+    from ftune.train import build_training_arguments
     from trl import RewardConfig, RewardTrainer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
     args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, model=model, args_class=RewardConfig,
                                     max_length=recipe.data.max_length)
-    trainer = distributed_trainer(RewardTrainer, args)(
+    trainer = trainer_class_for(RewardTrainer, args)(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(reward_rows(splits.train)),
@@ -191,13 +193,14 @@ def build_preference_trainer(model, tokenizer, splits: PairSplits, recipe: Recip
     from ftune.checkpoints import checkpoint_marker
     from ftune.methods import method_callbacks
     from ftune.progress import MetricsCallback
-    from ftune.train import build_training_arguments, distributed_trainer
+    from ftune.distributed import trainer_class_for
+    from ftune.train import build_training_arguments
     quiet_experimental()
     from trl.experimental.orpo import ORPOConfig
 
     args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, model=model, args_class=ORPOConfig,
                                     beta=recipe.preference.beta, max_length=recipe.data.max_length)
-    trainer = distributed_trainer(orpo_trainer_class(), args)(
+    trainer = trainer_class_for(orpo_trainer_class(), args)(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(splits.train),

@@ -22,7 +22,7 @@ from ftune.checkpoints import (
     checkpoint_marker, disk_errors_explained, is_main_process, logged_train_loss, resume_accumulation, resume_point, train_or_restore, truncate_metrics,
 )
 from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits
-from ftune.distributed import whole_weights
+from ftune.distributed import trainer_class_for, whole_weights
 from ftune.errors import FtuneError
 from ftune.hardware import (
     Precision, Threads, apply_tf32, apply_threads, cheap_affinity_cpus, free_memory_mib, resolve_loader, resolve_precision,
@@ -282,15 +282,6 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, pre
     )
 
 
-def distributed_trainer(trainer_class: type, args) -> type:
-    """The Trainer class to build for ``args``'s strategy (the same class except FSDP on CPU)."""
-    import torch
-
-    from ftune.distributed import trainer_class as strategy_trainer_class
-
-    return strategy_trainer_class(trainer_class, cuda=torch.cuda.is_available(), fsdp=bool(args.fsdp))
-
-
 def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, precision: Precision, echo=print, callbacks: tuple = ()):
     from transformers import PrinterCallback, Trainer
 
@@ -315,7 +306,7 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, prec
         else:
             echo(f"Loss: LM head at every position ({blocker})")
     args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, model=model)
-    trainer = distributed_trainer(Trainer, args)(
+    trainer = trainer_class_for(Trainer, args)(
         model=model,
         args=args,
         train_dataset=splits.train,

@@ -172,15 +172,8 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
-    def _stage_fits(self) -> Recipe:
-        problems = stage_problems(self)
-        if problems:
-            raise ValueError("; ".join(problems))
-        return self
-
-    @model_validator(mode="after")
-    def _distributed_fits(self) -> Recipe:
-        problems = distributed_problems(self)
+    def _stage_and_distributed_fit(self) -> Recipe:
+        problems = stage_problems(self) + distributed_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
         return self
