@@ -33,7 +33,9 @@ def prefixes_live_in_the_cache(model) -> bool:
 def generation_options(model, tokenizer, *, max_new_tokens: int, temperature: float = 0.0) -> dict:
     """Greedy unless a temperature is given; stop at the template's end of turn like training taught."""
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    options = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling)
+    from ftune.data.templates import end_of_turn_ids
+
+    options = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_ids(tokenizer), **sampling)
     if prefixes_live_in_the_cache(model):
         # peft's prefixes and transformers' cached decoding disagree after the first new token (the
         # replies turn to garbage, greedy and all); without the cache each step recomputes the whole
@@ -50,17 +52,19 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tok
     tokenizer.padding_side = "left"
     device = model_device(model)
     tools = tools or [None] * len(prompts)
+    options = generation_options(model, tokenizer, max_new_tokens=max_new_tokens)
+    stops = torch.tensor(options["eos_token_id"], device=device)
     replies = []
     for start in range(0, len(prompts), batch_size):
         texts = [tokenizer.apply_chat_template(p, tools=t or None, tokenize=False, add_generation_prompt=True)
                  for p, t in zip(prompts[start : start + batch_size], tools[start : start + batch_size])]
         batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         with torch.no_grad():
-            output = model.generate(**batch, **generation_options(model, tokenizer, max_new_tokens=max_new_tokens))
+            output = model.generate(**batch, **options)
         new_tokens = output[:, batch["input_ids"].shape[1] :]
         # Special tokens are dropped from the text; a template's <tool_call> tags are plain text in most vocabularies,
         # and where they are special tokens the call JSON between them still parses.
         texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        stopped = (new_tokens == tokenizer.eos_token_id).any(dim=1).tolist()  # pad differs from eos (model loading ensures it)
+        stopped = torch.isin(new_tokens, stops).any(dim=1).tolist()  # pad differs from every stop (model loading ensures it)
         replies.extend(Reply(text.strip(), stop) for text, stop in zip(texts, stopped))
     return replies

@@ -56,6 +56,9 @@ def verify_with_llama_cpp(gguf_file: Path, model_dir: Path, prompts: list[list[d
     longest = max(map(len, hf_ids)) + max_new_tokens
     llm = Llama(model_path=str(gguf_file), n_ctx=max(512, longest), n_threads=resolve_threads(None).count,
                 n_batch=512, verbose=False, seed=0)
+    from ftune.data.templates import end_of_turn_ids
+
+    stops = set(end_of_turn_ids(tokenizer))
     same_text = same_tokens = stopped = 0
     differing = []
     for prompt, text, ids, want in zip(prompts, texts, hf_ids, expected):
@@ -63,7 +66,7 @@ def verify_with_llama_cpp(gguf_file: Path, model_dir: Path, prompts: list[list[d
         same_tokens += tokens == ids
         reply, ended = [], False
         for token in llm.generate(tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            if token == tokenizer.eos_token_id:
+            if token in stops:
                 ended = True
                 break
             reply.append(token)

@@ -130,11 +130,13 @@ def save_merged(model, tokenizer, directory: Path, dtype: str) -> None:
     if generation is not None and tokenizer.pad_token_id is not None:
         generation.pad_token_id = tokenizer.pad_token_id
     if generation is not None and tokenizer.eos_token_id is not None:
+        from ftune.data.templates import end_of_turn_ids
+
         # Training taught the model to end a reply with the template's end-of-turn token; plain
         # generate() stops only at ids listed here.
         stops = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
         stops = [i for i in stops if i is not None]
-        generation.eos_token_id = stops + [tokenizer.eos_token_id] if tokenizer.eos_token_id not in stops else stops
+        generation.eos_token_id = stops + [i for i in end_of_turn_ids(tokenizer) if i not in stops]
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
 

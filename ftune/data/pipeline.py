@@ -155,8 +155,8 @@ def describe_splits(splits: DataSplits) -> str:
             lines.append(f"  {name}: {s.truncated} truncated to max_length, {s.dropped_too_long} dropped as too long, "
                          f"{s.dropped_no_target} dropped (response cut off), {s.rejected} rejected by the chat template")
     if stats.missing_eos:
-        lines.append(f"  warning: {stats.missing_eos} train examples never train the EOS token; the model may not learn "
-                     "to stop (check data.chat_template)")
+        lines.append(f"  warning: {stats.missing_eos} train examples never train the EOS or end-of-turn token; the model "
+                     "may not learn to stop (check data.chat_template)")
     lines.extend(f"  {note}" for note in splits.notes)
     if splits.from_cache:
         lines.append(f"  tokenized data loaded from cache, tokenization skipped ({splits.cache_path})")

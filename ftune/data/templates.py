@@ -27,15 +27,41 @@ def read_chat_template(value: str) -> str:
 def install_chat_template(tokenizer, config: DataConfig) -> None:
     """Put the recipe's chat template on the tokenizer (no-op when the recipe keeps the tokenizer's own)."""
     if config.chat_template is not None:
+        check_layout_markers(tokenizer, config.chat_template)
         tokenizer.chat_template = read_chat_template(config.chat_template)
+
+
+def check_layout_markers(tokenizer, name: str) -> None:
+    """Refuse a shipped family layout whose end-of-turn marker this vocabulary would split into pieces.
+
+    Generation stops on token ids; a marker spelled in several ordinary tokens is never one id, so the
+    tuned model would talk past the end of its turn. (chatml also ends replies with EOS, so it always stops.)
+    """
+    from ftune.families import CHAT_LAYOUTS
+
+    layout = CHAT_LAYOUTS.get(name)
+    if layout is None or name == "chatml":
+        return
+    vocabulary = tokenizer.get_vocab()
+    missing = [marker for marker in layout.markers if marker not in vocabulary]
+    if missing:
+        raise FtuneError(
+            f"data.chat_template: {name} needs {', '.join(missing)} as single tokens, and this tokenizer has no such "
+            f"token{'s' if len(missing) > 1 else ''}, so generation could not stop at the end of a turn; use "
+            "data.chat_template: chatml (it also ends replies with EOS) or a tokenizer of that family"
+        )
 
 
 def check_chat_template(tokenizer) -> None:
     if not getattr(tokenizer, "chat_template", None):
+        from ftune.families import FAMILIES, local_model_type
+
+        family = FAMILIES.get(local_model_type(getattr(tokenizer, "name_or_path", "") or ""))  # its own layout, if it has one
+        suggested = family.chat_template if family and family.chat_template else "chatml"
         names = ", ".join(chat_template_names())
         raise FtuneError(
             "the tokenizer has no chat template, so chat/instruction data cannot be rendered; "
-            f"set data.chat_template: chatml (or one of {names}, a .jinja file, or inline Jinja), or use an instruct model"
+            f"set data.chat_template: {suggested} (or one of {names}, a .jinja file, or inline Jinja), or use an instruct model"
         )
     if not getattr(tokenizer, "is_fast", False):
         raise FtuneError("response masking needs a fast tokenizer (offset mappings); this model only has a slow one")
@@ -51,6 +77,32 @@ def check_tool_template(tokenizer) -> None:
             "them), so tool-calling rows cannot be trained; set data.chat_template: chatml-tools (ChatML with the tools "
             "in the system turn and calls as JSON in <tool_call> tags) or use a model whose template supports tools"
         )
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token ids that close an assistant turn in the tokenizer's chat template, EOS first; generation stops on any.
+
+    Read from the template itself: the special or added tokens it writes right after a reply (ChatML's
+    <|im_end|>, Llama 3's <|eot_id|>, Gemma's <end_of_turn>, Phi-3's <|end|>, or EOS). A tokenizer
+    without a template, or one that renders no such token, stops on EOS alone.
+    """
+    stops = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    if not getattr(tokenizer, "chat_template", None):
+        return stops
+    reply = "ftune-end-of-turn-probe"
+    try:
+        text = render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": reply}])
+    except Exception:  # noqa: BLE001 - a template that cannot render this is reported where data is rendered
+        return stops
+    after = text[text.rfind(reply) + len(reply):]
+    marked = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    ids = tokenizer(after, add_special_tokens=False)["input_ids"]
+    for token in ids:
+        if token not in marked:
+            break  # the markers come first; what follows (a newline) is not part of the turn's end
+        if token not in stops and token != tokenizer.pad_token_id:
+            stops.append(token)
+    return stops
 
 
 def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ftune.data.formats import Record
-from ftune.data.templates import assistant_spans, check_chat_template, check_tool_template, render
+from ftune.data.templates import assistant_spans, check_chat_template, check_tool_template, end_of_turn_ids, render
 from ftune.data.tools import has_tool_turns
 from ftune.errors import FtuneError
 
@@ -32,7 +32,7 @@ class TokenizeStats:
     dropped_too_long: int = 0  # over max_length with truncation: drop
     dropped_no_target: int = 0  # truncation cut every trained token
     rejected: int = 0  # the chat template refused the row (data.on_error: skip)
-    missing_eos: int = 0  # untruncated examples whose trained tokens never include EOS
+    missing_eos: int = 0  # untruncated examples whose trained tokens never include EOS or the template's end of turn
     tokens: int = 0
     trained_tokens: int = 0  # label positions that are loss targets (the first position never is)
 
@@ -160,7 +160,7 @@ def tokenize_records(tokenizer, records: list[Record], *, max_length: int, trunc
     problems = [] if problems is None else problems
     classification = bool(records) and records[0].kind == "classification"
     stats = TokenizeStats(rows=len(records))
-    eos = tokenizer.eos_token_id
+    stops = end_of_turn_ids(tokenizer)  # EOS and the template's end-of-turn marker: what generation stops on
     ids_parts, label_parts, classes, lengths, origins = [], [], [], [], []
     for start in range(0, len(records), CHUNK_ROWS):
         chunk = records[start : start + CHUNK_ROWS]
@@ -189,7 +189,7 @@ def tokenize_records(tokenizer, records: list[Record], *, max_length: int, trunc
                 if trained == 0:
                     stats.dropped_no_target += 1  # truncation cut the whole response: nothing to learn
                     continue
-                if full <= max_length and eos is not None and not np.any(labels == eos):
+                if full <= max_length and stops and not np.any(np.isin(labels, stops)):
                     stats.missing_eos += 1
                 stats.trained_tokens += trained
                 label_parts.append(labels)

@@ -75,6 +75,12 @@ def wrap_with_peft(model, peft_config, method: str):
         # peft resolves all-linear on a transformers 5 mixture of experts as transformers 4 matched nn.Linear, router
         # included; adapting the router moves which experts every token reaches, so it is left out unless named.
         peft_config.target_modules = sorted(linear_layer_names(model, skip=peft_config.modules_to_save or ()) | experts)
+        if getattr(peft_config, "lora_dropout", 0):
+            raise FtuneError(
+                f"method.dropout: peft's LoRA on the fused expert weights of this {model.config.model_type} model has no "
+                "dropout, and all-linear includes them; set method.dropout: 0, or list target_modules without the experts "
+                f"(e.g. [q_proj, k_proj, v_proj, o_proj])"
+            )
     try:
         return get_peft_model(prepare_quantized(model), peft_config)
     except ValueError as exc:  # peft's own checks: block sizes that do not divide, unsupported layers...

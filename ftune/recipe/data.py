@@ -175,8 +175,8 @@ class DataConfig(Strict):
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens; default trains on responses only.")
     chat_template: str | None = Field(
         None,
-        description="Chat template: a built-in name (chatml, chatml-tools for tool calling, llama3, alpaca), a .jinja file, or inline Jinja; "
-        "default = the tokenizer's own.",
+        description="Chat template: a built-in name (chatml, chatml-tools for tool calling, llama3, gemma, phi3, mistral, deepseek, "
+        "alpaca; ftune models lists each family's), a .jinja file, or inline Jinja; default = the tokenizer's own.",
     )
     system_prompt: str | None = Field(None, description="System message prepended to every conversation that has none.")
     labels: list[str] | None = Field(

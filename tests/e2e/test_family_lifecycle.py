@@ -20,7 +20,9 @@ def test_train_merge_export_reload(model_type, tmp_path, alpaca_files):
     tokenizer = AutoTokenizer.from_pretrained(base)
     train, eval_file = alpaca_files
     run = tmp_path / "run"
-    invoke_ok("train", write_recipe(tmp_path / "recipe.yaml", recipe_dict(base, train, eval_file, run)))
+    # BLOOM is a base model with no chat layout of its own, so its recipe names one; Qwen2 uses its family's (ChatML).
+    data = {"chat_template": "chatml"} if FAMILIES[model_type].chat_template is None else {}
+    invoke_ok("train", write_recipe(tmp_path / "recipe.yaml", recipe_dict(base, train, eval_file, run, data=data)))
     invoke_ok("merge", run)
     assert json.loads((run / "merged" / "parity.json").read_text())["passed"]
     result = invoke_ok("export", run, "--format", "gguf", "--quant", "f16")
@@ -45,6 +47,14 @@ def test_llama_cpp_runs_every_gguf_family_as_transformers_does(model_type, tmp_p
     from ftune.llamacpp import verify_with_llama_cpp
 
     folder = save_family_model(model_type, tmp_path / "model")
+    if FAMILIES[model_type].chat_template is None:  # a base-model family: the prompts are rendered in ChatML
+        from transformers import AutoTokenizer
+
+        from ftune.data.templates import read_chat_template
+
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.chat_template = read_chat_template("chatml")
+        tokenizer.save_pretrained(folder)
     assert export_gguf(folder, tmp_path / "model.gguf", quant="f32").passed
     prompts = [[{"role": "user", "content": text}] for text in ("moon", "red sun", "Repeat the word twice.\n\ncat", "tree")]
     checked = verify_with_llama_cpp(tmp_path / "model.gguf", folder, prompts, quant="f32", max_new_tokens=8, batch_size=4)

@@ -34,4 +34,20 @@ def test_eval_reports_whether_replies_stop_and_warns_when_they_do_not(tmp_path, 
     assert rates["no_eos"] == 0.0, outputs["no_eos"]
     assert "stopped_rate" in outputs["eos"] and "warning: only" not in outputs["eos"]
     assert "warning: only 0% of the tuned model's replies ended with its end-of-turn token" in outputs["no_eos"]
-    assert "never train the EOS token" in outputs["no_eos"]  # training said so first
+    assert "never train the EOS or end-of-turn token" in outputs["no_eos"]  # training said so first
+
+
+def test_a_family_layout_whose_turns_end_on_a_marker_other_than_eos_stops_there(tmp_path):
+    from tests.unit.test_families import save_family_model
+
+    base = save_family_model("gemma", tmp_path / "gemma")  # Gemma's layout: replies end with <end_of_turn>, EOS is another token
+    train = write_jsonl(tmp_path / "train.jsonl", [{"instruction": f"Greet the {w} {n}.", "output": "ok"} for w in WORDS for n in range(4)])
+    held_out = write_jsonl(tmp_path / "eval.jsonl", [{"instruction": f"Greet the {w} 9.", "output": "ok"} for w in WORDS])
+    recipe = recipe_dict(base, train, held_out, tmp_path / "run", method={"name": "full"},
+                         training={"max_steps": 30, "learning_rate": 3e-3, "save_steps": 30, "logging_steps": 10},
+                         evaluation={"max_new_tokens": 8})
+    output = invoke_ok("train", write_recipe(tmp_path / "gemma.yaml", recipe)).output
+    output += invoke_ok("eval", tmp_path / "run").output
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["tuned"]
+    assert metrics["stopped_rate"] == 1.0, output
+    assert "never train the EOS or end-of-turn token" not in output

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ftune.errors import FtuneError
-from ftune.families import FAMILIES, Family
+from ftune.data.templates import read_chat_template
+from ftune.families import CHAT_LAYOUTS, FAMILIES, Family
 from ftune.methods import apply_method, load_trained, save_method_artifact
 from tests.conftest import TOKENIZER_DIR
 from tests.unit.test_methods import loader, logits_of, make_batch, method, run_steps
@@ -39,9 +40,21 @@ def sizes(model_type: str) -> dict:
     return common
 
 
-def save_family_model(model_type: str, folder):
-    """A tiny model of ``model_type`` from its config, with the tiny chat tokenizer, saved to ``folder``."""
+def family_tokenizer(model_type: str):
+    """The tiny tokenizer as a model of ``model_type`` ships it: the family's chat template, its layout markers as
+    special tokens, or no template at all for base-model families (GPT-2, BLOOM, GPT-NeoX)."""
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    name = FAMILIES[model_type].chat_template
+    tokenizer.chat_template = read_chat_template(name) if name else None
+    if name:
+        missing = [marker for marker in CHAT_LAYOUTS[name].markers if marker not in tokenizer.get_vocab()]
+        tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def save_family_model(model_type: str, folder):
+    """A tiny model of ``model_type`` from its config, with its family's tokenizer, saved to ``folder``."""
+    tokenizer = family_tokenizer(model_type)
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **sizes(model_type))
@@ -80,6 +93,19 @@ def test_lora_trains_reloads_and_merges(family_dirs, model_type, bits, tmp_path)
     if bits is None:
         merged = model.merge_and_unload()
         assert torch.allclose(logits_of(merged, batch), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("model_type", DECODERS)
+def test_all_linear_adapts_what_the_table_says(family_dirs, model_type):
+    base = loader(family_dirs[model_type], "causal_lm")()
+    if FAMILIES[model_type].moe:  # peft's LoRA on fused experts has no dropout, and the default has some
+        with pytest.raises(FtuneError, match="set method.dropout: 0"):
+            apply_method(base, method("lora", r=4), "causal_lm")
+    model = apply_method(base, method("lora", r=4, dropout=0.0), "causal_lm")
+    # Leaf names of the adapted modules (a fused-experts wrapper nests its second weight under .base_layer).
+    adapted = {name.split(".lora_A")[0].removesuffix(".base_layer").rsplit(".", 1)[-1]
+               for name, _ in model.named_parameters() if ".lora_A" in name}
+    assert adapted == set(FAMILIES[model_type].linear_targets)
 
 
 @pytest.mark.parametrize("name", ["full", "freeze"])
@@ -180,4 +206,4 @@ def test_the_readme_shows_the_same_matrix():
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for row in [MATRIX_COLUMNS, *matrix_rows()]:
-        assert "| " + " | ".join(row) + " |" in readme, row
+        assert "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" in readme, row  # Markdown escapes

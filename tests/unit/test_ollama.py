@@ -76,6 +76,7 @@ def tokenizer():
     (read_chat_template("chatml"), "chatml", None),
     (SMOLLM2_TEMPLATE, "chatml", "You are a helpful AI assistant named SmolLM, trained by Hugging Face"),
     (read_chat_template("llama3"), "llama3", None),
+    (read_chat_template("phi3"), "phi3", None),
 ])
 def test_modelfile_template_renders_what_the_tokenizer_renders(tokenizer, template, layout, default_system):
     tokenizer.chat_template = template
@@ -88,8 +89,9 @@ def test_modelfile_template_renders_what_the_tokenizer_renders(tokenizer, templa
 
 
 def test_layouts_the_go_form_cannot_express_get_no_template(tokenizer):
-    tokenizer.chat_template = read_chat_template("alpaca")
-    assert detect_chat_format(tokenizer, runtime_adds_bos=False) is None
+    for name in ("alpaca", "gemma", "mistral", "deepseek"):
+        tokenizer.chat_template = read_chat_template(name)
+        assert detect_chat_format(tokenizer, runtime_adds_bos=False) is None, name
     tokenizer.chat_template = None
     assert detect_chat_format(tokenizer, runtime_adds_bos=False) is None
 
