@@ -21,6 +21,7 @@ from ftune import __version__
 from ftune.checkpoints import (
     checkpoint_marker, disk_errors_explained, is_main_process, logged_train_loss, resume_accumulation, resume_point, train_or_restore, truncate_metrics,
 )
+from ftune.compilation import compile_callback
 from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits
 from ftune.distributed import trainer_class_for, whole_weights
 from ftune.errors import FtuneError
@@ -192,6 +193,8 @@ def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=pri
             echo(f"  note: {', '.join(sorted(routers))} is the mixture-of-experts router: adapting it changes which experts "
                  "each token reaches (all-linear leaves it alone)")
     echo(f"attention: {base.config._attn_implementation}")
+    if (compiling := compile_callback(model, recipe, echo=echo)) is not None:
+        callbacks = (*callbacks, compiling)
     trainer = (build_preference_trainer if preference else build_trainer)(
         model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks
     )

@@ -28,6 +28,8 @@ class MethodBase(Strict):
     quantized_note: ClassVar[str] = "quantized weights have no gradients"  # why a bit width is missing
     mergeable: ClassVar[bool] = True
     gradient_checkpointing: ClassVar[bool] = True
+    # Why training.compile cannot serve the method ("" = it can): all decoder layers must share one compiled graph.
+    compile_blocker: ClassVar[str] = ""
     needs: ClassVar[str] = ""  # model property the method relies on (short), checked after the model loads
     unmergeable_hint: ClassVar[str] = "use the adapter run directory directly (ftune eval/generate read it)"
 

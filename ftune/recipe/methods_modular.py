@@ -10,6 +10,10 @@ from pydantic import Field, model_validator
 from ftune.recipe.method_base import PROMPT_HINT, MethodBase, Strict
 
 
+# Each layer's prefix is its own entry of the key/value cache, so a compiled layer specialises on which layer it is.
+PREFIX_COMPILE_BLOCKER = "its prefixes reach each layer through the key/value cache, so every layer would compile on its own"
+
+
 class PromptLearningBase(MethodBase):
     """Methods that learn virtual tokens instead of changing weights."""
 
@@ -31,6 +35,7 @@ class PrefixMethod(PromptLearningBase):
     gradient_checkpointing: ClassVar[bool] = False  # peft refuses: the prefix cache breaks recomputation
     needs: ClassVar[str] = PAST_KV_NEED
 
+    compile_blocker: ClassVar[str] = PREFIX_COMPILE_BLOCKER
     name: Literal["prefix"]
     num_virtual_tokens: int = virtual_tokens_field()
     prefix_projection: bool = Field(False, description="Reparameterise the prefixes through a two-layer MLP (more stable, more parameters).")
@@ -88,6 +93,7 @@ class PtuningV2Method(PromptLearningBase):
     gradient_checkpointing: ClassVar[bool] = False
     needs: ClassVar[str] = PAST_KV_NEED
 
+    compile_blocker: ClassVar[str] = PREFIX_COMPILE_BLOCKER
     name: Literal["ptuning_v2"]
     num_virtual_tokens: int = virtual_tokens_field()
 
@@ -134,6 +140,7 @@ class MamMethod(MethodBase):
     gradient_checkpointing: ClassVar[bool] = False  # peft's prefixes live in the key/value cache, as with method: prefix
     needs: ClassVar[str] = "past_key_values, mlp"  # llama family or gpt2: the parallel adapter wraps their mlp block
 
+    compile_blocker: ClassVar[str] = PREFIX_COMPILE_BLOCKER
     name: Literal["mam"]
     num_virtual_tokens: int = Field(30, gt=0, le=512, description="Prefix length per layer (the paper's l = 30); takes room in the context.")
     prefix_projection: bool = Field(False, description="Reparameterise the prefixes through a two-layer MLP (peft's prefix projection).")

@@ -98,6 +98,11 @@ class TrainingConfig(Strict):
     threads: int | None = Field(
         None, ge=1, description="CPU threads for torch's kernels; null = the CPUs this process may use (affinity mask, cgroup quota)."
     )
+    compile: bool | Literal["auto"] = Field(
+        "auto",
+        description="torch.compile each decoder layer (inductor) for the training steps: true, false, or auto = compile "
+        "when a few eager steps show the remaining steps save more time than compiling costs (the decision is printed).",
+    )
     logging_steps: int = Field(5, gt=0, description="Log loss every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null = only at the end.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (what --resume continues from).")
@@ -176,6 +181,14 @@ class Recipe(Strict):
         problems = stage_problems(self) + distributed_problems(self)
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _compile_fits(self) -> Recipe:
+        from ftune.compilation import recipe_compile_blocker
+
+        if self.training.compile is True and (blocker := recipe_compile_blocker(self)):
+            raise ValueError(f"training.compile: true, but {blocker}; set training.compile: auto or false")
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,164 @@
+"""torch.compile for training steps: the decoder layers, compiled in place, when the run is long enough to pay.
+
+Regional compilation: every decoder layer runs the same code, so dynamo traces one layer and the
+other layers reuse its graph (their weights are graph inputs), and compiling a 30-layer model costs
+about what one layer costs. The embedding, the LM head and the loss stay eager; they are one matmul
+each and change shape with the labelled positions of every batch.
+
+Shapes: the first batch compiles for its own sizes; the first batch of another size recompiles once
+with the sizes symbolic, after which packed rows of any length and padded batches of any width run
+the same graph. ``tests/unit/test_compilation.py`` counts the compilations over ragged batches.
+
+Only the training forward is compiled. Evaluation (no gradients, eval mode) runs the eager layers:
+compiling it would be a second, separate compilation for a few batches.
+
+``training.compile: auto`` runs the first steps eager, measures them, and compiles when the
+remaining steps save more than compiling costs, with both figures measured on a 2-core AVX512-BF16
+CPU (SmolLM2-135M, LoRA r16 all-linear, bf16 autocast; ``scripts/bench_compile.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+# Measured by scripts/bench_compile.py (see the module docstring): seconds the first compiled step takes
+# beyond an eager one, and eager step time over compiled step time once compiled.
+COMPILE_COST_S = 60.0
+COMPILED_SPEEDUP = 1.3
+# torch.compile's backend; the tests count compilations with a backend of their own.
+BACKEND: Any = "inductor"
+# Eager steps timed before auto decides; the first step (allocator and thread-pool warm-up) is not counted.
+PROBE_STEPS = 3
+
+
+def recipe_compile_blocker(recipe) -> str | None:
+    """Why a recipe's training cannot be compiled, decided from the recipe alone (``ftune validate`` reports it)."""
+    from ftune.recipe.methods import method_class
+
+    if blocker := method_class(recipe.method.name).compile_blocker:
+        return f"method {recipe.method.name}: {blocker}"
+    if recipe.quantization.bits:
+        return f"a {recipe.quantization.bits}-bit bitsandbytes base breaks the graph at every quantized matmul"
+    if recipe.distributed.strategy in ("fsdp", "deepspeed"):
+        return f"distributed.strategy: {recipe.distributed.strategy} wraps the layers itself (not measured with compiled layers)"
+    return None
+
+
+def compile_blocker(model) -> str | None:
+    """Why the decoder layers of ``model`` cannot be compiled, or None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = decoder_layers(model)
+    if not layers:
+        return f"{type(base).__name__} names no repeated decoder layer (_no_split_modules) to compile"
+    if any("forward" in vars(layer) for layer in layers):  # the shared graph runs the class's forward
+        return f"{type(layers[0]).__name__} has a forward replaced on the instance"
+    return None
+
+
+def decoder_layers(model) -> list:
+    from ftune.distributed import decoder_layer_classes
+
+    classes = set(decoder_layer_classes(model))
+    return [module for module in model.modules() if type(module).__name__ in classes]
+
+
+def compile_decoder_layers(model, *, backend: Any = "inductor") -> int:
+    """Compile each decoder layer's training forward in place; returns how many layers were compiled.
+
+    One compiled function takes the layer as an argument, so dynamo guards on the layer's class and
+    structure, not on which layer it is, and every layer runs the graph the first one compiled."""
+    import torch
+
+    def run_layer(layer, *args, **kwargs):
+        return type(layer).forward(layer, *args, **kwargs)
+
+    # dynamo caches graphs per code object, and run_layer's is the same for every run in this process: an earlier
+    # run's graphs would count against the recompile limit and push this run's layers back to eager.
+    torch._dynamo.reset()
+    compiled = torch.compile(run_layer, backend=backend, dynamic=None)
+    layers = decoder_layers(model)
+    for layer in layers:
+        if getattr(layer, "_ftune_eager_forward", None) is not None:
+            continue  # already compiled (a resumed or re-entered run)
+
+        def forward(*args, _layer=layer, **kwargs):
+            if _layer.training and torch.is_grad_enabled():
+                return compiled(_layer, *args, **kwargs)
+            return _layer._ftune_eager_forward(*args, **kwargs)
+
+        layer._ftune_eager_forward = layer.forward
+        layer.forward = forward
+    return len(layers)
+
+
+@dataclass(frozen=True)
+class CompileDecision:
+    compile: bool
+    reason: str
+
+
+def decide(*, step_time_s: float, remaining_steps: int) -> CompileDecision:
+    """Auto: compile when the remaining steps, sped up, save more than compiling costs."""
+    saving = remaining_steps * step_time_s * (1 - 1 / COMPILED_SPEEDUP)
+    figures = (f"{remaining_steps} steps left at {step_time_s:.2f} s/step would save ~{saving:.0f} s at {COMPILED_SPEEDUP:g}x, "
+               f"compiling costs ~{COMPILE_COST_S:.0f} s")
+    if saving > COMPILE_COST_S:
+        return CompileDecision(True, figures)
+    return CompileDecision(False, figures)
+
+
+def compile_callback(model, recipe, *, echo=print):
+    """The Trainer callback that compiles ``model``'s decoder layers as ``training.compile`` says, or None when nothing
+    will be compiled."""
+    from transformers import TrainerCallback
+
+    from ftune.errors import FtuneError
+
+    setting = recipe.training.compile
+    if setting is False:
+        return None
+    if blocker := recipe_compile_blocker(recipe) or compile_blocker(model):
+        if setting is True:
+            raise FtuneError(f"training.compile: true, but {blocker}; set training.compile: auto or false")
+        echo(f"compile: off (auto: {blocker})")
+        return None
+
+    class CompileWhenItPays(TrainerCallback):
+        def __init__(self) -> None:
+            self.started: float | None = None
+            self.times: list[float] = []
+            self.decided = False
+            self.compiled = False
+
+        def compile(self, reason: str) -> None:
+            count = compile_decoder_layers(model, backend=BACKEND)
+            self.compiled = self.decided = True
+            echo(f"compile: on ({reason}); {count} decoder layers, the next step compiles them")
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            if setting is True:
+                self.compile("training.compile: true")
+            elif state.max_steps - state.global_step <= PROBE_STEPS + 1:
+                self.decided = True
+                echo(f"compile: off (auto: {state.max_steps - state.global_step} steps to train, too few to pay for compiling)")
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.decided or self.started is None:
+                return
+            self.times.append(time.perf_counter() - self.started)
+            if len(self.times) < PROBE_STEPS + 1:
+                return
+            step_time = sum(self.times[1:]) / PROBE_STEPS
+            decision = decide(step_time_s=step_time, remaining_steps=state.max_steps - state.global_step)
+            if decision.compile:
+                self.compile(f"auto: {decision.reason}")
+            else:
+                self.decided = True
+                echo(f"compile: off (auto: {decision.reason})")
+
+    return CompileWhenItPays()

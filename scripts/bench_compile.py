@@ -1,0 +1,90 @@
+"""What training.compile buys: the same recipe trained eager and with compiled decoder layers, side by side.
+
+Both runs go through ``train.build_session``, the setup ``ftune train`` uses, in one process, one after the other,
+on the same data order and starting weights. A callback times every optimizer step. Printed: the eager and compiled
+steady step times (the first step of each left out), the compile cost (the compiled run's first step beyond an
+eager step), the speedup, the steps after which compiling has paid for itself, and the largest difference between
+the two runs' per-step losses. Dropout is set to 0 so the runs can be compared loss for loss. Run it on an idle machine;
+its figures are ftune.compilation's COMPILE_COST_S and COMPILED_SPEEDUP.
+
+Usage::
+
+    python scripts/bench_compile.py [--recipe recipes/smollm2-135m/lora-quickstart.yaml] [--steps 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="recipes/smollm2-135m/lora-quickstart.yaml")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--verbose", action="store_true", help="print every step's time and loss")
+    args = parser.parse_args()
+
+    from transformers import TrainerCallback
+
+    from ftune.recipe import load_recipe
+    from ftune.run_dir import RunDir
+    from ftune.runtime import quiet_libraries
+    from ftune.train import build_session, prepare_hardware
+
+    class StepClock(TrainerCallback):
+        def __init__(self):
+            self.times, self.losses, self.started = [], [], 0.0
+
+        def on_step_begin(self, train_args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, train_args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.started)
+
+        def on_log(self, train_args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(logs["loss"])
+
+    quiet_libraries()
+    results = {}
+    for compiled in (False, True):
+        with tempfile.TemporaryDirectory() as workdir:
+            overrides = [f"training.max_steps={args.steps}", "training.save_steps=100000", "training.logging_steps=1",
+                         f"training.compile={'true' if compiled else 'false'}", f"output_dir={workdir}/run"]
+            recipe = load_recipe(args.recipe, overrides)
+            if "dropout" in type(recipe.method).model_fields:  # equal losses need equal (no) dropout masks
+                recipe = recipe.model_copy(update={"method": recipe.method.model_copy(update={"dropout": 0.0})})
+            launch = prepare_hardware(recipe, echo=lambda *_: None)
+            run = RunDir(Path(workdir) / "run")
+            run.root.mkdir(parents=True)
+            clock = StepClock()
+            session = build_session(recipe, run, precision=launch.precision, echo=lambda *_: None, callbacks=(clock,))
+            session.trainer.train()
+            results[compiled] = clock
+
+    eager, compiled = results[False], results[True]
+    eager_step = statistics.mean(eager.times[1:])
+    compiled_step = statistics.mean(compiled.times[1:])
+    cost = compiled.times[0] - eager.times[0]
+    saving = eager_step - compiled_step
+    loss_gap = max(abs(a - b) for a, b in zip(eager.losses, compiled.losses))
+    print(f"{args.recipe}: {args.steps} steps, precision {launch.precision.mode}, dropout 0")
+    print(f"eager step      {eager_step:8.2f} s   (first {eager.times[0]:.1f} s)")
+    print(f"compiled step   {compiled_step:8.2f} s   (first {compiled.times[0]:.1f} s)")
+    print(f"compile cost    {cost:8.1f} s")
+    print(f"speedup         {eager_step / compiled_step:8.2f}x")
+    print(f"pays after      {cost / saving:8.0f} steps" if saving > 0 else "pays after      never (no faster per step)")
+    if args.verbose:
+        for step, (a, b) in enumerate(zip(eager.times, compiled.times), 1):
+            print(f"  step {step:3d}: eager {a:6.2f} s, compiled {b:6.2f} s")
+        for step, (a, b) in enumerate(zip(eager.losses, compiled.losses), 1):
+            print(f"  logged loss {step:3d}: eager {a:.4f}, compiled {b:.4f}")
+    print(f"largest per-step loss difference {loss_gap:.2e} (eager final {eager.losses[-1]:.4f}, compiled {compiled.losses[-1]:.4f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Compiled decoder layers: few compilations over ragged batches, the eager loss and gradients, and auto's decision."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from ftune.compilation import COMPILE_COST_S, PROBE_STEPS, compile_decoder_layers, decide
+from ftune.data.collate import PackCollator, PadCollator
+from ftune.label_positions import keeps_labelled_positions, loss_at_labelled_positions
+from tests.conftest import invoke_ok
+from tests.unit.test_label_positions import loss_and_grads, lora_model
+
+
+class CountingBackend:
+    """A torch.compile backend that runs the captured graph as it is and counts the graphs it was given."""
+
+    def __init__(self) -> None:
+        self.graphs = 0
+
+    def __call__(self, graph, example_inputs):
+        self.graphs += 1
+        return graph.forward
+
+
+def ragged_features(length: int, rows: int = 3) -> list[dict]:
+    generator = torch.Generator().manual_seed(length)
+    features = []
+    for row in range(rows):
+        ids = torch.randint(3, 700, (length + row,), generator=generator).tolist()
+        features.append({"input_ids": ids, "labels": [-100] * (length // 2) + ids[length // 2:]})
+    return features
+
+
+def train_step(model, batch) -> None:
+    inputs = {k: v for k, v in batch.items() if k != "logits_to_keep"}
+    model(**inputs).loss.backward()
+
+
+def trained_lora(tiny_llama_dir):
+    model = lora_model(tiny_llama_dir)
+    model.config.use_cache = False  # as the Trainer sets it (training.use_cache defaults to false)
+    return model
+
+
+def test_ragged_packed_and_padded_batches_stop_recompiling(tiny_llama_dir):
+    model = trained_lora(tiny_llama_dir)
+    backend = CountingBackend()
+    assert compile_decoder_layers(model, backend=backend) == 2
+    pack, pad = PackCollator(), PadCollator(0)
+    counts = []
+    for step, length in enumerate((7, 12, 9, 20, 15, 11, 26, 8)):
+        train_step(model, (pack if step % 2 else pad)(ragged_features(length)))
+        counts.append(backend.graphs)
+    # Per layout (padded rows; one packed row, whose batch size of 1 is specialised) the first sizes compile and
+    # another size recompiles with them symbolic; the first layer (input without gradient) and the others differ.
+    # After that no new graph, whichever layout or length comes, and both layers share every graph.
+    assert counts[0] == 2
+    assert counts[-1] == counts[2] == 6, counts
+
+
+def test_evaluation_runs_the_eager_layers(tiny_llama_dir):
+    model = trained_lora(tiny_llama_dir)
+    backend = CountingBackend()
+    compile_decoder_layers(model, backend=backend)
+    model.eval()
+    with torch.no_grad():
+        model(**PadCollator(0)(ragged_features(9)))
+    assert backend.graphs == 0
+
+
+@pytest.mark.parametrize("collator", [PadCollator(0), PackCollator()], ids=["padded", "packed"])
+def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_llama_dir, collator):
+    # aot_eager traces forward and backward as inductor does (AOTAutograd, decompositions) without generating code.
+    batch = keeps_labelled_positions(collator)(ragged_features(10))
+    eager_loss, eager_grads = loss_and_grads(trained_lora(tiny_llama_dir), batch, loss_at_labelled_positions())
+    compiled = trained_lora(tiny_llama_dir)
+    compile_decoder_layers(compiled, backend="aot_eager")
+    compiled_loss, compiled_grads = loss_and_grads(compiled, batch, loss_at_labelled_positions())
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in eager_grads.items():
+        torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_auto_compiles_only_when_the_remaining_steps_pay_for_it():
+    assert not decide(step_time_s=1.0, remaining_steps=10).compile
+    long_run = decide(step_time_s=2.0, remaining_steps=2000)
+    assert long_run.compile
+    assert f"compiling costs ~{COMPILE_COST_S:.0f} s" in long_run.reason
+
+
+def test_training_compile_true_trains_with_compiled_layers(make_recipe, monkeypatch):
+    import ftune.compilation
+
+    backend = CountingBackend()
+    monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
+    recipe = make_recipe(training={"compile": True, "max_steps": 4})
+    result = invoke_ok("train", recipe)
+    assert "compile: on (training.compile: true); 2 decoder layers" in result.output
+    assert backend.graphs >= 1
+    summary = json.loads((recipe.parent / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["train_loss"] > 0
+
+
+def test_training_compile_auto_probes_then_decides(make_recipe, monkeypatch):
+    import ftune.compilation
+
+    backend = CountingBackend()
+    monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
+    monkeypatch.setattr(ftune.compilation, "COMPILE_COST_S", 0.0)  # anything saved pays
+    steps = PROBE_STEPS + 3
+    result = invoke_ok("train", make_recipe(training={"compile": "auto", "max_steps": steps}))
+    assert f"compile: on (auto: {steps - PROBE_STEPS - 1} steps left" in result.output
+    assert backend.graphs >= 1
+
+
+def test_training_compile_auto_skips_a_short_run(make_recipe, monkeypatch):
+    import ftune.compilation
+
+    backend = CountingBackend()
+    monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
+    result = invoke_ok("train", make_recipe(training={"max_steps": 3}))
+    assert "compile: off (auto: 3 steps to train, too few to pay for compiling)" in result.output
+    assert backend.graphs == 0
+
+
+def test_compile_true_on_a_quantized_base_is_refused(make_recipe):
+    from typer.testing import CliRunner
+
+    from ftune.cli import app
+
+    recipe = make_recipe(training={"compile": True}, quantization={"bits": 4})
+    result = CliRunner().invoke(app, ["validate", str(recipe)])
+    assert result.exit_code == 2
+    assert "training.compile: true, but a 4-bit bitsandbytes base" in result.output
+    assert "set training.compile: auto or false" in result.output
+
+
+@pytest.mark.parametrize("name", ["prefix", "ptuning_v2", "mam"])
+def test_compile_true_with_layer_prefixes_is_refused(make_recipe, name):
+    from typer.testing import CliRunner
+
+    from ftune.cli import app
+
+    result = CliRunner().invoke(app, ["validate", str(make_recipe(method={"name": name}, training={"compile": True}))])
+    assert result.exit_code == 2
+    assert f"training.compile: true, but method {name}: its prefixes reach each layer through the key/value cache" in result.output
+
+
+def test_compile_auto_with_layer_prefixes_trains_eager(make_recipe, monkeypatch):
+    import ftune.compilation
+
+    backend = CountingBackend()
+    monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
+    monkeypatch.setattr(ftune.compilation, "COMPILE_COST_S", 0.0)
+    result = invoke_ok("train", make_recipe(method={"name": "prefix", "num_virtual_tokens": 4}, training={"max_steps": PROBE_STEPS + 3}))
+    assert "compile: off (auto: method prefix: its prefixes reach each layer" in result.output
+    assert backend.graphs == 0
