@@ -25,6 +25,7 @@ from ftune.compilation import compile_callback
 from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits
 from ftune.distributed import trainer_class_for, whole_weights
 from ftune.errors import FtuneError
+from ftune.kernels import choose_kernels
 from ftune.hardware import (
     Precision, Threads, apply_tf32, apply_threads, cheap_affinity_cpus, free_memory_mib, resolve_loader, resolve_precision,
     resolve_tf32, resolve_threads,
@@ -193,11 +194,15 @@ def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=pri
             echo(f"  note: {', '.join(sorted(routers))} is the mixture-of-experts router: adapting it changes which experts "
                  "each token reaches (all-linear leaves it alone)")
     echo(f"attention: {base.config._attn_implementation}")
-    if (compiling := compile_callback(model, recipe, echo=echo)) is not None:
+    kernels = choose_kernels(model, recipe, cuda=train_device() == "cuda")
+    echo(f"kernels: {'liger' if kernels.liger else 'none'} ({kernels.reason})")
+    if (compiling := compile_callback(model, recipe, liger=kernels.liger, echo=echo)) is not None:
         callbacks = (*callbacks, compiling)
-    trainer = (build_preference_trainer if preference else build_trainer)(
-        model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks
-    )
+    if preference:
+        trainer = build_preference_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks)
+    else:
+        trainer = build_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks,
+                                liger=kernels.liger)
     return Session(trainer, tokenizer, splits, trainable, total)
 
 
@@ -285,7 +290,8 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, pre
     )
 
 
-def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, precision: Precision, echo=print, callbacks: tuple = ()):
+def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, precision: Precision, echo=print, callbacks: tuple = (),
+                  liger: bool = False):
     from transformers import PrinterCallback, Trainer
 
     from ftune.progress import MetricsCallback
@@ -298,7 +304,9 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, prec
         batching = build_collator(model, tokenizer, task=recipe.task, packing=recipe.data.packing)
     echo(batching.note)
     collator, loss_func = batching.collator, None
-    if recipe.task == CAUSAL_LM and recipe.stage != PRETRAIN:  # pretraining labels every token: nothing to skip
+    if liger and recipe.task == CAUSAL_LM:
+        echo("Loss: Liger's fused linear cross-entropy (the logits are never materialised)")
+    elif recipe.task == CAUSAL_LM and recipe.stage != PRETRAIN:  # pretraining labels every token: nothing to skip
         from ftune.label_positions import keeps_labelled_positions, labelled_positions_blocker, loss_at_labelled_positions
 
         if (blocker := labelled_positions_blocker(model, recipe.method.name)) is None:
@@ -308,7 +316,7 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, prec
             echo("Loss: LM head and cross-entropy at the labelled positions only")
         else:
             echo(f"Loss: LM head at every position ({blocker})")
-    args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, model=model)
+    args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, model=model, use_liger_kernel=liger)
     trainer = trainer_class_for(Trainer, args)(
         model=model,
         args=args,

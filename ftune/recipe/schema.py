@@ -103,6 +103,11 @@ class TrainingConfig(Strict):
         description="torch.compile each decoder layer (inductor) for the training steps: true, false, or auto = compile "
         "when a few eager steps show the remaining steps save more time than compiling costs (the decision is printed).",
     )
+    kernels: Literal["auto", "liger", "none"] = Field(
+        "auto",
+        description="Fused GPU kernels: liger = Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy; "
+        "CUDA, the liger-kernel package, stages pretrain and sft); auto = liger where all of that holds, else none.",
+    )
     logging_steps: int = Field(5, gt=0, description="Log loss every N optimizer steps.")
     eval_steps: int | None = Field(None, gt=0, description="Evaluate every N steps; null = only at the end.")
     save_steps: int = Field(50, gt=0, description="Checkpoint every N steps (what --resume continues from).")
@@ -189,6 +194,14 @@ class Recipe(Strict):
 
         if self.training.compile is True and (blocker := recipe_compile_blocker(self)):
             raise ValueError(f"training.compile: true, but {blocker}; set training.compile: auto or false")
+        return self
+
+    @model_validator(mode="after")
+    def _kernels_fit(self) -> Recipe:
+        from ftune.kernels import liger_stage_blocker
+
+        if self.training.kernels == "liger" and (blocker := liger_stage_blocker(self.stage)):
+            raise ValueError(f"training.kernels: liger, but {blocker}; set training.kernels: auto or none")
         return self
 
     @model_validator(mode="after")
