@@ -7,6 +7,9 @@ it on an idle machine.
 Usage::
 
     python scripts/profile_step.py [--recipe recipes/smollm2-135m/lora-quickstart.yaml] [--steps 3] [--top 20]
+                                   [--shapes]
+
+``--shapes`` splits each operator by its input shapes (e.g. the base projections' GEMMs from the adapters').
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=20)
+    parser.add_argument("--shapes", action="store_true", help="one row per operator and input shapes")
     args = parser.parse_args()
 
     import torch
@@ -37,7 +41,8 @@ def main() -> None:
         """Profile the optimizer steps after the warm-up ones."""
 
         def __init__(self):
-            self.profiler = profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else []))
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+            self.profiler = profile(activities=activities, record_shapes=args.shapes)
 
         def on_step_end(self, train_args, state, control, **kwargs):
             if state.global_step == args.warmup:
@@ -57,7 +62,8 @@ def main() -> None:
         session.trainer.train()
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(f"{args.recipe}: {args.steps} profiled steps after {args.warmup}, precision {launch.precision.mode}")
-    print(window.profiler.key_averages().table(sort_by=sort, row_limit=args.top, max_name_column_width=48))
+    averages = window.profiler.key_averages(group_by_input_shape=args.shapes)
+    print(averages.table(sort_by=sort, row_limit=args.top, max_name_column_width=48, max_shapes_column_width=60))
 
 
 if __name__ == "__main__":
