@@ -5,12 +5,13 @@ on the same data order and starting weights. A callback times every optimizer st
 steady step times (the median of the second half of the steps), the compile cost (the time the compiled run spent
 beyond its steady pace, less the eager run's own warm-up, with a cold inductor cache), the speedup, the steps
 after which compiling has paid for itself, and the largest difference between
-the two runs' per-step losses. Dropout is set to 0 so the runs can be compared loss for loss. Run it on an idle machine;
+the two runs' per-step losses. ``--warm`` trains a third time, compiled again on the cache the second run filled, as a
+user's next run of the same recipe would, and prints that compile cost too. Dropout is set to 0 so the runs can be compared loss for loss. Run it on an idle machine;
 its figures are ftune.compilation's COMPILE_COST_S and COMPILED_SPEEDUP.
 
 Usage::
 
-    python scripts/bench_compile.py [--recipe recipes/smollm2-135m/lora-quickstart.yaml] [--steps 24]
+    python scripts/bench_compile.py [--recipe recipes/smollm2-135m/lora-quickstart.yaml] [--steps 24] [--warm]
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/smollm2-135m/lora-quickstart.yaml")
     parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--warm", action="store_true", help="also measure a compiled run on a warm inductor cache")
     parser.add_argument("--verbose", action="store_true", help="print every step's time and loss")
     args = parser.parse_args()
 
@@ -60,7 +62,9 @@ def main() -> None:
     # A cold inductor cache, as a user's first compiled run has: a warm one would hide most of the compile cost.
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ftune-bench-inductor-")
     results = {}
-    for compiled in (False, True):
+    runs = ("eager", "compiled", "warm") if args.warm else ("eager", "compiled")
+    for name in runs:
+        compiled = name != "eager"
         with tempfile.TemporaryDirectory() as workdir:
             overrides = [f"training.max_steps={args.steps}", "training.save_steps=100000", "training.logging_steps=1",
                          f"training.compile={'true' if compiled else 'false'}", f"output_dir={workdir}/run"]
@@ -73,18 +77,24 @@ def main() -> None:
             clock = StepClock()
             session = build_session(recipe, run, precision=launch.precision, echo=lambda *_: None, callbacks=(clock,))
             session.trainer.train()
-            results[compiled] = clock
+            results[name] = clock
 
-    eager, compiled = results[False], results[True]
+    eager, compiled = results["eager"], results["compiled"]
     eager_step, compiled_step = steady(eager.times), steady(compiled.times)
-    # Whatever the compiled run spent beyond its steady pace, less the warm-up the eager run spent too.
-    cost = (sum(compiled.times) - len(compiled.times) * compiled_step) - (sum(eager.times) - len(eager.times) * eager_step)
+
+    def compile_cost(clock) -> float:
+        """Whatever a compiled run spent beyond its steady pace, less the warm-up the eager run spent too."""
+        return (sum(clock.times) - len(clock.times) * steady(clock.times)) - (sum(eager.times) - len(eager.times) * eager_step)
+
+    cost = compile_cost(compiled)
     saving = eager_step - compiled_step
     loss_gap = max(abs(a - b) for a, b in zip(eager.losses, compiled.losses))
     print(f"{args.recipe}: {args.steps} steps, precision {launch.precision.mode}, dropout 0")
     print(f"eager step      {eager_step:8.2f} s   (steady; first {eager.times[0]:.1f} s)")
     print(f"compiled step   {compiled_step:8.2f} s   (steady; first {compiled.times[0]:.1f} s)")
-    print(f"compile cost    {cost:8.1f} s")
+    print(f"compile cost    {cost:8.1f} s   (cold cache)")
+    if "warm" in results:
+        print(f"compile cost    {compile_cost(results['warm']):8.1f} s   (warm cache; steady step {steady(results['warm'].times):.2f} s)")
     print(f"speedup         {eager_step / compiled_step:8.2f}x")
     print(f"pays after      {cost / saving:8.0f} steps" if saving > 0 else "pays after      never (no faster per step)")
     if args.verbose:

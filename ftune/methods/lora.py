@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ftune.errors import FtuneError
 from ftune.methods.heads import task_head_names
+from ftune.methods.lora_forward import use_addmm_forward
 from ftune.methods.peft_family import INITIAL_ADAPTER_ATTR, PEFT_TASK_TYPES, check_target_modules, targets, wrap_with_peft
 from ftune.recipe.methods import CONVERTED_INITS
 
@@ -41,6 +42,7 @@ def apply_lora(model, config, task: str):
         init_lora_weights=True if config.init == "default" else config.init,  # peft's name for B=0
     )
     wrapped = wrap_with_peft(model, peft_config, "lora")
+    use_addmm_forward(wrapped)
     if config.init in CONVERTED_INITS:
         keep_initial_adapter(wrapped)
     return wrapped

@@ -39,14 +39,23 @@ def train_step(model, batch) -> None:
     model(**inputs).loss.backward()
 
 
-def trained_lora(tiny_llama_dir):
+def trained_lora(tiny_llama_dir, forward: str = "peft"):
+    from ftune.methods.lora_forward import use_addmm_forward
+
     model = lora_model(tiny_llama_dir)
     model.config.use_cache = False  # as the Trainer sets it (training.use_cache defaults to false)
+    if forward == "addmm":  # as apply_lora trains it
+        assert use_addmm_forward(model) > 0
     return model
 
 
-def test_ragged_packed_and_padded_batches_stop_recompiling(tiny_llama_dir):
-    model = trained_lora(tiny_llama_dir)
+# Both LoRA forwards: peft's own, and the addmm one ftune trains with.
+FORWARDS = pytest.mark.parametrize("forward", ["peft", "addmm"])
+
+
+@FORWARDS
+def test_ragged_packed_and_padded_batches_stop_recompiling(tiny_llama_dir, forward):
+    model = trained_lora(tiny_llama_dir, forward)
     backend = CountingBackend()
     assert compile_decoder_layers(model, backend=backend) == 2
     pack, pad = PackCollator(), PadCollator(0)
@@ -71,12 +80,13 @@ def test_evaluation_runs_the_eager_layers(tiny_llama_dir):
     assert backend.graphs == 0
 
 
+@FORWARDS
 @pytest.mark.parametrize("collator", [PadCollator(0), PackCollator()], ids=["padded", "packed"])
-def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_llama_dir, collator):
+def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_llama_dir, collator, forward):
     # aot_eager traces forward and backward as inductor does (AOTAutograd, decompositions) without generating code.
     batch = keeps_labelled_positions(collator)(ragged_features(10))
-    eager_loss, eager_grads = loss_and_grads(trained_lora(tiny_llama_dir), batch, loss_at_labelled_positions())
-    compiled = trained_lora(tiny_llama_dir)
+    eager_loss, eager_grads = loss_and_grads(trained_lora(tiny_llama_dir, forward), batch, loss_at_labelled_positions())
+    compiled = trained_lora(tiny_llama_dir, forward)
     compile_decoder_layers(compiled, backend="aot_eager")
     compiled_loss, compiled_grads = loss_and_grads(compiled, batch, loss_at_labelled_positions())
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)

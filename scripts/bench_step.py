@@ -1,12 +1,19 @@
-"""Training step time with the LM head at every position (the model's own loss) vs at the labelled positions only.
+"""Training step time with and without one of ftune's step optimisations, side by side.
 
-Same process, same model, same batches, alternating the two losses step by step so drift in the machine's
-speed hits both: the quickstart recipe (SmolLM2-135M-Instruct, LoRA r16 all-linear, batch 8, its packing and
+Same process, same model, same batches, alternating the two variants step by step so drift in the machine's speed
+hits both: by default the quickstart recipe (SmolLM2-135M-Instruct, LoRA r16 all-linear, batch 8, its packing and
 mixed precision). Prints mean seconds per step and tokens/s of each, and their ratio. Run it on an idle machine.
+
+``--compare``:
+
+- ``labelled-positions``: the LM head at every position (the model's own loss) vs at the labelled positions only.
+- ``addmm-lora``: peft's LoRA forward vs ``ftune.methods.lora_forward`` (the update added inside addmm); both with
+  the labelled-positions loss, as ftune trains.
 
 Usage::
 
-    python scripts/bench_label_positions.py [--steps 10] [--recipe recipes/smollm2-135m/lora-quickstart.yaml]
+    python scripts/bench_step.py [--compare labelled-positions|addmm-lora] [--steps 10]
+                                 [--recipe recipes/smollm2-135m/lora-quickstart.yaml]
 """
 
 from __future__ import annotations
@@ -15,9 +22,17 @@ import argparse
 import time
 
 
+# The two variants of each comparison, baseline first.
+COMPARISONS = {
+    "labelled-positions": ("LM head at every position", "LM head at labelled positions"),
+    "addmm-lora": ("peft's LoRA forward", "LoRA update inside addmm"),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/smollm2-135m/lora-quickstart.yaml")
+    parser.add_argument("--compare", choices=sorted(COMPARISONS), default="labelled-positions")
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each loss (after one warm-up each)")
     args = parser.parse_args()
 
@@ -27,6 +42,7 @@ def main() -> None:
     from ftune.hardware import resolve_precision
     from ftune.label_positions import keeps_labelled_positions, loss_at_labelled_positions
     from ftune.methods import apply_method
+    from ftune.methods.lora_forward import addmm_lora_linear, use_addmm_forward
     from ftune.model import load_base_model, load_tokenizer
     from ftune.recipe import load_recipe
     from ftune.runtime import quiet_libraries
@@ -44,8 +60,17 @@ def main() -> None:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     size = recipe.training.batch_size
     rows = [splits.train[i] for i in range(len(splits.train))]
+    swapped = []
+    if args.compare == "addmm-lora":
+        use_addmm_forward(model)  # apply_lora has already swapped them; this covers a method that did not
+        swapped = [module for module in model.modules() if type(module) is addmm_lora_linear()]
+    if args.compare == "addmm-lora" and not swapped:
+        raise SystemExit(f"{args.recipe}: no plain LoRA linear to compare")
 
-    def step(batch, labelled: bool) -> float:
+    def step(batch, variant: bool) -> float:
+        labelled = variant or args.compare != "labelled-positions"
+        for module in swapped:
+            module.__class__ = addmm_lora_linear() if variant else addmm_lora_linear().__base__
         inputs = dict(batch)
         labels = inputs.pop("labels") if labelled else inputs["labels"]
         if not labelled:
@@ -63,16 +88,16 @@ def main() -> None:
     tokens = 0
     for index in range(args.steps + 1):
         batch = collate(rows[index * size : (index + 1) * size])
-        for labelled in (False, True):
-            seconds = step(batch, labelled)
+        for variant in (False, True):
+            seconds = step(batch, variant)
             if index:  # the first step of each warms up
-                times[labelled].append(seconds)
+                times[variant].append(seconds)
         if index:
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     print(f"{args.recipe}: {args.steps} steps of batch {size}, precision {precision.mode}, torch threads {torch.get_num_threads()}")
-    for labelled, label in ((False, "LM head at every position"), (True, "LM head at labelled positions")):
-        mean = sum(times[labelled]) / len(times[labelled])
-        print(f"  {label:<32} {mean:.3f} s/step  {tokens / sum(times[labelled]):.0f} tokens/s")
+    for variant, label in enumerate(COMPARISONS[args.compare]):
+        mean = sum(times[variant]) / len(times[variant])
+        print(f"  {label:<32} {mean:.3f} s/step  {tokens / sum(times[variant]):.0f} tokens/s")
     print(f"  speed-up: {sum(times[False]) / sum(times[True]):.2f}x")
 
 

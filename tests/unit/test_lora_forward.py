@@ -1,0 +1,108 @@
+"""The addmm LoRA forward: peft's outputs and gradients, peft's forward wherever it cannot serve, peft's saved adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ftune.data.collate import PackCollator
+from ftune.methods.lora_forward import addmm_lora_linear, use_addmm_forward
+from tests.unit.test_compilation import ragged_features
+from tests.unit.test_label_positions import ftune_method, loss_and_grads, lora_model
+
+
+def batch():
+    return PackCollator()(ragged_features(11))
+
+
+def swapped_count(model) -> int:
+    return sum(type(module) is addmm_lora_linear() for module in model.modules())
+
+
+@pytest.mark.parametrize("knobs", [{}, {"use_rslora": True}, {"lora_dropout": 0.1}], ids=["lora", "rslora", "dropout"])
+def test_same_loss_and_gradients_as_pefts_forward(tiny_llama_dir, knobs):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+        return get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, **knobs)).train()
+
+    peft_model, addmm_model = model(), model()
+    assert use_addmm_forward(addmm_model) == 14  # 7 projections in each of the 2 layers
+    torch.manual_seed(3)  # the same dropout masks: both draw them in the same order
+    peft_loss, peft_grads = loss_and_grads(peft_model, batch())
+    torch.manual_seed(3)
+    addmm_loss, addmm_grads = loss_and_grads(addmm_model, batch())
+    torch.testing.assert_close(addmm_loss, peft_loss, rtol=1e-5, atol=1e-6)
+    assert peft_grads.keys() == addmm_grads.keys() and any("lora_B" in name for name in peft_grads)
+    for name, grad in peft_grads.items():
+        torch.testing.assert_close(addmm_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_matches_pefts_forward(tiny_llama_dir):
+    peft_model, addmm_model = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
+    use_addmm_forward(addmm_model)
+    inputs = {k: v for k, v in batch().items() if k != "logits_to_keep"}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = peft_model(**inputs).logits, addmm_model(**inputs).logits
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
+def test_a_bf16_base_with_fp32_adapters_promotes_as_peft_does(tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    def model():
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
+        return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))  # fp32 adapters
+
+    peft_model, addmm_model = model(), model()
+    use_addmm_forward(addmm_model)
+    inputs = {k: v for k, v in batch().items() if k not in ("logits_to_keep", "labels")}
+    with torch.no_grad():
+        expected, got = peft_model(**inputs).logits, addmm_model(**inputs).logits
+    assert got.dtype == expected.dtype
+    torch.testing.assert_close(got, expected)
+
+
+def test_disabled_and_merged_adapters_take_pefts_forward(tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    plain_base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    model = lora_model(tiny_llama_dir).eval()
+    use_addmm_forward(model)
+    inputs = {k: v for k, v in batch().items() if k not in ("logits_to_keep", "labels")}
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        with model.disable_adapter():
+            base = model(**inputs).logits
+        model.merge_adapter()
+        merged = model(**inputs).logits
+        expected_base = plain_base(**inputs).logits
+    assert not torch.allclose(adapted, base, atol=1e-3)  # the adapter changes the output
+    torch.testing.assert_close(base, expected_base)  # and disabling it gives the base model's
+    torch.testing.assert_close(merged, adapted, rtol=1e-4, atol=1e-5)
+
+
+def test_the_saved_adapter_is_pefts(tiny_llama_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = lora_model(tiny_llama_dir)
+    use_addmm_forward(model)
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), tmp_path / "adapter")
+    assert swapped_count(reloaded) == 0  # a plain peft model: nothing of ftune's in what was saved
+    inputs = {k: v for k, v in batch().items() if k not in ("logits_to_keep", "labels")}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(**inputs).logits, model.eval()(**inputs).logits)
+
+
+@pytest.mark.parametrize(("knobs", "swapped"), [({}, 14), ({"use_dora": True}, 0)], ids=["lora", "dora"])
+def test_ftune_lora_trains_with_the_addmm_forward_except_for_variants(tiny_llama_dir, knobs, swapped):
+    model = ftune_method(tiny_llama_dir, "lora", r=4, dropout=0.0, **knobs)
+    assert swapped_count(model) == swapped
