@@ -14,8 +14,9 @@ Only the training forward is compiled. Evaluation (no gradients, eval mode) runs
 compiling it would be a second, separate compilation for a few batches.
 
 ``training.compile: auto`` runs the first steps eager, measures them, and compiles when the
-remaining steps save more than compiling costs, with both figures measured on a 2-core AVX512-BF16
-CPU (SmolLM2-135M, LoRA r16 all-linear, bf16 autocast; ``scripts/bench_compile.py``).
+remaining steps save more than compiling costs. The compile cost and the speedup come from
+``scripts/bench_compile.py`` (SmolLM2-135M, LoRA r16 all-linear), measured in each precision on a
+machine that trains in it: compiling buys much less in float32, where the GEMMs already dominate.
 """
 
 from __future__ import annotations
@@ -24,12 +25,26 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-# Measured by scripts/bench_compile.py (see the module docstring), 24 steps, cold inductor cache, two runs: the
-# compiled run spent 57.3 s and 49.4 s beyond its steady pace (one compilation, at step 1), and its steady step was
-# 1.19x and 1.23x faster than eager. A warm cache (a second run) compiles in seconds; auto assumes the cold cost, so
-# it never compiles a run that cannot pay for its first compilation.
-COMPILE_COST_S = 55.0
-COMPILED_SPEEDUP = 1.2
+
+
+@dataclass(frozen=True)
+class CompileFigures:
+    """What compiling costs once and then saves per step, as scripts/bench_compile.py measured it."""
+
+    cost_s: float
+    speedup: float
+    measured_on: str
+
+
+# scripts/bench_compile.py, 24 steps, cold inductor cache; the cost is what the compiled run spent beyond its steady
+# pace (one compilation, at step 1). Two runs each. bf16: 57.3 s and 1.19x, 49.4 s and 1.23x. float32: 37.8 s and
+# 1.08x, 60.0 s and 1.06x. A warm cache (the next run of the same recipe) cost 0 s and 9.4 s in float32 (--warm); auto
+# assumes the cold cost, so it never compiles a run that cannot pay for its first compilation. fp16 (GPUs without
+# bf16) is not measured: bf16's figures.
+COMPILE_FIGURES = {
+    "bf16": CompileFigures(55.0, 1.2, "2-core AVX512-BF16 CPU, bf16"),
+    "no": CompileFigures(49.0, 1.07, "2-core AVX2 CPU, float32"),
+}
 # torch.compile's backend; the tests count compilations with a backend of their own.
 BACKEND: Any = "inductor"
 # Eager steps timed before auto decides; the first step (allocator and thread-pool warm-up) is not counted.
@@ -104,19 +119,22 @@ class CompileDecision:
     reason: str
 
 
-def decide(*, step_time_s: float, remaining_steps: int) -> CompileDecision:
-    """Auto: compile when the remaining steps, sped up, save more than compiling costs."""
-    saving = remaining_steps * step_time_s * (1 - 1 / COMPILED_SPEEDUP)
-    figures = (f"{remaining_steps} steps left at {step_time_s:.2f} s/step would save ~{saving:.0f} s at {COMPILED_SPEEDUP:g}x, "
-               f"compiling costs ~{COMPILE_COST_S:.0f} s")
-    if saving > COMPILE_COST_S:
+def decide(*, step_time_s: float, remaining_steps: int, precision: str = "bf16") -> CompileDecision:
+    """Auto: compile when the remaining steps, sped up, save more than compiling costs (figures for ``precision``,
+    the autocast mode: bf16, fp16 or no)."""
+    measured = COMPILE_FIGURES.get(precision, COMPILE_FIGURES["bf16"])
+    saving = remaining_steps * step_time_s * (1 - 1 / measured.speedup)
+    figures = (f"{remaining_steps} steps left at {step_time_s:.2f} s/step would save ~{saving:.0f} s at {measured.speedup:g}x, "
+               f"compiling costs ~{measured.cost_s:.0f} s; figures from a {measured.measured_on}")
+    if saving > measured.cost_s:
         return CompileDecision(True, figures)
     return CompileDecision(False, figures)
 
 
-def compile_callback(model, recipe, *, liger: bool = False, echo=print):
+def compile_callback(model, recipe, *, precision: str = "bf16", liger: bool = False, echo=print):
     """The Trainer callback that compiles ``model``'s decoder layers as ``training.compile`` says, or None when nothing
-    will be compiled. ``liger``: Liger's kernels will patch the layers (training.kernels: auto chose them)."""
+    will be compiled. ``precision``: the autocast mode the run trains in (auto's figures depend on it). ``liger``:
+    Liger's kernels will patch the layers (training.kernels: auto chose them)."""
     from transformers import TrainerCallback
 
     from ftune.errors import FtuneError
@@ -160,7 +178,7 @@ def compile_callback(model, recipe, *, liger: bool = False, echo=print):
             if len(self.times) < PROBE_STEPS + 1:
                 return
             step_time = sum(self.times[1:]) / PROBE_STEPS
-            decision = decide(step_time_s=step_time, remaining_steps=state.max_steps - state.global_step)
+            decision = decide(step_time_s=step_time, remaining_steps=state.max_steps - state.global_step, precision=precision)
             if decision.compile:
                 self.compile(f"auto: {decision.reason}")
             else:

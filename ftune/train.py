@@ -196,7 +196,7 @@ def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=pri
     echo(f"attention: {base.config._attn_implementation}")
     kernels = choose_kernels(model, recipe, cuda=train_device() == "cuda")
     echo(f"kernels: {'liger' if kernels.liger else 'none'} ({kernels.reason})")
-    if (compiling := compile_callback(model, recipe, liger=kernels.liger, echo=echo)) is not None:
+    if (compiling := compile_callback(model, recipe, precision=precision.mode, liger=kernels.liger, echo=echo)) is not None:
         callbacks = (*callbacks, compiling)
     if preference:
         trainer = build_preference_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks)

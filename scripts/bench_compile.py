@@ -4,10 +4,11 @@ Both runs go through ``train.build_session``, the setup ``ftune train`` uses, in
 on the same data order and starting weights. A callback times every optimizer step. Printed: the eager and compiled
 steady step times (the median of the second half of the steps), the compile cost (the time the compiled run spent
 beyond its steady pace, less the eager run's own warm-up, with a cold inductor cache), the speedup, the steps
-after which compiling has paid for itself, and the largest difference between
-the two runs' per-step losses. ``--warm`` trains a third time, compiled again on the cache the second run filled, as a
-user's next run of the same recipe would, and prints that compile cost too. Dropout is set to 0 so the runs can be compared loss for loss. Run it on an idle machine;
-its figures are ftune.compilation's COMPILE_COST_S and COMPILED_SPEEDUP.
+after which compiling has paid for itself, and the largest difference between the two runs' per-step losses.
+``--warm`` trains a third time, traced afresh by dynamo on the inductor cache the second run filled, as a user's next
+run of the same recipe would, and prints that compile cost too. Dropout is set to 0 so the runs can be compared loss
+for loss. Run it on an idle machine; its figures are ftune.compilation's COMPILE_FIGURES for the
+precision it trained in.
 
 Usage::
 
@@ -59,7 +60,7 @@ def main() -> None:
                 self.losses.append(logs["loss"])
 
     quiet_libraries()
-    # A cold inductor cache, as a user's first compiled run has: a warm one would hide most of the compile cost.
+    # A cold inductor cache, as a user's first compiled run has: a warm one would hide most of the compile cost (--warm).
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="ftune-bench-inductor-")
     results = {}
     runs = ("eager", "compiled", "warm") if args.warm else ("eager", "compiled")

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from ftune.compilation import COMPILE_COST_S, PROBE_STEPS, compile_decoder_layers, decide
+from ftune.compilation import COMPILE_FIGURES, PROBE_STEPS, CompileFigures, compile_decoder_layers, decide
 from ftune.data.collate import PackCollator, PadCollator
 from ftune.label_positions import keeps_labelled_positions, loss_at_labelled_positions
 from tests.conftest import invoke_ok
@@ -94,11 +94,19 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_llama_dir, colla
         torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_auto_compiles_only_when_the_remaining_steps_pay_for_it():
-    assert not decide(step_time_s=1.0, remaining_steps=10).compile
-    long_run = decide(step_time_s=2.0, remaining_steps=2000)
+@pytest.mark.parametrize("precision", ["bf16", "no", "fp16"])
+def test_auto_compiles_only_when_the_remaining_steps_pay_for_it(precision):
+    assert not decide(step_time_s=1.0, remaining_steps=10, precision=precision).compile
+    long_run = decide(step_time_s=2.0, remaining_steps=2000, precision=precision)
     assert long_run.compile
-    assert f"compiling costs ~{COMPILE_COST_S:.0f} s" in long_run.reason
+    figures = COMPILE_FIGURES.get(precision, COMPILE_FIGURES["bf16"])
+    assert f"compiling costs ~{figures.cost_s:.0f} s; figures from a {figures.measured_on}" in long_run.reason
+
+
+def test_auto_in_float32_needs_a_longer_run_than_in_bf16():
+    # float32 compiles to a smaller speedup (its GEMMs already dominate), so the run bf16 first pays on stays eager.
+    first_paying = next(n for n in range(1, 100_000) if decide(step_time_s=2.0, remaining_steps=n, precision="bf16").compile)
+    assert not decide(step_time_s=2.0, remaining_steps=first_paying, precision="no").compile
 
 
 def test_training_compile_true_trains_with_compiled_layers(make_recipe, monkeypatch):
@@ -119,7 +127,8 @@ def test_training_compile_auto_probes_then_decides(make_recipe, monkeypatch):
 
     backend = CountingBackend()
     monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
-    monkeypatch.setattr(ftune.compilation, "COMPILE_COST_S", 0.0)  # anything saved pays
+    free = CompileFigures(0.0, 1.2, "test")  # anything saved pays
+    monkeypatch.setattr(ftune.compilation, "COMPILE_FIGURES", {"bf16": free, "no": free})
     steps = PROBE_STEPS + 3
     result = invoke_ok("train", make_recipe(training={"compile": "auto", "max_steps": steps}))
     assert f"compile: on (auto: {steps - PROBE_STEPS - 1} steps left" in result.output
@@ -164,7 +173,8 @@ def test_compile_auto_with_layer_prefixes_trains_eager(make_recipe, monkeypatch)
 
     backend = CountingBackend()
     monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
-    monkeypatch.setattr(ftune.compilation, "COMPILE_COST_S", 0.0)
+    free = CompileFigures(0.0, 1.2, "test")
+    monkeypatch.setattr(ftune.compilation, "COMPILE_FIGURES", {"bf16": free, "no": free})
     result = invoke_ok("train", make_recipe(method={"name": "prefix", "num_virtual_tokens": 4}, training={"max_steps": PROBE_STEPS + 3}))
     assert "compile: off (auto: method prefix: its prefixes reach each layer" in result.output
     assert backend.graphs == 0
