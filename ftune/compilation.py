@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Any
 
 
-
 @dataclass(frozen=True)
 class CompileFigures:
     """What compiling costs once and then saves per step, as scripts/bench_compile.py measured it."""

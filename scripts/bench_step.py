@@ -33,7 +33,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/smollm2-135m/lora-quickstart.yaml")
     parser.add_argument("--compare", choices=sorted(COMPARISONS), default="labelled-positions")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps of each loss (after one warm-up each)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each variant (after one warm-up each)")
     args = parser.parse_args()
 
     import torch
@@ -42,7 +42,7 @@ def main() -> None:
     from ftune.hardware import resolve_precision
     from ftune.label_positions import keeps_labelled_positions, loss_at_labelled_positions
     from ftune.methods import apply_method
-    from ftune.methods.lora_forward import addmm_lora_linear, use_addmm_forward
+    from ftune.methods.lora_forward import addmm_lora_linear
     from ftune.model import load_base_model, load_tokenizer
     from ftune.recipe import load_recipe
     from ftune.runtime import quiet_libraries
@@ -61,11 +61,10 @@ def main() -> None:
     size = recipe.training.batch_size
     rows = [splits.train[i] for i in range(len(splits.train))]
     swapped = []
-    if args.compare == "addmm-lora":
-        use_addmm_forward(model)  # apply_lora has already swapped them; this covers a method that did not
+    if args.compare == "addmm-lora":  # apply_lora has swapped the plain LoRA linears already
         swapped = [module for module in model.modules() if type(module) is addmm_lora_linear()]
-    if args.compare == "addmm-lora" and not swapped:
-        raise SystemExit(f"{args.recipe}: no plain LoRA linear to compare")
+        if not swapped:
+            raise SystemExit(f"{args.recipe}: no plain LoRA linear to compare")
 
     def step(batch, variant: bool) -> float:
         labelled = variant or args.compare != "labelled-positions"

@@ -80,14 +80,13 @@ def test_evaluation_runs_the_eager_layers(tiny_llama_dir):
     assert backend.graphs == 0
 
 
-# The addmm LoRA forward only: it is what ftune trains with, and test_lora_forward ties it to peft's eager forward.
-@pytest.mark.parametrize("forward", ["addmm"])
 @pytest.mark.parametrize("collator", [PadCollator(0), PackCollator()], ids=["padded", "packed"])
-def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_llama_dir, collator, forward):
+def test_compiled_layers_give_the_eager_loss_and_gradients(tiny_llama_dir, collator):
     # aot_eager traces forward and backward as inductor does (AOTAutograd, decompositions) without generating code.
+    # The addmm LoRA forward, the one ftune trains with (test_lora_forward ties it to peft's eager forward).
     batch = keeps_labelled_positions(collator)(ragged_features(10))
-    eager_loss, eager_grads = loss_and_grads(trained_lora(tiny_llama_dir, forward), batch, loss_at_labelled_positions())
-    compiled = trained_lora(tiny_llama_dir, forward)
+    eager_loss, eager_grads = loss_and_grads(trained_lora(tiny_llama_dir, "addmm"), batch, loss_at_labelled_positions())
+    compiled = trained_lora(tiny_llama_dir, "addmm")
     compile_decoder_layers(compiled, backend="aot_eager")
     compiled_loss, compiled_grads = loss_and_grads(compiled, batch, loss_at_labelled_positions())
     torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6)
@@ -123,13 +122,20 @@ def test_training_compile_true_trains_with_compiled_layers(make_recipe, monkeypa
     assert summary["steps"] == 4 and summary["train_loss"] > 0
 
 
-def test_training_compile_auto_probes_then_decides(make_recipe, monkeypatch):
+@pytest.fixture
+def free_compiling(monkeypatch):
+    """Compiling costs nothing, so auto compiles whenever a step would be saved."""
+    import ftune.compilation
+
+    free = CompileFigures(0.0, 1.2, "test")
+    monkeypatch.setattr(ftune.compilation, "COMPILE_FIGURES", {"bf16": free, "no": free})
+
+
+def test_training_compile_auto_probes_then_decides(make_recipe, monkeypatch, free_compiling):
     import ftune.compilation
 
     backend = CountingBackend()
     monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
-    free = CompileFigures(0.0, 1.2, "test")  # anything saved pays
-    monkeypatch.setattr(ftune.compilation, "COMPILE_FIGURES", {"bf16": free, "no": free})
     steps = PROBE_STEPS + 3
     result = invoke_ok("train", make_recipe(training={"compile": "auto", "max_steps": steps}))
     assert f"compile: on (auto: {steps - PROBE_STEPS - 1} steps left" in result.output
@@ -169,13 +175,11 @@ def test_compile_true_with_layer_prefixes_is_refused(make_recipe, name):
     assert f"training.compile: true, but method {name}: its prefixes reach each layer through the key/value cache" in result.output
 
 
-def test_compile_auto_with_layer_prefixes_trains_eager(make_recipe, monkeypatch):
+def test_compile_auto_with_layer_prefixes_trains_eager(make_recipe, monkeypatch, free_compiling):
     import ftune.compilation
 
     backend = CountingBackend()
     monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
-    free = CompileFigures(0.0, 1.2, "test")
-    monkeypatch.setattr(ftune.compilation, "COMPILE_FIGURES", {"bf16": free, "no": free})
     result = invoke_ok("train", make_recipe(method={"name": "prefix", "num_virtual_tokens": 4}, training={"max_steps": PROBE_STEPS + 3}))
     assert "compile: off (auto: method prefix: its prefixes reach each layer" in result.output
     assert backend.graphs == 0

@@ -18,13 +18,13 @@ def features(seed: int = 0) -> list[dict]:
     return rows
 
 
-def lora_model(tiny_llama_dir):
+def lora_model(tiny_llama_dir, dtype=torch.float32, target_modules="all-linear", **knobs):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32),
-                           LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype),
+                           LoraConfig(r=4, target_modules=target_modules, init_lora_weights=False, **knobs))
     return model.train()
 
 

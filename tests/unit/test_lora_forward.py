@@ -15,21 +15,17 @@ def batch():
     return PackCollator()(ragged_features(11))
 
 
+def model_inputs(*dropped: str) -> dict:
+    return {k: v for k, v in batch().items() if k not in ("logits_to_keep", *dropped)}
+
+
 def swapped_count(model) -> int:
     return sum(type(module) is addmm_lora_linear() for module in model.modules())
 
 
 @pytest.mark.parametrize("knobs", [{}, {"use_rslora": True}, {"lora_dropout": 0.1}], ids=["lora", "rslora", "dropout"])
 def test_same_loss_and_gradients_as_pefts_forward(tiny_llama_dir, knobs):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    def model():
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-        return get_peft_model(base, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False, **knobs)).train()
-
-    peft_model, addmm_model = model(), model()
+    peft_model, addmm_model = lora_model(tiny_llama_dir, **knobs), lora_model(tiny_llama_dir, **knobs)
     assert use_addmm_forward(addmm_model) == 14  # 7 projections in each of the 2 layers
     torch.manual_seed(3)  # the same dropout masks: both draw them in the same order
     peft_loss, peft_grads = loss_and_grads(peft_model, batch())
@@ -44,7 +40,7 @@ def test_same_loss_and_gradients_as_pefts_forward(tiny_llama_dir, knobs):
 def test_bf16_autocast_matches_pefts_forward(tiny_llama_dir):
     peft_model, addmm_model = lora_model(tiny_llama_dir), lora_model(tiny_llama_dir)
     use_addmm_forward(addmm_model)
-    inputs = {k: v for k, v in batch().items() if k != "logits_to_keep"}
+    inputs = model_inputs()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected, got = peft_model(**inputs).logits, addmm_model(**inputs).logits
     assert got.dtype == expected.dtype == torch.bfloat16
@@ -52,17 +48,10 @@ def test_bf16_autocast_matches_pefts_forward(tiny_llama_dir):
 
 
 def test_a_bf16_base_with_fp32_adapters_promotes_as_peft_does(tiny_llama_dir):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    def model():
-        torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16)
-        return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))  # fp32 adapters
-
-    peft_model, addmm_model = model(), model()
+    # peft keeps the adapters in float32 on a bf16 base
+    peft_model, addmm_model = (lora_model(tiny_llama_dir, torch.bfloat16, ["q_proj"]) for _ in range(2))
     use_addmm_forward(addmm_model)
-    inputs = {k: v for k, v in batch().items() if k not in ("logits_to_keep", "labels")}
+    inputs = model_inputs("labels")
     with torch.no_grad():
         expected, got = peft_model(**inputs).logits, addmm_model(**inputs).logits
     assert got.dtype == expected.dtype
@@ -75,7 +64,7 @@ def test_disabled_and_merged_adapters_take_pefts_forward(tiny_llama_dir):
     plain_base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     model = lora_model(tiny_llama_dir).eval()
     use_addmm_forward(model)
-    inputs = {k: v for k, v in batch().items() if k not in ("logits_to_keep", "labels")}
+    inputs = model_inputs("labels")
     with torch.no_grad():
         adapted = model(**inputs).logits
         with model.disable_adapter():
@@ -97,7 +86,7 @@ def test_the_saved_adapter_is_pefts(tiny_llama_dir, tmp_path):
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32), tmp_path / "adapter")
     assert swapped_count(reloaded) == 0  # a plain peft model: nothing of ftune's in what was saved
-    inputs = {k: v for k, v in batch().items() if k not in ("logits_to_keep", "labels")}
+    inputs = model_inputs("labels")
     with torch.no_grad():
         torch.testing.assert_close(reloaded.eval()(**inputs).logits, model.eval()(**inputs).logits)
 
