@@ -73,6 +73,8 @@ def test_installed_check_names_a_wrong_version(monkeypatch):
     real = list(metadata.distributions())
 
     class Fake:
+        files = None
+
         def __init__(self, name, version):
             self.metadata, self.version = {"Name": name}, version
 
@@ -81,3 +83,23 @@ def test_installed_check_names_a_wrong_version(monkeypatch):
     problems = lockfile.installed_problems()
     assert any(p.startswith("peft is 0.0.1, the lock says") for p in problems)
     assert "left-over==1.0 is installed but not in the lock" in problems
+
+
+def test_installed_check_names_packages_without_compiled_bytecode(tmp_path):
+    import py_compile
+    from importlib import metadata
+    from importlib.metadata import PackagePath
+
+    class Installed:
+        def __init__(self, name, module):
+            (tmp_path / module).write_text("VALUE = 1\n")
+            self.metadata, self.files = {"Name": name}, [PackagePath("../../bin/tool.py"), PackagePath(module)]
+
+        def locate_file(self, path):
+            return tmp_path / path
+
+    compiled, bare = Installed("compiled", "compiled.py"), Installed("bare", "bare.py")
+    py_compile.compile(str(tmp_path / "compiled.py"))
+    assert lockfile.uncompiled([compiled, bare]) == ["bare"]
+    installed = [metadata.distribution(name) for name in ("transformers", "peft")]
+    assert lockfile.uncompiled(installed) == []  # as scripts/setup-env.sh installs them
