@@ -8,9 +8,9 @@ killing the resumed process too) until it completes. Each finished run is compar
 reference: the per-step loss curve, the final model/adapter tensors and the summary's figures
 must be identical. Prints ``N/N runs identical after K kills`` and exits 1 if any differs.
 
-``--inject POINT`` (used by the test suite) instead runs ``ftune train`` in this process and
-SIGKILLs it at a deterministic point: model_load, between_steps, mid_checkpoint,
-after_last_step or final_eval (``--at STEP`` picks the step where that applies).
+``--inject POINT`` instead runs ``ftune train`` in this process and SIGKILLs it at a deterministic
+point: model_load, between_steps, mid_checkpoint, after_last_step or final_eval (``--at STEP`` picks
+the step where that applies). The test suite installs the same faults in forked processes.
 """
 
 from __future__ import annotations

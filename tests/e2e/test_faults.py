@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from ftune.cli import app
 from tests.conftest import REPO, recipe_dict, write_recipe
+from tests.e2e.forked import run_ftune
 
 spec = importlib.util.spec_from_file_location("fault_check", REPO / "scripts" / "fault_check.py")
 fault_check = importlib.util.module_from_spec(spec)
@@ -34,14 +35,9 @@ def recipe(tiny_llama_dir, alpaca_files, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(recipe, tmp_path_factory):
     run = tmp_path_factory.mktemp("reference") / "run"
-    subprocess.run(fault_check.train_command(recipe, run, [], resume=False), cwd=REPO, check=True, capture_output=True)
+    done = run_ftune("train", str(recipe), "--set", f"output_dir={run}")
+    assert done.returncode == 0, done.stderr
     return fault_check.outcome(run)
-
-
-def killed(recipe, run, point: str, at: int = 1, resume: bool = False) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / "scripts" / "fault_check.py"), str(recipe), "--inject", point, "--at", str(at),
-               "--set", f"output_dir={run}", *(["--resume"] if resume else [])]
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True)
 
 
 @pytest.mark.parametrize("point,at", [
@@ -49,10 +45,10 @@ def killed(recipe, run, point: str, at: int = 1, resume: bool = False) -> subpro
 ])
 def test_killed_run_resumes_to_the_uninterrupted_result(point, at, recipe, reference, tmp_path):
     run = tmp_path / "run"
-    died = killed(recipe, run, point, at)
+    died = run_ftune("train", str(recipe), "--set", f"output_dir={run}", fault=(point, at))
     assert died.returncode == -signal.SIGKILL, died.stderr
     assert not (run / "summary.json").exists()
-    resumed = subprocess.run(fault_check.train_command(recipe, run, [], resume=True), cwd=REPO, capture_output=True, text=True)
+    resumed = run_ftune("train", str(recipe), "--set", f"output_dir={run}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "no longer runs" in resumed.stdout + resumed.stderr  # the dead process's lock was taken over
     if point == "mid_checkpoint":
