@@ -1,5 +1,5 @@
-"""Several processes on CPU (gloo): the same recipe gives the same training as one process, under DDP and FSDP, and a
-checkpoint of two processes continues on one. fp32 and a fixed data order, so equal means equal to rounding."""
+"""Several processes on CPU (gloo), started by ``ftune train --nproc`` or by ``torchrun``: the same recipe gives the
+same training as one process, under DDP and FSDP, and a checkpoint of two processes continues on one. fp32 and a fixed data order, so equal means equal to rounding."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -34,11 +35,18 @@ def recipe_for(tmp_path, tiny_llama_dir, alpaca_files, name: str, **sections):
     return write_recipe(tmp_path / f"{name}.yaml", recipe_dict(tiny_llama_dir, train, eval_file, tmp_path / name, **sections))
 
 
-def train_on_two_processes(recipe_path) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "ftune", "train", str(recipe_path), "--nproc", "2"],
-                            capture_output=True, text=True, timeout=300)
+def train_on_two_processes(recipe_path, launcher: str = "nproc") -> subprocess.CompletedProcess:
+    """``ftune train --nproc 2``, or the same ranks started by ``torchrun``: both go through torch.distributed.run."""
+    command = ([sys.executable, "-m", "ftune", "train", str(recipe_path), "--nproc", "2"] if launcher == "nproc" else
+               [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "ftune", "train", str(recipe_path)])
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Run directory:") == 1  # rank 0 alone writes and reports the run directory
     return result
+
+
+def assert_each_rank_checkpointed_its_rng(run: RunDir) -> None:
+    assert sorted(p.name for p in run.last_checkpoint().glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
 
 
 def quiet(*_):
@@ -51,12 +59,21 @@ def test_ddp_on_two_processes_matches_one_process_and_accumulation_and_resumes_o
                                                       training={**FP32, "batch_size": 2, "gradient_accumulation_steps": 2})), echo=quiet)
     two_path = recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "two", training={**FP32, "batch_size": 2})
     started = train_on_two_processes(two_path)
-    assert started.stdout.startswith("processes: world size 2 (2 on this machine), strategy ddp")
+    assert started.stdout.startswith("processes: world size 2 (2 on this machine), strategy ddp (a whole model per process")
     two = RunDir(tmp_path / "two")
+    assert two.is_complete() and json.loads(two.summary.read_text())["steps"] == 4
+    assert_each_rank_checkpointed_its_rng(two)
     assert_same_curve(step_losses(accumulated), step_losses(one))
     assert_same_curve(step_losses(two), step_losses(one))
     assert json.loads(two.strategy.read_text())["strategy"] == "ddp"
     uninterrupted = load_file(two.model / "adapter_model.safetensors")
+
+    # The launcher passes the ranks' errors on: the run directory is taken now; a second node needs an address.
+    launch = [sys.executable, "-m", "ftune", "train", str(two_path), "--nproc", "2"]
+    again = subprocess.run(launch, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "pass --overwrite to replace it" in again.stderr
+    lonely = subprocess.run([*launch, "--nnodes", "2", "--node-rank", "1"], capture_output=True, text=True, timeout=60)
+    assert lonely.returncode == 2 and "--nnodes > 1 needs --master-addr" in lonely.stderr
 
     # Interrupted after its step-2 checkpoint, the two-process run continues on one process.
     shutil.rmtree(two.checkpoints / "checkpoint-4")
@@ -103,14 +120,16 @@ def test_fsdp_on_two_processes_matches_one_process_merges_evaluates_and_resumes(
     assert max((resumed[k] - uninterrupted[k]).abs().max().item() for k in resumed) < 1e-6
 
 
-def test_full_fine_tuning_under_fsdp_saves_the_whole_model_as_one_process_trains_it(tmp_path, tiny_llama_dir, alpaca_files):
+def test_full_fine_tuning_under_fsdp_launched_by_torchrun_saves_the_whole_model_as_one_process_trains_it(tmp_path, tiny_llama_dir, alpaca_files):
     full = {"name": "full"}
     training = {**FP32, "learning_rate": 1e-3}
     one = run_training(load_recipe(recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "one", method=full,
                                               training={**training, "batch_size": 4})), echo=quiet)
     train_on_two_processes(recipe_for(tmp_path, tiny_llama_dir, alpaca_files, "fsdp", method=full,
-                                      training={**training, "batch_size": 2}, distributed={"strategy": "fsdp"}))
+                                      training={**training, "batch_size": 2}, distributed={"strategy": "fsdp"}), launcher="torchrun")
     fsdp = RunDir(tmp_path / "fsdp")
+    assert fsdp.is_complete()
+    assert_each_rank_checkpointed_its_rng(fsdp)
     assert_same_curve(step_losses(fsdp), step_losses(one))
     sharded, single = load_file(fsdp.model / "model.safetensors"), load_file(one.model / "model.safetensors")
     assert sharded.keys() == single.keys()

@@ -173,41 +173,6 @@ def test_eval_scores_tuned_and_base(make_recipe, tmp_path):
     shutil.rmtree(run.root)
 
 
-def test_two_process_torchrun_writes_one_run_directory(make_recipe, tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    torchrun = Path(sys.executable).with_name("torchrun")
-    command = [str(torchrun), "--nproc_per_node", "2", "-m", "ftune", "train", str(make_recipe())]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("Run directory:") == 1
-    run = RunDir(tmp_path / "run")
-    assert run.is_complete()
-    assert json.loads(run.summary.read_text())["steps"] == 4
-    assert sorted(p.name for p in run.last_checkpoint().glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
-
-
-def test_nproc_launches_the_ranks_itself_and_passes_their_errors_on(make_recipe, tmp_path):
-    import subprocess
-    import sys
-
-    command = [sys.executable, "-m", "ftune", "train", str(make_recipe()), "--nproc", "2"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("Run directory:") == 1
-    assert result.stdout.startswith("processes: world size 2 (2 on this machine), strategy ddp (a whole model per process")
-    run = RunDir(tmp_path / "run")
-    assert run.is_complete() and json.loads(run.summary.read_text())["steps"] == 4
-    assert sorted(p.name for p in run.last_checkpoint().glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
-
-    again = subprocess.run(command, capture_output=True, text=True, timeout=300)  # the run directory is taken now
-    assert again.returncode == 2 and "pass --overwrite to replace it" in again.stderr
-    lonely = subprocess.run([*command[:-2], "--nnodes", "2", "--node-rank", "1"], capture_output=True, text=True, timeout=60)
-    assert lonely.returncode == 2 and "--nnodes > 1 needs --master-addr" in lonely.stderr
-
-
 def test_summary_train_loss_covers_every_step_whatever_the_logging_interval(make_recipe, tmp_path):
     every = run_training(load_recipe(make_recipe(training={"max_steps": 7, "logging_steps": 1, "save_steps": 4})), echo=lambda *_: None)
     per_step = losses(every)
