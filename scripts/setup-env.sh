@@ -9,7 +9,7 @@
 # dependencies are held to the lock's versions.
 # Packages are installed with their bytecode compiled: uv does not compile by default, and where
 # PYTHONDONTWRITEBYTECODE is set nothing caches it later, so every process that imports the training
-# stack would compile its ~13,000 modules again (27.7 s -> 16.7 s per tiny `ftune train` on 2 cores).
+# stack would compile its modules again (27.7 s -> 16.7 s per tiny `ftune train` on 2 cores).
 # Re-runs are no-ops until the lock, pyproject.toml, this script or TORCH_SPEC change; then .venv is
 # rebuilt from scratch, so nothing a previous lock installed lingers. scripts/upgrade-lock.sh moves the lock.
 python=${PYTHON:-python3}

@@ -8,6 +8,7 @@ fork of it is as clean as a new interpreter. Each child gets the caller's enviro
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import multiprocessing
 import os
@@ -19,15 +20,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 PRELOAD = ["torch", "transformers", "transformers.trainer", "peft", "datasets", "accelerate", "ftune.cli", "ftune.train",
            "tests.e2e.forked"]
-_context = None
+_spec = importlib.util.spec_from_file_location("fault_check", REPO / "scripts" / "fault_check.py")
+fault_check = importlib.util.module_from_spec(_spec)  # the fault points, and how a run's outcome is compared
+_spec.loader.exec_module(fault_check)
 
 
+@functools.cache
 def _forkserver():
-    global _context
-    if _context is None:
-        _context = multiprocessing.get_context("forkserver")
-        _context.set_forkserver_preload(PRELOAD)
-    return _context
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    return context
 
 
 def _child(argv: list[str], environ: dict, cwd: str, stdout: str, stderr: str, fault: tuple[str, int] | None) -> None:
@@ -38,9 +40,6 @@ def _child(argv: list[str], environ: dict, cwd: str, stdout: str, stderr: str, f
         with open(path, "w") as file:
             os.dup2(file.fileno(), fd)
     if fault is not None:
-        spec = importlib.util.spec_from_file_location("fault_check", REPO / "scripts" / "fault_check.py")
-        fault_check = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(fault_check)
         fault_check.install_fault(*fault)
     from ftune.cli import main
 

@@ -1,5 +1,6 @@
 """Several processes on CPU (gloo), started by ``ftune train --nproc`` or by ``torchrun``: the same recipe gives the
-same training as one process, under DDP and FSDP, and a checkpoint of two processes continues on one. fp32 and a fixed data order, so equal means equal to rounding."""
+same training as one process, under DDP and FSDP, and a checkpoint of two processes continues on one. fp32 and a
+fixed data order, so equal means equal to rounding."""
 
 from __future__ import annotations
 
@@ -35,11 +36,15 @@ def recipe_for(tmp_path, tiny_llama_dir, alpaca_files, name: str, **sections):
     return write_recipe(tmp_path / f"{name}.yaml", recipe_dict(tiny_llama_dir, train, eval_file, tmp_path / name, **sections))
 
 
-def train_on_two_processes(recipe_path, launcher: str = "nproc") -> subprocess.CompletedProcess:
+def two_process_command(recipe_path, launcher: str = "nproc") -> list[str]:
     """``ftune train --nproc 2``, or the same ranks started by ``torchrun``: both go through torch.distributed.run."""
-    command = ([sys.executable, "-m", "ftune", "train", str(recipe_path), "--nproc", "2"] if launcher == "nproc" else
-               [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "ftune", "train", str(recipe_path)])
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    if launcher == "nproc":
+        return [sys.executable, "-m", "ftune", "train", str(recipe_path), "--nproc", "2"]
+    return [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "-m", "ftune", "train", str(recipe_path)]
+
+
+def train_on_two_processes(recipe_path, launcher: str = "nproc") -> subprocess.CompletedProcess:
+    result = subprocess.run(two_process_command(recipe_path, launcher), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Run directory:") == 1  # rank 0 alone writes and reports the run directory
     return result
@@ -69,7 +74,7 @@ def test_ddp_on_two_processes_matches_one_process_and_accumulation_and_resumes_o
     uninterrupted = load_file(two.model / "adapter_model.safetensors")
 
     # The launcher passes the ranks' errors on: the run directory is taken now; a second node needs an address.
-    launch = [sys.executable, "-m", "ftune", "train", str(two_path), "--nproc", "2"]
+    launch = two_process_command(two_path)
     again = subprocess.run(launch, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "pass --overwrite to replace it" in again.stderr
     lonely = subprocess.run([*launch, "--nnodes", "2", "--node-rank", "1"], capture_output=True, text=True, timeout=60)

@@ -4,7 +4,6 @@ uninterrupted run: same per-step losses, same final weights, same summary figure
 from __future__ import annotations
 
 import errno
-import importlib.util
 import os
 import signal
 import subprocess
@@ -14,12 +13,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ftune.cli import app
-from tests.conftest import REPO, recipe_dict, write_recipe
-from tests.e2e.forked import run_ftune
-
-spec = importlib.util.spec_from_file_location("fault_check", REPO / "scripts" / "fault_check.py")
-fault_check = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(fault_check)
+from tests.conftest import recipe_dict, write_recipe
+from tests.e2e.forked import fault_check, run_ftune
 
 STEPS = 6  # checkpoints at 2, 4, 6
 
