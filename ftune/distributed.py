@@ -91,7 +91,7 @@ def deepspeed_config(section: DistributedConfig, *, precision: str) -> dict:
     if ds.zero_stage == 3:
         # Gather the 16-bit weights on save so the saved folder is a normal one, not ZeRO shards.
         zero["stage3_gather_16bit_weights_on_model_save"] = True
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": "auto",
         "gradient_accumulation_steps": "auto",
         "gradient_clipping": "auto",
@@ -99,6 +99,11 @@ def deepspeed_config(section: DistributedConfig, *, precision: str) -> dict:
         "fp16": {"enabled": precision == "fp16"},
         "zero_optimization": zero,
     }
+    if ds.offload_optimizer:
+        # DeepSpeed refuses a Trainer-built optimizer under ZeRO-Offload; named here, it steps with its CPU AdamW, and
+        # the Trainer fills each "auto" from the recipe's training section (the lr schedule stays the Trainer's).
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"}}
+    return config
 
 
 def decoder_layer_classes(model) -> list[str]:

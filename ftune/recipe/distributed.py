@@ -19,6 +19,9 @@ StrategyName = Literal["auto", "ddp", "fsdp", "deepspeed"]
 # peft's prompt-learning methods keep their prompt encoder outside the decoder layers FSDP makes units of; under FSDP2
 # its embedding fails after the first save ("aten.embedding got mixed torch.Tensor and DTensor", measured for each).
 FSDP_UNSUPPORTED_METHODS = frozenset({"prefix", "prompt", "ptuning", "ptuning_v2", "mam"})
+# ZeRO-Offload refuses an optimizer the Trainer built (DeepSpeed raises unless it is its own CPU Adam), so the
+# DeepSpeed config names AdamW and DeepSpeed runs its CPU AdamW: the same update as these, at their settings.
+DEEPSPEED_CPU_ADAM_REPLACES = frozenset({"adamw_torch_fused", "adamw_torch"})
 
 
 class FsdpConfig(Strict):
@@ -82,6 +85,10 @@ def distributed_problems(recipe) -> list[str]:
         if not deepspeed_installed():
             problems.append("distributed.strategy: deepspeed needs the deepspeed package: pip install deepspeed (CUDA GPUs only); "
                             "or use strategy: fsdp")
+        if section.deepspeed.offload_optimizer and recipe.training.optimizer not in DEEPSPEED_CPU_ADAM_REPLACES:
+            problems.append(f"distributed.deepspeed.offload_optimizer steps the optimizer on the CPU with DeepSpeed's own AdamW, "
+                            f"not training.optimizer: {recipe.training.optimizer}; set training.optimizer: adamw_torch_fused, "
+                            "or offload_optimizer: false")
         if section.deepspeed.offload_params and section.deepspeed.zero_stage != 3:
             problems.append("distributed.deepspeed.offload_params needs zero_stage: 3 (stage 2 keeps whole parameters on every GPU)")
     bits = recipe.quantization.bits

@@ -40,6 +40,8 @@ def problem(tmp_path, distributed: dict, **sections) -> str:
         ({"strategy": "fsdp"}, {"quantization": {"bits": 8}}, "quantization.bits: 8 cannot be sharded by fsdp"),
         ({"strategy": "fsdp"}, {"quantization": {"bits": 4}}, "needs quantization.quant_storage: bfloat16"),
         ({"strategy": "deepspeed", "deepspeed": {"zero_stage": 2, "offload_params": True}}, {}, "offload_params needs zero_stage: 3"),
+        ({"strategy": "deepspeed", "deepspeed": {"offload_optimizer": True}}, {"training": {"optimizer": "adafactor"}},
+         "offload_optimizer steps the optimizer on the CPU with DeepSpeed's own AdamW, not training.optimizer: adafactor"),
         ({"strategy": "ddp", "deepspeed": {"zero_stage": 3}}, {}, "distributed.deepspeed.zero_stage set but distributed.strategy is ddp"),
         ({"strategy": "horovod"}, {}, "distributed.strategy"),
     ],
@@ -57,6 +59,9 @@ def test_deepspeed_is_refused_when_not_installed_and_accepted_when_it_is(tmp_pat
     recipe = load_recipe(recipe_file(tmp_path, {"strategy": "deepspeed", "deepspeed": {"zero_stage": 3, "offload_params": "yes"}},
                                      quantization={"bits": 4, "quant_storage": "bfloat16"}))
     assert recipe.distributed.deepspeed.offload_params is True and recipe.distributed.shards_parameters
+    for optimizer in ("adamw_torch_fused", "adamw_torch"):  # the optimizers DeepSpeed's CPU AdamW stands in for
+        offloaded = {"strategy": "deepspeed", "deepspeed": {"offload_optimizer": True}}
+        assert load_recipe(recipe_file(tmp_path, offloaded, training={"optimizer": optimizer})).distributed.deepspeed.offload_optimizer
 
 
 def test_qlora_under_fsdp_with_the_storage_dtype_and_yaml_switch_words(tmp_path):
@@ -126,10 +131,23 @@ def test_generated_configs_are_read_by_accelerate_and_by_the_trainers_deepspeed_
     assert parsed.is_zero3() and parsed.is_offload() and parsed.get_value("bf16.enabled") is True
     assert parsed.get_value("zero_optimization.stage3_gather_16bit_weights_on_model_save") is True
     filled = set(re.findall(r'fill_match\(\s*"([a-z_.0-9]+)"', inspect.getsource(hf_deepspeed.HfTrainerDeepSpeedConfig.trainer_config_process)))
-    autos = {key for key, value in config.items() if value == "auto"}
-    assert autos == {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"} and autos <= filled
+    autos = set(auto_keys(config))
+    assert autos == {"train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping", "optimizer.params.lr",
+                     "optimizer.params.betas", "optimizer.params.eps", "optimizer.params.weight_decay"} and autos <= filled
+    # ZeRO-Offload refuses a Trainer-built optimizer: the config names DeepSpeed's AdamW when offloading, and only then.
+    assert config["optimizer"]["type"] == "AdamW"
     stage2 = deepspeed_config(DistributedConfig(strategy="deepspeed"), precision="no")
     assert HfDeepSpeedConfig(stage2).get_value("zero_optimization.stage") == 2 and not HfDeepSpeedConfig(stage2).is_offload()
+    assert "optimizer" not in stage2
+
+
+def auto_keys(config: dict, prefix: str = ""):
+    """The dotted keys whose value is "auto", at any depth."""
+    for key, value in config.items():
+        if isinstance(value, dict):
+            yield from auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            yield prefix + key
 
 
 @pytest.fixture
