@@ -19,7 +19,7 @@ from ftune.recipe import Recipe
 
 MIB = 2**20
 # Optimizer state bytes per trainable parameter (adafactor is handled per matrix, below).
-OPTIMIZER_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
+OPTIMIZER_BYTES = {"adamw_torch_fused": 8, "adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
 # Saved activations per token and layer, in units of hidden (H), intermediate (I) and key/value
 # width (KV), plus logits per token in units of the vocabulary: calibrated on float32 CPU probes.
 ACTIVATIONS = {"decoder": (14, 5, 4), "encoder": (14, 4, 0)}

@@ -9,10 +9,14 @@ mixed precision). Prints mean seconds per step and tokens/s of each, and their r
 - ``labelled-positions``: the LM head at every position (the model's own loss) vs at the labelled positions only.
 - ``addmm-lora``: peft's LoRA forward vs ``ftune.methods.lora_forward`` (the update added inside addmm); both with
   the labelled-positions loss, as ftune trains.
+- ``fused-adamw``: AdamW tensor by tensor (``training.optimizer: adamw_torch``) vs one fused kernel
+  (``adamw_torch_fused``, the default); each variant keeps its own optimizer state over the same parameters.
+
+Every comparison also prints each variant's optimizer step alone (ms/step); all but ``fused-adamw`` step with fused AdamW.
 
 Usage::
 
-    python scripts/bench_step.py [--compare labelled-positions|addmm-lora] [--steps 10]
+    python scripts/bench_step.py [--compare labelled-positions|addmm-lora|fused-adamw] [--steps 10]
                                  [--recipe recipes/smollm2-135m/lora-quickstart.yaml]
 """
 
@@ -26,6 +30,7 @@ import time
 COMPARISONS = {
     "labelled-positions": ("LM head at every position", "LM head at labelled positions"),
     "addmm-lora": ("peft's LoRA forward", "LoRA update inside addmm"),
+    "fused-adamw": ("AdamW tensor by tensor", "AdamW fused"),
 }
 
 
@@ -57,7 +62,9 @@ def main() -> None:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.mode == "bf16")
     collate = keeps_labelled_positions(build_collator(model, tokenizer, task=recipe.task, packing=recipe.data.packing).collator)
     labelled_loss = loss_at_labelled_positions()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    fused = torch.optim.AdamW(trained, lr=1e-4, fused=True)
+    optimizers = {True: fused, False: torch.optim.AdamW(trained, lr=1e-4, foreach=False) if args.compare == "fused-adamw" else fused}
     size = recipe.training.batch_size
     rows = [splits.train[i] for i in range(len(splits.train))]
     swapped = []
@@ -66,7 +73,8 @@ def main() -> None:
         if not swapped:
             raise SystemExit(f"{args.recipe}: no plain LoRA linear to compare")
 
-    def step(batch, variant: bool) -> float:
+    def step(batch, variant: bool) -> tuple[float, float]:
+        """Seconds of the whole step, and of its optimizer step alone."""
         labelled = variant or args.compare != "labelled-positions"
         for module in swapped:
             module.__class__ = addmm_lora_linear() if variant else addmm_lora_linear().__base__
@@ -79,24 +87,29 @@ def main() -> None:
             outputs = model(**inputs)
             loss = labelled_loss(outputs, labels) if labelled else outputs.loss
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        return time.perf_counter() - start
+        stepping = time.perf_counter()
+        optimizers[variant].step()
+        optimizers[variant].zero_grad()
+        end = time.perf_counter()
+        return end - start, end - stepping
 
     times = {False: [], True: []}
+    optimizer_times = {False: [], True: []}
     tokens = 0
     for index in range(args.steps + 1):
         batch = collate(rows[index * size : (index + 1) * size])
         for variant in ((False, True) if index % 2 else (True, False)):  # each goes first every other step
-            seconds = step(batch, variant)
+            seconds, optimizer_seconds = step(batch, variant)
             if index:  # the first step of each warms up
                 times[variant].append(seconds)
+                optimizer_times[variant].append(optimizer_seconds)
         if index:
             tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
     print(f"{args.recipe}: {args.steps} steps of batch {size}, precision {precision.mode}, torch threads {torch.get_num_threads()}")
     for variant, label in enumerate(COMPARISONS[args.compare]):
         mean = sum(times[variant]) / len(times[variant])
-        print(f"  {label:<32} {mean:.3f} s/step  {tokens / sum(times[variant]):.0f} tokens/s")
+        optimizer_ms = 1000 * sum(optimizer_times[variant]) / len(optimizer_times[variant])
+        print(f"  {label:<32} {mean:.3f} s/step  {tokens / sum(times[variant]):.0f} tokens/s  optimizer {optimizer_ms:.1f} ms/step")
     print(f"  speed-up: {sum(times[False]) / sum(times[True]):.2f}x")
 
 

@@ -75,7 +75,7 @@ class QuantizationConfig(Strict):
         return self
 
 
-OPTIMIZERS = ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
 
 
 class TrainingConfig(Strict):
@@ -88,7 +88,11 @@ class TrainingConfig(Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    optimizer: Literal[OPTIMIZERS] = Field("adamw_torch", description="Optimizer; *_8bit and paged_* use bitsandbytes.")
+    optimizer: Literal[OPTIMIZERS] = Field(
+        "adamw_torch_fused",
+        description="Optimizer. adamw_torch_fused: torch's AdamW as one kernel over all tensors (CPU and GPU); adamw_torch: "
+        "the same update tensor by tensor; *_8bit and paged_* use bitsandbytes.",
+    )
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto",
         description="Autocast precision, resolved once at launch: auto = bf16 on GPUs and CPUs with native bfloat16 "

@@ -71,6 +71,27 @@ def test_full_finetuning_changes_every_weight(make_recipe, tiny_llama_dir, tmp_p
     assert len(changed) == len(original)
 
 
+def test_fused_adamw_is_the_default_and_trains_as_the_per_tensor_loop_does(make_recipe, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    fused_flags = []
+
+    class RecordFused(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            fused_flags.append(optimizer.param_groups[0]["fused"])
+
+    # Full fine-tuning: the optimizer steps every weight, so any difference in the update shows in the saved model.
+    monkeypatch.setattr("ftune.train.method_callbacks", lambda *args: [RecordFused()])
+    path = make_recipe(method={"name": "full"})
+    fused = run_training(load_recipe(path), echo=lambda *_: None)
+    loop = run_training(load_recipe(path, ["training.optimizer=adamw_torch", f"output_dir={tmp_path / 'loop'}"]), echo=lambda *_: None)
+    assert fused_flags == [True] * 4 + [None] * 4  # None: torch's per-tensor loop on CPU
+    assert losses(fused) == pytest.approx(losses(loop), rel=1e-5)
+    fused_weights, loop_weights = base_state(fused.model), base_state(loop.model)
+    for name, tensor in fused_weights.items():
+        torch.testing.assert_close(tensor, loop_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_non_empty_output_dir_is_never_clobbered(make_recipe, tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "precious.txt").write_text("keep me")

@@ -51,7 +51,7 @@ def test_lora_and_full_trainable_counts_match_what_training_reports(make_recipe,
     assert lora.gradients_mib == pytest.approx(8192 * 4 / 2**20)
 
 
-@pytest.mark.parametrize(("optimizer", "per_param"), [("adamw_torch", 8), ("adamw_8bit", 2), ("paged_adamw_8bit", 2), ("sgd", 0)])
+@pytest.mark.parametrize(("optimizer", "per_param"), [("adamw_torch_fused", 8), ("adamw_torch", 8), ("adamw_8bit", 2), ("paged_adamw_8bit", 2), ("sgd", 0)])
 def test_optimizer_states_follow_the_optimizer(make_recipe, tiny_llama_dir, optimizer, per_param):
     estimate = estimate_memory(load_recipe(make_recipe(training={"optimizer": optimizer})), config_of(tiny_llama_dir))
     assert estimate.optimizer_mib == pytest.approx(estimate.trainable * per_param / 2**20)
