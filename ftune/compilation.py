@@ -125,9 +125,7 @@ def decide(*, step_time_s: float, remaining_steps: int, precision: str = "bf16")
     saving = remaining_steps * step_time_s * (1 - 1 / measured.speedup)
     figures = (f"{remaining_steps} steps left at {step_time_s:.2f} s/step would save ~{saving:.0f} s at {measured.speedup:g}x, "
                f"compiling costs ~{measured.cost_s:.0f} s; figures from a {measured.measured_on}")
-    if saving > measured.cost_s:
-        return CompileDecision(True, figures)
-    return CompileDecision(False, figures)
+    return CompileDecision(saving > measured.cost_s, figures)
 
 
 def compile_callback(model, recipe, *, precision: str = "bf16", liger: bool = False, echo=print):
