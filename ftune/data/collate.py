@@ -6,12 +6,14 @@ restarts into a block-diagonal mask, so no example attends to another. Each exam
 becomes -100, which is the position the shifted loss never targets anyway, so the Trainer's loss
 (sum over trained tokens / trained tokens, ``num_items_in_batch``) is the same as with padding.
 
-Packing is not free everywhere: flash attention's variable-length kernels attend within each example
-only, but sdpa and eager compute attention over the whole packed row and mask most of it away, so a
-packed row of N tokens costs ~N^2 in attention where padding costs B * longest^2. Under
-``packing: auto`` each batch therefore takes whichever layout costs less (always packed under flash
-attention); on SmolLM2 with sdpa on CPU packing wins for short, ragged batches and loses from a few
-hundred tokens per example.
+Packing is not free everywhere: transformers' sdpa and eager compute attention over the whole packed
+row and mask most of it away, so a packed row of N tokens costs ~N^2 in attention where padding costs
+B * longest^2. Flash attention's variable-length kernels, and ``ftune.packed_attention``'s sdpa
+(which ftune switches an sdpa model to once it has checked the model's logits with it), attend within
+each example only, so there every batch is packed; with sdpa a prefix all of a batch's examples open
+with is also held once (``PackCollator(share_prefix=True)``). Elsewhere ``packing: auto`` takes, per
+batch, whichever layout costs less: on SmolLM2 with masked sdpa on CPU packing wins for short, ragged
+batches and loses from a few hundred tokens per example.
 """
 
 from __future__ import annotations
@@ -59,18 +61,55 @@ class PadCollator:
 class PackCollator:
     """One row per batch, position ids restarting per example, no attention mask.
 
+    ``share_prefix`` (for ``ftune.packed_attention``'s sdpa only): when the examples open with the same tokens up to
+    before the second token of the earliest answer, the row holds the first example whole and only the remainder of
+    the others, with their position ids carrying on from the prefix. The labels are the examples' own; each example's
+    first row label is -100 (the position before it is another example's), as in the plain layout.
+
     ``use_cache=False`` rides along: with a KV cache object present, transformers' mask builder skips
     its packed-sequence detection and the examples would attend to each other. The Trainer turns the
     cache off itself; the flag keeps the batches safe in any other forward pass too.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, share_prefix: bool = False) -> None:
         from transformers import DataCollatorWithFlattening
 
         self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        self.share_prefix = share_prefix
+        self.shared_tokens = 0  # prefix tokens not recomputed, over the batches collated in this process
 
     def __call__(self, features: list[dict]) -> dict:
-        return {**self.flatten(features), "use_cache": False}
+        prefix = shared_prefix_length(features) if self.share_prefix and len(features) > 1 else 0
+        if not prefix:
+            return {**self.flatten(features), "use_cache": False}
+        import torch
+
+        self.shared_tokens += prefix * (len(features) - 1)
+        first, rest = features[0], features[1:]
+        ids, labels = list(first["input_ids"]), [IGNORE_INDEX, *first["labels"][1:]]
+        positions = list(range(len(ids)))
+        for feature in rest:
+            ids += feature["input_ids"][prefix:]
+            labels += [IGNORE_INDEX, *feature["labels"][prefix + 1:]]
+            positions += range(prefix, len(feature["input_ids"]))
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([positions]),
+                "use_cache": False}
+
+
+def shared_prefix_length(features: list[dict]) -> int:
+    """Tokens every example opens with, short enough that none of them is a target: the last prefix position
+    predicts only the first example's next token, so the others' first target must lie after it."""
+    first = features[0]["input_ids"]
+    common = len(first)
+    for feature in features[1:]:
+        ids = feature["input_ids"]
+        length = 0
+        while length < min(common, len(ids)) and ids[length] == first[length]:
+            length += 1
+        common = length
+    first_target = min(next((at for at, label in enumerate(f["labels"]) if label != IGNORE_INDEX), len(f["labels"]))
+                       for f in features[1:])
+    return max(0, min(common, first_target - 1))
 
 
 def packing_blocker(model, task: str) -> str | None:
@@ -140,11 +179,19 @@ def build_collator(model, tokenizer, *, task: str, packing: bool | str) -> Batch
     if packing is False or blocker:
         reason = "data.packing: false" if packing is False else blocker
         return Batching(PadCollator(tokenizer.pad_token_id), False, f"Batching: dynamic padding ({reason})")
-    if packing is True:
-        return Batching(PackCollator(), True, "Batching: padding-free packing (position ids restart per example)")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     attention = base.config._attn_implementation
+    refusal = None
+    if attention == "sdpa":
+        from ftune.packed_attention import verify
+
+        if (refusal := verify(model)) is None:  # the model now attends example by example
+            return Batching(PackCollator(share_prefix=True), True,
+                            "Batching: padding-free packing, every batch (sdpa example by example; a prefix all of a "
+                            "batch's examples open with is computed once)")
+    if packing is True:
+        return Batching(PackCollator(), True, "Batching: padding-free packing (position ids restart per example)")
     varlen = attention.startswith("flash")
     collator = AutoCollator(tokenizer.pad_token_id, linear_cost_in_tokens(base.config), varlen)
     how = "every batch packed (flash attention)" if varlen else f"each batch packed or padded, whichever costs less with {attention}"
-    return Batching(collator, True, f"Batching: padding-free packing where it pays ({how})")
+    return Batching(collator, True, f"Batching: padding-free packing where it pays ({how}{'; ' + refusal if refusal else ''})")
