@@ -317,7 +317,7 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, prec
         else:
             echo(f"Loss: LM head at every position ({blocker})")
     args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, model=model, use_liger_kernel=liger)
-    trainer = trainer_class_for(Trainer, args)(
+    trainer = trainer_class_for(counting_example_tokens(Trainer), args)(
         model=model,
         args=args,
         train_dataset=splits.train,
@@ -329,6 +329,34 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, prec
     )
     trainer.remove_callback(PrinterCallback)
     return trainer
+
+
+def counting_example_tokens(trainer_class: type) -> type:
+    """``trainer_class`` counting the tokens of the examples in each batch (``tokens_seen``: the data's tokens, padding
+    left out and a shared prefix counted in every example that opens with it) and the positions the model computed
+    (``computed_tokens``: padding in, a shared prefix once). The Trainer's own count reads a packed row's length."""
+
+    class ExampleTokensTrainer(trainer_class):
+        computed_tokens = 0
+
+        def _track_num_input_tokens(self, inputs):
+            import torch
+
+            from ftune.packed_attention import example_tokens
+
+            ids = inputs["input_ids"]
+            if "attention_mask" in inputs:
+                examples = int(inputs["attention_mask"].sum())
+            elif "position_ids" in inputs:
+                examples = sum(example_tokens(row) for row in inputs["position_ids"].tolist())
+            else:
+                examples = ids.numel()
+            counts = self.accelerator.gather(torch.tensor([examples, ids.numel()], device=self.args.device)).view(-1, 2).sum(0)
+            self.state.num_input_tokens_seen += int(counts[0])
+            self.computed_tokens += int(counts[1])
+
+    ExampleTokensTrainer.__name__ = ExampleTokensTrainer.__qualname__ = trainer_class.__name__
+    return ExampleTokensTrainer
 
 
 def save_artifacts(model, tokenizer, recipe: Recipe, run: RunDir) -> None:
@@ -358,6 +386,7 @@ def build_summary(run: RunDir, eval_metrics: dict, trainer, wall: float, trained
         "epochs": state.epoch,
         "tokens_seen": tokens,
         "tokens_per_second": per_step * trained_here / wall if wall and trained_here else 0.0,
+        "computed_tokens_per_second": getattr(trainer, "computed_tokens", 0) / wall if wall else 0.0,
         "wall_time_s": wall,
         "peak_memory_mb": peak_memory_mb(),
         "trainable_params": trainable,

@@ -56,7 +56,10 @@ def test_lora_trains_adapter_only_and_writes_a_complete_run_dir(make_recipe, tin
     precision = manifest["mixed_precision"]
     assert precision["requested"] == "auto" and precision["used"] in ("no", "bf16") and precision["reason"] and precision["warning"] is None
     assert f"mixed precision: auto -> {precision['used']} ({precision['reason']})" in result.output
-    assert manifest["hardware"]["attention"] == "sdpa" and "attention: sdpa" in result.output  # no flash-attn on CPU
+    assert "attention: sdpa" in result.output  # no flash-attn on CPU
+    # which ftune then runs example by example over packed rows, once the model's logits agree with it
+    assert manifest["hardware"]["attention"] == "ftune_packed_sdpa" and "sdpa example by example" in result.output
+    assert summary["computed_tokens_per_second"] > 0
     assert manifest["hardware"]["tf32"] is False or torch.cuda.is_available()  # TF32 needs an Ampere+ GPU
     threads = manifest["hardware"]["threads"]
     assert threads["used"] == torch.get_num_threads() >= 1 and f"threads: {threads['used']} ({threads['reason']})" in result.output
@@ -90,6 +93,22 @@ def test_fused_adamw_is_the_default_and_trains_as_the_per_tensor_loop_does(make_
     fused_weights, loop_weights = base_state(fused.model), base_state(loop.model)
     for name, tensor in fused_weights.items():
         torch.testing.assert_close(tensor, loop_weights[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_tokens_seen_counts_every_example_whole_while_a_shared_prompt_is_computed_once(make_recipe, tmp_path):
+    from ftune.data import build_datasets
+    from ftune.model import load_tokenizer
+
+    path = make_recipe(training={"max_steps": 8, "batch_size": 4, "save_steps": 100})  # one epoch of the 32 rows
+    recipe = load_recipe(path)
+    rows = build_datasets(recipe.data, load_tokenizer(recipe.model), recipe.task).train
+    result = runner.invoke(app, ["train", str(path)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(RunDir(tmp_path / "run").summary.read_text())
+    assert len(rows) == 32 and summary["tokens_seen"] == sum(len(row["input_ids"]) for row in rows)
+    # every row opens with the chat template and "Repeat the word ": the model ran well under the data's tokens
+    computed = summary["computed_tokens_per_second"] * summary["wall_time_s"]
+    assert 0 < computed < 0.8 * summary["tokens_seen"]
 
 
 def test_non_empty_output_dir_is_never_clobbered(make_recipe, tmp_path):
