@@ -11,12 +11,15 @@ mixed precision). Prints mean seconds per step and tokens/s of each, and their r
   the labelled-positions loss, as ftune trains.
 - ``fused-adamw``: AdamW tensor by tensor (``training.optimizer: adamw_torch``) vs one fused kernel
   (``adamw_torch_fused``, the default); each variant keeps its own optimizer state over the same parameters.
+- ``packed-sdpa``: transformers' sdpa on the batches ``packing: auto`` chose for it (each padded or packed, whichever
+  costs less under its masked attention) vs ``ftune.packed_attention``'s sdpa on one packed row per batch, a prompt
+  prefix all of the batch's examples open with held once (what ftune trains an sdpa model with).
 
 Every comparison also prints each variant's optimizer step alone (ms/step); all but ``fused-adamw`` step with fused AdamW.
 
 Usage::
 
-    python scripts/bench_step.py [--compare labelled-positions|addmm-lora|fused-adamw] [--steps 10]
+    python scripts/bench_step.py [--compare labelled-positions|addmm-lora|fused-adamw|packed-sdpa] [--steps 10]
                                  [--recipe recipes/smollm2-135m/lora-quickstart.yaml]
 """
 
@@ -31,6 +34,7 @@ COMPARISONS = {
     "labelled-positions": ("LM head at every position", "LM head at labelled positions"),
     "addmm-lora": ("peft's LoRA forward", "LoRA update inside addmm"),
     "fused-adamw": ("AdamW tensor by tensor", "AdamW fused"),
+    "packed-sdpa": ("sdpa, padded or masked packed", "packed sdpa, shared prefix"),
 }
 
 
@@ -44,11 +48,13 @@ def main() -> None:
     import torch
 
     from ftune.data import build_collator, build_datasets
+    from ftune.data.collate import AutoCollator, linear_cost_in_tokens
     from ftune.hardware import resolve_precision
     from ftune.label_positions import keeps_labelled_positions, loss_at_labelled_positions
     from ftune.methods import apply_method
     from ftune.methods.lora_forward import addmm_lora_linear
     from ftune.model import load_base_model, load_tokenizer
+    from ftune.packed_attention import set_attention
     from ftune.recipe import load_recipe
     from ftune.runtime import quiet_libraries
 
@@ -60,7 +66,16 @@ def main() -> None:
     model = apply_method(load_base_model(recipe.model, recipe.quantization, task=recipe.task), recipe.method, recipe.task).train()
     precision = resolve_precision(recipe.training.mixed_precision)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision.mode == "bf16")
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attention = base.config._attn_implementation
     collate = keeps_labelled_positions(build_collator(model, tokenizer, task=recipe.task, packing=recipe.data.packing).collator)
+    collates = {False: collate, True: collate}
+    implementations = {False: base.config._attn_implementation, True: base.config._attn_implementation}
+    if args.compare == "packed-sdpa":
+        if base.config._attn_implementation == attention:
+            raise SystemExit(f"{args.recipe}: the model's {attention} attention does not take ftune's packed sdpa")
+        implementations[False] = attention
+        collates[False] = keeps_labelled_positions(AutoCollator(tokenizer.pad_token_id, linear_cost_in_tokens(base.config), False))
     labelled_loss = loss_at_labelled_positions()
     trained = [p for p in model.parameters() if p.requires_grad]
     fused = torch.optim.AdamW(trained, lr=1e-4, fused=True)
@@ -76,6 +91,7 @@ def main() -> None:
     def step(batch, variant: bool) -> tuple[float, float]:
         """Seconds of the whole step, and of its optimizer step alone."""
         labelled = variant or args.compare != "labelled-positions"
+        set_attention(model, implementations[variant])
         for module in swapped:
             module.__class__ = addmm_lora_linear() if variant else addmm_lora_linear().__base__
         inputs = dict(batch)
@@ -97,14 +113,15 @@ def main() -> None:
     optimizer_times = {False: [], True: []}
     tokens = 0
     for index in range(args.steps + 1):
-        batch = collate(rows[index * size : (index + 1) * size])
+        features = rows[index * size : (index + 1) * size]
+        batches = {variant: collates[variant](features) for variant in (False, True)}
         for variant in ((False, True) if index % 2 else (True, False)):  # each goes first every other step
-            seconds, optimizer_seconds = step(batch, variant)
+            seconds, optimizer_seconds = step(batches[variant], variant)
             if index:  # the first step of each warms up
                 times[variant].append(seconds)
                 optimizer_times[variant].append(optimizer_seconds)
         if index:
-            tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+            tokens += sum(len(feature["input_ids"]) for feature in features)  # the examples' tokens, whatever the layout
     print(f"{args.recipe}: {args.steps} steps of batch {size}, precision {precision.mode}, torch threads {torch.get_num_threads()}")
     for variant, label in enumerate(COMPARISONS[args.compare]):
         mean = sum(times[variant]) / len(times[variant])

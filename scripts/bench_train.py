@@ -8,9 +8,14 @@ Three runs on the same model, data, LoRA settings, precision, batch and optimize
   c. ftune train
 
 a and b train on ftune's own tokenized rows (same tokens, same answer-only labels), so only the batching and the
-loss differ. Every run's held-out loss is computed the same way afterwards (mean over answer tokens). The machine's
-GEMM peak in the dtype used is measured first, in this invocation; achieved FLOP/s counts 4 x parameters x tokens
-for LoRA (forward, backward through the activations) and 6 x for full fine-tuning. Run it on an idle machine.
+loss differ. Every run's held-out loss is computed the same way afterwards (mean over answer tokens).
+
+Real tokens are the examples' own (padding left out; a prompt prefix ftune computes once per batch still counts in
+every example). Computed tokens are the positions each model ran: padding in, a shared prefix once. The machine's GEMM
+peak in the dtype used is measured first, in this invocation; achieved FLOP/s counts 4 x parameters per computed token
+for LoRA (forward, backward through the activations) and 6 x for full fine-tuning, the LM head's share only at the
+positions it ran: every one in a and b, the labelled ones in c (estimated from the share of labelled positions in the
+training rows). Run it on an idle machine.
 
 Usage::
 
@@ -119,9 +124,12 @@ def run_one(which: str, args) -> dict:
         summary = json.loads(run.summary.read_text())
         memory = peak_memory_mib()
         model = load_trained(recipe.method.name, lambda: load_base_model(recipe.model, recipe.quantization, task=recipe.task), run.model)
-        return {"wall": summary["wall_time_s"], "tokens": summary["tokens_seen"], "train_loss": last_logged_loss(run.metrics),
-                "heldout_loss": heldout_loss(model, eval_rows, dynamic), "memory": memory,
-                "params": sum(p.numel() for p in model.parameters())}
+        rows = as_rows(splits.train)
+        labelled_share = sum(sum(label != -100 for label in row["labels"][1:]) for row in rows) / sum(len(row["input_ids"]) for row in rows)
+        computed = summary["computed_tokens_per_second"] * summary["wall_time_s"]
+        return {"wall": summary["wall_time_s"], "tokens": summary["tokens_seen"], "computed": computed,
+                "head_positions": summary["tokens_seen"] * labelled_share, "train_loss": last_logged_loss(run.metrics),
+                "heldout_loss": heldout_loss(model, eval_rows, dynamic), "memory": memory, **parameter_counts(model)}
 
     import torch
     from transformers import Trainer, TrainingArguments
@@ -143,14 +151,28 @@ def run_one(which: str, args) -> dict:
         save_strategy="no", report_to="none", disable_tqdm=True, seed=train.seed, data_seed=train.seed,
         use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
     )
-    trainer = Trainer(model=model, args=arguments, train_dataset=as_rows(splits.train), data_collator=padded if which == "a" else dynamic)
+    collator = padded if which == "a" else dynamic
+    computed = 0
+
+    def counting(features):
+        nonlocal computed
+        batch = collator(features)
+        computed += batch["input_ids"].numel()
+        return batch
+
+    trainer = Trainer(model=model, args=arguments, train_dataset=as_rows(splits.train), data_collator=counting)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
-    return {"wall": wall, "tokens": trainer.state.num_input_tokens_seen, "train_loss": losses[-1] if losses else float("nan"),
-            "heldout_loss": heldout_loss(model, eval_rows, dynamic), "memory": peak_memory_mib(),
-            "params": sum(p.numel() for p in model.parameters())}
+    return {"wall": wall, "tokens": trainer.state.num_input_tokens_seen, "computed": computed, "head_positions": computed,
+            "train_loss": losses[-1] if losses else float("nan"), "heldout_loss": heldout_loss(model, eval_rows, dynamic),
+            "memory": peak_memory_mib(), **parameter_counts(model)}
+
+
+def parameter_counts(model) -> dict:
+    """All parameters, and the LM head's (tied or not, the matrix that projects hidden states to the vocabulary)."""
+    return {"params": sum(p.numel() for p in model.parameters()), "head": model.get_output_embeddings().weight.numel()}
 
 
 def last_logged_loss(metrics: Path) -> float:
@@ -204,14 +226,16 @@ def main() -> None:
     print(f"{recipe.model.name_or_path}, method {recipe.method.name}, batch {recipe.training.batch_size}, max_length "
           f"{recipe.data.max_length}, {args.steps} steps, precision {precision.mode}, {device}")
     print(f"measured GEMM peak ({dtype}): {peak / 1e9:.0f} GFLOP/s")
-    print(f"| run | real tokens/s | wall s | peak memory MiB | final train loss | held-out loss | GFLOP/s | share of peak |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| run | real tokens/s | computed tokens/s | wall s | peak memory MiB | final train loss | held-out loss | GFLOP/s | "
+          "share of peak |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for which, label in RUNS.items():
         result = results[which]
         speed = result["tokens"] / result["wall"]
-        flops = factor * result["params"] * speed
-        print(f"| {which}. {label} | {speed:.0f} | {result['wall']:.1f} | {result['memory']:,.0f} | {result['train_loss']:.4f} | "
-              f"{result['heldout_loss']:.4f} | {flops / 1e9:.0f} | {flops / peak:.0%} |")
+        flops = factor * ((result["params"] - result["head"]) * result["computed"] + result["head"] * result["head_positions"]) / result["wall"]
+        print(f"| {which}. {label} | {speed:.0f} | {result['computed'] / result['wall']:.0f} | {result['wall']:.1f} | "
+              f"{result['memory']:,.0f} | {result['train_loss']:.4f} | {result['heldout_loss']:.4f} | {flops / 1e9:.0f} | "
+              f"{flops / peak:.0%} |")
     speed = {which: results[which]["tokens"] / results[which]["wall"] for which in RUNS}
     print(f"ftune vs padded script: {speed['c'] / speed['a']:.2f}x; vs dynamic padding: {speed['c'] / speed['b']:.2f}x")
 

@@ -169,8 +169,9 @@ class DataConfig(Strict):
     truncation: Literal["truncate", "drop"] = Field("truncate", description="Examples over max_length: truncate them, or drop them.")
     packing: bool | Literal["auto"] = Field(
         "auto",
-        description="Padding-free batches (positions restart per example, same loss): auto = per batch where the model supports "
-        "it and it is cheaper (always with flash attention); true = every batch; false = dynamic padding.",
+        description="Padding-free batches (positions restart per example, same loss): auto = every batch under flash attention "
+        "or sdpa (ftune's, example by example, a prompt prefix the batch's examples share computed once), elsewhere per "
+        "batch where cheaper; true = every batch; false = dynamic padding.",
     )
     train_on_prompt: bool = Field(False, description="Also train on prompt tokens; default trains on responses only.")
     chat_template: str | None = Field(
