@@ -70,6 +70,23 @@ def test_ragged_packed_and_padded_batches_stop_recompiling(tiny_llama_dir, forwa
     assert counts[-1] == counts[1] == 4, counts
 
 
+def test_packed_sdpa_rows_of_any_layout_compile_once(tiny_llama_dir):
+    from ftune.packed_attention import verify
+    from tests.unit.test_packed_attention import prompt_rows
+
+    model = trained_lora(tiny_llama_dir, "addmm")
+    assert verify(model) is None
+    backend = CountingBackend()
+    compile_decoder_layers(model, backend=backend)
+    pack = PackCollator(share_prefix=True)
+    counts = []
+    for step, examples in enumerate((3, 5, 4, 6, 7, 3, 5, 8)):  # other example counts, lengths and prefixes every step
+        train_step(model, pack(prompt_rows(300, count=examples, prefix=5 + step)))
+        counts.append(backend.graphs)
+    # The attention runs eager between the layer's compiled pieces; its per-example loop never reaches dynamo.
+    assert counts[0] > 0 and counts[-1] == counts[0], counts
+
+
 def test_evaluation_runs_the_eager_layers(tiny_llama_dir):
     model = trained_lora(tiny_llama_dir)
     backend = CountingBackend()
