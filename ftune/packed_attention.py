@@ -32,6 +32,9 @@ from dataclasses import dataclass
 from typing import Any
 
 PACKED_SDPA = "ftune_packed_sdpa"
+# Devices whose sdpa keeps a fused kernel for grouped-query attention with a mask (CPU's flash kernel does). On CUDA
+# only the math kernel takes both, so the key/value heads are repeated for the masked calls there instead.
+MASKED_GQA_DEVICES = {"cpu"}
 
 
 @dataclass(frozen=True)
@@ -116,9 +119,13 @@ def packed_sdpa_attention(module, query, key, value, attention_mask, dropout: fl
             mask = key_at <= query_at
             if window:
                 mask &= query_at - key_at < window
+        grouped = getattr(module, "num_key_value_groups", 1) > 1
+        if grouped and mask is not None and query.device.type not in MASKED_GQA_DEVICES:
+            groups = query.shape[1] // keys.shape[1]
+            keys, values, grouped = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1), False
         outputs.append(torch.nn.functional.scaled_dot_product_attention(
             query[:, :, segment.start:segment.end], keys, values, attn_mask=mask, dropout_p=dropout, scale=scaling,
-            is_causal=mask is None, enable_gqa=getattr(module, "num_key_value_groups", 1) > 1))
+            is_causal=mask is None, enable_gqa=grouped))
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ftune.data.collate import PackCollator, PadCollator, shared_prefix_length
+from ftune import packed_attention
 from ftune.data.tokenize import IGNORE_INDEX
 from ftune.packed_attention import PACKED_SDPA, Segment, example_tokens, segments, set_attention, verify
 from tests.unit.test_families import DECODERS, save_family_model
@@ -78,8 +79,11 @@ def tiny_model(model_type: str, **config):
 
 @pytest.mark.parametrize("model_type, config", [("llama", {}), ("mistral", {"sliding_window": 6})], ids=["llama-gqa", "mistral-window-6"])
 @pytest.mark.parametrize("share_prefix", [True, False], ids=["shared-prefix", "example-by-example"])
-def test_packed_sdpa_trains_as_padded_batches_do(model_type, config, share_prefix):
+@pytest.mark.parametrize("masked_gqa", [True, False], ids=["gqa-in-kernel", "heads-repeated"])
+def test_packed_sdpa_trains_as_padded_batches_do(model_type, config, share_prefix, masked_gqa, monkeypatch):
     # mistral's window (6) is shorter than the prefix plus most tails: the remainders' masks must cut into the prefix.
+    # heads-repeated: the masked calls as CUDA makes them (key/value heads repeated instead of enable_gqa).
+    monkeypatch.setattr(packed_attention, "MASKED_GQA_DEVICES", {"cpu"} if masked_gqa else set())
     model = tiny_model(model_type, **config)
     rows = prompt_rows(model.config.vocab_size)
     padded_loss, padded_grads = loss_and_grads(model, PadCollator(0)(rows))
