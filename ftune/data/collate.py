@@ -61,9 +61,9 @@ class PadCollator:
 class PackCollator:
     """One row per batch, position ids restarting per example, no attention mask.
 
-    ``share_prefix`` (for ``ftune.packed_attention``'s sdpa only): when the examples open with the same tokens up to
-    before the second token of the earliest answer, the row holds the first example whole and only the remainder of
-    the others, with their position ids carrying on from the prefix. The labels are the examples' own; each example's
+    ``share_prefix`` (for ``ftune.packed_attention``'s sdpa only): when the examples open with the same tokens, none of
+    them a target (``shared_prefix_length``), the row holds the first example whole and only the remainder of the
+    others, with their position ids carrying on from the prefix. The labels are the examples' own; each example's
     first row label is -100 (the position before it is another example's), as in the plain layout.
 
     ``use_cache=False`` rides along: with a KV cache object present, transformers' mask builder skips
@@ -76,7 +76,6 @@ class PackCollator:
 
         self.flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
         self.share_prefix = share_prefix
-        self.shared_tokens = 0  # prefix tokens not recomputed, over the batches collated in this process
 
     def __call__(self, features: list[dict]) -> dict:
         prefix = shared_prefix_length(features) if self.share_prefix and len(features) > 1 else 0
@@ -84,7 +83,6 @@ class PackCollator:
             return {**self.flatten(features), "use_cache": False}
         import torch
 
-        self.shared_tokens += prefix * (len(features) - 1)
         first, rest = features[0], features[1:]
         ids, labels = list(first["input_ids"]), [IGNORE_INDEX, *first["labels"][1:]]
         positions = list(range(len(ids)))

@@ -47,7 +47,7 @@ def test_a_shared_prefix_row_holds_every_example_s_targets_once():
     assert row["labels"].tolist() == [[X, X, X, X, 5, 6, X, X, 9, 9, 9, X, 8, 8]]
     padded = PadCollator(0)(features)
     assert (row["labels"][:, 1:] != X).sum() == (padded["labels"][:, 1:] != X).sum()  # the Trainer's token count
-    assert example_tokens(row["position_ids"][0].tolist()) == 6 + 7 + 5 and collator.shared_tokens == 2 * 2
+    assert example_tokens(row["position_ids"][0].tolist()) == 6 + 7 + 5
     assert "attention_mask" not in row and row["use_cache"] is False
 
 
