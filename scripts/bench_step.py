@@ -70,7 +70,7 @@ def main() -> None:
     attention = base.config._attn_implementation
     collate = keeps_labelled_positions(build_collator(model, tokenizer, task=recipe.task, packing=recipe.data.packing).collator)
     collates = {False: collate, True: collate}
-    implementations = {False: base.config._attn_implementation, True: base.config._attn_implementation}
+    implementations = dict.fromkeys((False, True), base.config._attn_implementation)
     if args.compare == "packed-sdpa":
         if base.config._attn_implementation == attention:
             raise SystemExit(f"{args.recipe}: the model's {attention} attention does not take ftune's packed sdpa")
