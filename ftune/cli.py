@@ -111,7 +111,7 @@ def train(
     master_port: int = typer.Option(29500, "--master-port", help="Port of the rendezvous on --master-addr."),
 ) -> None:
     """Fine-tune a model as the recipe says and write a run directory."""
-    from ftune.launch import launch, launched_by_torch
+    from ftune.training.launch import launch, launched_by_torch
     from ftune.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides)  # a recipe error stops here, before any process starts
@@ -120,7 +120,7 @@ def train(
                  *(["--resume"] if resume else []), *(["--force"] if force else [])]
         code = launch(child, nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
         raise typer.Exit(code)
-    from ftune.train import is_main_process, run_training
+    from ftune.training.run import is_main_process, run_training
 
     run = run_training(resolved, overwrite=overwrite, resume=resume, force=force, echo=typer.echo)
     if is_main_process():
@@ -140,8 +140,8 @@ def plan(
     import json
 
     from ftune.hardware import cheap_device, free_memory_mib
-    from ftune.plan import format_plan, plan_recipe
-    from ftune.probe import format_probe, run_probe
+    from ftune.training.plan import format_plan, plan_recipe
+    from ftune.training.probe import format_probe, run_probe
     from ftune.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides)
@@ -172,7 +172,7 @@ def preprocess(recipe: Path = RecipeArg, overrides: List[str] = SetOption) -> No
     from ftune.recipe import load_recipe
 
     resolved = load_recipe(recipe, overrides)
-    from ftune.train import run_preprocess
+    from ftune.training.run import run_preprocess
 
     splits = run_preprocess(resolved, echo=typer.echo)
     typer.echo(f"Cache: {splits.cache_path}")

@@ -7,7 +7,7 @@ beyond its steady pace, less the eager run's own warm-up, with a cold inductor c
 after which compiling has paid for itself, and the largest difference between the two runs' per-step losses.
 ``--warm`` trains a third time, traced afresh by dynamo on the inductor cache the second run filled, as a user's next
 run of the same recipe would, and prints that compile cost too. Dropout is set to 0 so the runs can be compared loss
-for loss. Run it on an idle machine; its figures are ftune.compilation's COMPILE_FIGURES for the
+for loss. Run it on an idle machine; its figures are ftune.training.compilation's COMPILE_FIGURES for the
 precision it trained in.
 
 Usage::
@@ -43,7 +43,7 @@ def main() -> None:
     from ftune.recipe import load_recipe
     from ftune.run_dir import RunDir
     from ftune.runtime import quiet_libraries
-    from ftune.train import build_session, prepare_hardware
+    from ftune.training.run import build_session, prepare_hardware
 
     class StepClock(TrainerCallback):
         def __init__(self):

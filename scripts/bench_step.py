@@ -50,7 +50,7 @@ def main() -> None:
     from ftune.data import build_collator, build_datasets
     from ftune.data.collate import AutoCollator, linear_cost_in_tokens
     from ftune.hardware import resolve_precision
-    from ftune.label_positions import keeps_labelled_positions, loss_at_labelled_positions
+    from ftune.training.label_positions import keeps_labelled_positions, loss_at_labelled_positions
     from ftune.methods import apply_method
     from ftune.methods.lora_forward import addmm_lora_linear
     from ftune.model import load_base_model, load_tokenizer

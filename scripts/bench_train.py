@@ -118,7 +118,7 @@ def run_one(which: str, args) -> dict:
     if which == "c":
         from ftune.methods import load_trained
         from ftune.model import load_base_model
-        from ftune.train import run_training
+        from ftune.training.run import run_training
 
         run = run_training(recipe, overwrite=True, echo=lambda *_: None)
         summary = json.loads(run.summary.read_text())

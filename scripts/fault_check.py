@@ -41,7 +41,7 @@ def install_fault(point: str, step: int) -> None:
     """Patch ftune/transformers so this process SIGKILLs itself at ``point``."""
     import transformers
 
-    import ftune.train as train
+    import ftune.training.run as train
 
     if point == "model_load":
         train.load_base_model = lambda *args, **kwargs: die()

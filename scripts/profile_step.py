@@ -35,7 +35,7 @@ def main() -> None:
     from ftune.recipe import load_recipe
     from ftune.run_dir import RunDir
     from ftune.runtime import quiet_libraries
-    from ftune.train import build_session, prepare_hardware
+    from ftune.training.run import build_session, prepare_hardware
 
     class Window(TrainerCallback):
         """Profile the optimizer steps after the warm-up ones."""

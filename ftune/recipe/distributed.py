@@ -13,12 +13,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from ftune.recipe.methods import Strict
+from ftune.recipe.methods import Strict, method_class
 
 StrategyName = Literal["auto", "ddp", "fsdp", "deepspeed"]
-# peft's prompt-learning methods keep their prompt encoder outside the decoder layers FSDP makes units of; under FSDP2
-# its embedding fails after the first save ("aten.embedding got mixed torch.Tensor and DTensor", measured for each).
-FSDP_UNSUPPORTED_METHODS = frozenset({"prefix", "prompt", "ptuning", "ptuning_v2", "mam"})
 # ZeRO-Offload refuses an optimizer the Trainer built (DeepSpeed raises unless it is its own CPU Adam), so the
 # DeepSpeed config names AdamW and DeepSpeed runs its CPU AdamW: the same update as these, at their settings.
 DEEPSPEED_CPU_ADAM_REPLACES = frozenset({"adamw_torch_fused", "adamw_torch"})
@@ -78,7 +75,7 @@ def distributed_problems(recipe) -> list[str]:
         if section.fsdp.sharding == "hybrid":
             problems.append("distributed.fsdp.sharding: hybrid needs FSDP1, which transformers 5 removed; use full (or "
                             "strategy: deepspeed with zero_stage: 3 across nodes)")
-        if recipe.method.name in FSDP_UNSUPPORTED_METHODS:
+        if not method_class(recipe.method.name).fsdp:
             problems.append(f"distributed.strategy: fsdp does not support method '{recipe.method.name}' (peft's prompt encoder sits "
                             "outside the layers FSDP shards and breaks after the first save); use strategy: ddp, or method: lora or unipelt")
     if strategy == "deepspeed":

@@ -9,6 +9,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict
 from ftune.recipe.tasks import ALL_TASKS
 
 BOTH_BITS = (4, 8)
+# How stage: dpo recovers a method's reference model (``MethodBase.reference``).
+ADAPTER_OFF = "adapter_off"  # the base with the adapter switched off: no second copy of the weights
+BASE_COPY = "base_copy"  # the method changes base weights: a frozen copy of the base, or precomputed log-probs
 COMPLETE_WEIGHTS_HINT = "the run already writes complete weights; export RUN/model directly (ftune export)"
 PROMPT_HINT = "virtual tokens are inputs, not weights; use the run directory directly (ftune eval/generate read it), or pick lora"
 
@@ -32,6 +35,15 @@ class MethodBase(Strict):
     compile_blocker: ClassVar[str] = ""
     needs: ClassVar[str] = ""  # model property the method relies on (short), checked after the model loads
     unmergeable_hint: ClassVar[str] = "use the adapter run directory directly (ftune eval/generate read it)"
+    # DPO's reference model: ADAPTER_OFF, BASE_COPY, or None where switching the method off does not recover the base.
+    reference: ClassVar[str | None] = None
+    trains_base_weights: ClassVar[bool] = False  # the trained tensors are base weights (no separate adapter tensors)
+    # Whether FSDP2 can shard a model this method wrapped (peft's prompt encoders sit outside the layers it shards).
+    fsdp: ClassVar[bool] = True
+    # How ``ftune plan`` sizes the trained tensors (a rule of ftune.training.plan.TRAINABLE_SHAPES) and whether that
+    # rule is exact for this method.
+    plan_rule: ClassVar[str] = "low_rank"
+    plan_exact: ClassVar[bool] = False
 
     def recipe_problems(self, recipe: Any) -> list[str]:
         """Conflicts between this method's settings and the rest of the recipe, each a one-line fix."""

@@ -22,7 +22,7 @@ from ftune.recipe.methods_weights import (
     LoraMethod, OftMethod, VeraMethod,
 )
 
-__all__ = ["CONVERTED_INITS", "METHOD_CLASSES", "MethodBase", "MethodConfig", "Strict", "method_class", "method_names"]
+__all__ = ["CONVERTED_INITS", "METHOD_CLASSES", "MethodBase", "MethodConfig", "Strict", "method_class", "method_names", "with_reference"]
 
 METHOD_CLASSES: tuple[type[MethodBase], ...] = (
     FullMethod, FreezeMethod, BitfitMethod, LoraMethod, AdaloraMethod, Ia3Method, LohaMethod, LokrMethod,
@@ -39,3 +39,8 @@ def method_names() -> list[str]:
 
 def method_class(name: str) -> type[MethodBase]:
     return dict(zip(method_names(), METHOD_CLASSES))[name]
+
+
+def with_reference() -> list[str]:
+    """The methods stage: dpo can train: those whose reference model can be recovered (``MethodBase.reference``)."""
+    return sorted(name for name, cls in zip(method_names(), METHOD_CLASSES) if cls.reference is not None)

@@ -19,6 +19,11 @@ class PromptLearningBase(MethodBase):
 
     mergeable: ClassVar[bool] = False
     unmergeable_hint: ClassVar[str] = PROMPT_HINT
+    # peft's prompt encoder sits outside the decoder layers FSDP makes units of; under FSDP2 its embedding fails after the
+    # first save ("aten.embedding got mixed torch.Tensor and DTensor", measured for each method of this family and MAM).
+    fsdp: ClassVar[bool] = False
+    plan_rule: ClassVar[str] = "virtual_tokens"
+    plan_exact: ClassVar[bool] = True
 
 
 def virtual_tokens_field():
@@ -36,6 +41,7 @@ class PrefixMethod(PromptLearningBase):
     needs: ClassVar[str] = PAST_KV_NEED
 
     compile_blocker: ClassVar[str] = PREFIX_COMPILE_BLOCKER
+    plan_rule: ClassVar[str] = "prefixes"  # exact unless prefix_projection adds its MLP
     name: Literal["prefix"]
     num_virtual_tokens: int = virtual_tokens_field()
     prefix_projection: bool = Field(False, description="Reparameterise the prefixes through a two-layer MLP (more stable, more parameters).")
@@ -72,6 +78,7 @@ class PtuningMethod(PromptLearningBase):
 
     summary: ClassVar[str] = "P-tuning: virtual tokens from an MLP/LSTM prompt encoder"
 
+    plan_exact: ClassVar[bool] = False  # the prompt encoder MLP/LSTM is not sized
     name: Literal["ptuning"]
     num_virtual_tokens: int = virtual_tokens_field()
     encoder: Literal["mlp", "lstm"] = Field("mlp", description="Prompt encoder architecture.")
@@ -94,6 +101,7 @@ class PtuningV2Method(PromptLearningBase):
     needs: ClassVar[str] = PAST_KV_NEED
 
     compile_blocker: ClassVar[str] = PREFIX_COMPILE_BLOCKER
+    plan_rule: ClassVar[str] = "prefixes"
     name: Literal["ptuning_v2"]
     num_virtual_tokens: int = virtual_tokens_field()
 
@@ -141,6 +149,7 @@ class MamMethod(MethodBase):
     needs: ClassVar[str] = "past_key_values, mlp"  # llama family or gpt2: the parallel adapter wraps their mlp block
 
     compile_blocker: ClassVar[str] = PREFIX_COMPILE_BLOCKER
+    fsdp: ClassVar[bool] = False  # its prefixes are peft's prompt encoder, as with method: prefix
     name: Literal["mam"]
     num_virtual_tokens: int = Field(30, gt=0, le=512, description="Prefix length per layer (the paper's l = 30); takes room in the context.")
     prefix_projection: bool = Field(False, description="Reparameterise the prefixes through a two-layer MLP (peft's prefix projection).")

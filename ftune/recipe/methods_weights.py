@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from ftune.recipe.method_base import COMPLETE_WEIGHTS_HINT, TARGETS_HELP, MethodBase, TargetModules
+from ftune.recipe.method_base import ADAPTER_OFF, BASE_COPY, COMPLETE_WEIGHTS_HINT, TARGETS_HELP, MethodBase, TargetModules
 
 
 class FullMethod(MethodBase):
@@ -18,6 +18,10 @@ class FullMethod(MethodBase):
     mergeable: ClassVar[bool] = False
     unmergeable_hint: ClassVar[str] = COMPLETE_WEIGHTS_HINT
 
+    reference: ClassVar[str | None] = BASE_COPY
+    trains_base_weights: ClassVar[bool] = True
+    plan_rule: ClassVar[str] = "all"
+    plan_exact: ClassVar[bool] = True
     name: Literal["full"]
 
 
@@ -30,6 +34,10 @@ class FreezeMethod(MethodBase):
     needs: ClassVar[str] = "numbered layers"
     unmergeable_hint: ClassVar[str] = COMPLETE_WEIGHTS_HINT
 
+    reference: ClassVar[str | None] = BASE_COPY
+    trains_base_weights: ClassVar[bool] = True
+    plan_rule: ClassVar[str] = "top_layers"
+    plan_exact: ClassVar[bool] = True  # but for extra_modules, which the config names without sizes
     name: Literal["freeze"]
     trainable_layers: int | list[int] = Field(
         2, description="N = the top N layers train; a list = these layer indices train (0 = bottom, -1 = top)."
@@ -57,6 +65,10 @@ class BitfitMethod(MethodBase):
     needs: ClassVar[str] = "bias terms"  # BERT, GPT-2, Qwen2 have them; Llama has none
     unmergeable_hint: ClassVar[str] = COMPLETE_WEIGHTS_HINT
 
+    reference: ClassVar[str | None] = BASE_COPY
+    trains_base_weights: ClassVar[bool] = True
+    plan_rule: ClassVar[str] = "biases"
+    plan_exact: ClassVar[bool] = True
     name: Literal["bitfit"]
 
 
@@ -70,6 +82,8 @@ class LoraMethod(MethodBase):
 
     summary: ClassVar[str] = "low-rank adapters; variants rsLoRA, DoRA, PiSSA/OLoRA init"
 
+    reference: ClassVar[str | None] = ADAPTER_OFF
+    plan_exact: ClassVar[bool] = True
     name: Literal["lora"]
     r: int = Field(16, gt=0, le=1024, description="Adapter rank; capacity vs memory, 8-64 typical.")
     alpha: float = Field(32, gt=0, description="Scaling numerator: updates are scaled by alpha/r (alpha/sqrt(r) with rslora).")
@@ -116,6 +130,8 @@ class AdaloraMethod(MethodBase):
 
     summary: ClassVar[str] = "LoRA with adaptive rank allocation (ranks shrink from init_r toward target_r)"
 
+    reference: ClassVar[str | None] = ADAPTER_OFF
+    plan_exact: ClassVar[bool] = True
     name: Literal["adalora"]
     init_r: int = Field(12, gt=0, le=1024, description="Starting rank of every adapted layer.")
     target_r: int = Field(8, gt=0, description="Average rank per layer once the budget is allocated.")
@@ -150,6 +166,8 @@ class Ia3Method(MethodBase):
 
     summary: ClassVar[str] = "(IA)^3: learned rescaling vectors on keys, values and feed-forward"
 
+    reference: ClassVar[str | None] = ADAPTER_OFF
+    plan_rule: ClassVar[str] = "scaling_vectors"
     name: Literal["ia3"]
     target_modules: TargetModules | None = Field(
         None, description="Modules whose outputs (or inputs, for feed-forward ones) are rescaled; null = peft's default for the architecture."
@@ -188,6 +206,9 @@ class LohaMethod(DecomposedUpdateMethod):
     summary: ClassVar[str] = "LoHa: Hadamard product of two low-rank updates"
     quantized_note: ClassVar[str] = "peft's LoHa reads the packed 4-bit weight shape and fails; 8-bit works"
 
+    plan_rule: ClassVar[str] = "low_rank_pair"  # two low-rank factor pairs per update
+    plan_exact: ClassVar[bool] = True
+    reference: ClassVar[str | None] = ADAPTER_OFF
     name: Literal["loha"]
     r: int = Field(8, gt=0, le=1024, description="Rank of each of the two factors.")
 
@@ -209,6 +230,7 @@ class OftMethod(MethodBase):
 
     summary: ClassVar[str] = "OFT: orthogonal (block-diagonal) rotation of weights"
 
+    reference: ClassVar[str | None] = ADAPTER_OFF
     name: Literal["oft"]
     block_size: int = Field(32, gt=0, description="Size of each orthogonal block; must divide every adapted layer's input width.")
     coft: bool = Field(False, description="Constrained OFT: keep the rotation within eps of the identity.")
@@ -223,6 +245,7 @@ class BoftMethod(MethodBase):
 
     summary: ClassVar[str] = "BOFT: butterfly-factorised orthogonal update"
 
+    reference: ClassVar[str | None] = ADAPTER_OFF
     name: Literal["boft"]
     block_size: int = Field(4, ge=0, description="Size of each butterfly block (set block_size or block_num, the other 0).")
     block_num: int = Field(0, ge=0, description="Number of blocks per layer (alternative to block_size).")
@@ -242,6 +265,9 @@ class VeraMethod(MethodBase):
 
     summary: ClassVar[str] = "VeRA: shared frozen random projections, trained scaling vectors"
 
+    reference: ClassVar[str | None] = ADAPTER_OFF
+    plan_rule: ClassVar[str] = "vera"
+    plan_exact: ClassVar[bool] = True
     name: Literal["vera"]
     r: int = Field(256, gt=0, le=8192, description="Rank of the shared random projections (cheap: they are not trained).")
     d_initial: float = Field(0.1, gt=0, description="Initial value of the trained scaling vector d.")

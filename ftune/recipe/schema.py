@@ -15,7 +15,7 @@ from ftune.recipe.data import DataConfig
 from ftune.recipe.distributed import DistributedConfig, distributed_problems
 from ftune.recipe.methods import MethodConfig, Strict, method_class
 from ftune.recipe.paths import HUB_ID, checks_paths, existing_path
-from ftune.recipe.stages import SFT, PreferenceConfig, StageName, stage_problems
+from ftune.recipe.stages import SFT, PreferenceConfig, StageName, liger_stage_blocker, stage_problems
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION, TaskName
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -194,16 +194,25 @@ class Recipe(Strict):
 
     @model_validator(mode="after")
     def _compile_fits(self) -> Recipe:
-        from ftune.compilation import recipe_compile_blocker
-
-        if self.training.compile is True and (blocker := recipe_compile_blocker(self)):
+        if self.training.compile is True and (blocker := self.compile_blocker):
             raise ValueError(f"training.compile: true, but {blocker}; set training.compile: auto or false")
         return self
 
+    @property
+    def compile_blocker(self) -> str | None:
+        """Why this recipe's training cannot be compiled, decided from the recipe alone (``ftune validate`` reports it)."""
+        if blocker := method_class(self.method.name).compile_blocker:
+            return f"method {self.method.name}: {blocker}"
+        if self.training.kernels == "liger":
+            return "training.kernels: liger puts Triton kernels inside the layers (not measured compiled)"
+        if self.quantization.bits:
+            return f"a {self.quantization.bits}-bit bitsandbytes base breaks the graph at every quantized matmul"
+        if self.distributed.strategy in ("fsdp", "deepspeed"):
+            return f"distributed.strategy: {self.distributed.strategy} wraps the layers itself (not measured with compiled layers)"
+        return None
+
     @model_validator(mode="after")
     def _kernels_fit(self) -> Recipe:
-        from ftune.kernels import liger_stage_blocker
-
         if self.training.kernels == "liger" and (blocker := liger_stage_blocker(self.stage)):
             raise ValueError(f"training.kernels: liger, but {blocker}; set training.kernels: auto or none")
         return self

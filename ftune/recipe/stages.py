@@ -13,7 +13,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from ftune.recipe.methods import Strict
+from ftune.recipe.method_base import ADAPTER_OFF
+from ftune.recipe.methods import Strict, method_class, with_reference
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 
 PRETRAIN, SFT, DPO, ORPO, REWARD = "pretrain", "sft", "dpo", "orpo", "reward"
@@ -22,10 +23,15 @@ PREFERENCE_STAGES = frozenset({DPO, ORPO, REWARD})  # stages trained on preferen
 REWARD_LABELS = ["reward"]  # a reward model's single output, as its class name
 # preference keys that only mean something where a reference model exists
 REFERENCE_KEYS = ("loss_type", "precompute_reference")
-# Methods whose reference is the base with the adapter switched off: no second model copy.
-ADAPTER_REFERENCE = frozenset({"lora", "adalora", "ia3", "loha", "lokr", "oft", "boft", "vera"})
-# Methods that change base weights: the reference is a frozen copy of the base, or precomputed log-probs.
-COPY_REFERENCE = frozenset({"full", "freeze", "bitfit"})
+# Stages transformers' own Trainer trains, which applies Liger's patch; the others compute their loss from the logits.
+LIGER_STAGES = frozenset({PRETRAIN, SFT})
+
+
+def liger_stage_blocker(stage: str) -> str | None:
+    """Why a stage cannot train with Liger's kernels (decided from the recipe: ``ftune validate`` reports it)."""
+    if stage in LIGER_STAGES:
+        return None
+    return f"stage {stage} computes its loss from the logits, which Liger's fused cross-entropy never materialises"
 
 
 class PreferenceConfig(Strict):
@@ -75,12 +81,13 @@ def stage_problems(recipe) -> list[str]:
             problems.append("data.labels: a reward model has one output (the score); remove data.labels")
     elif recipe.task != CAUSAL_LM:
         problems.append(f"stage: {stage} tunes a causal LM on preference pairs; set task: causal_lm")
-    if stage == DPO and method not in ADAPTER_REFERENCE | COPY_REFERENCE:
+    reference = method_class(method).reference
+    if stage == DPO and reference is None:
         problems.append(
             f"method '{method}' cannot train stage: {stage} (its reference model cannot be recovered by switching it off); "
-            f"use one of {', '.join(sorted(ADAPTER_REFERENCE | COPY_REFERENCE))}"
+            f"use one of {', '.join(with_reference())}"
         )
-    if stage == DPO and pref.precompute_reference and method in ADAPTER_REFERENCE:
+    if stage == DPO and pref.precompute_reference and reference == ADAPTER_OFF:
         problems.append(
             f"preference.precompute_reference: with method '{method}' the reference is the base with the adapter switched off, "
             "which costs no memory; remove it"

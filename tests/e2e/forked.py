@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PRELOAD = ["torch", "transformers", "transformers.trainer", "peft", "datasets", "accelerate", "ftune.cli", "ftune.train",
+PRELOAD = ["torch", "transformers", "transformers.trainer", "peft", "datasets", "accelerate", "ftune.cli", "ftune.training.run",
            "tests.e2e.forked"]
 _spec = importlib.util.spec_from_file_location("fault_check", REPO / "scripts" / "fault_check.py")
 fault_check = importlib.util.module_from_spec(_spec)  # the fault points, and how a run's outcome is compared

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from ftune.errors import FtuneError
 from ftune.recipe import load_recipe
 from ftune.run_dir import RunDir
-from ftune.train import run_training
+from ftune.training.run import run_training
 from tests.conftest import invoke_ok, recipe_dict, write_recipe
 
 FP32 = {"mixed_precision": "no", "max_steps": 4, "save_steps": 2, "logging_steps": 1}

@@ -13,7 +13,7 @@ import pytest
 from ftune.errors import FtuneError
 from ftune.recipe import load_recipe
 from ftune.run_dir import RunDir
-from ftune.train import run_training
+from ftune.training.run import run_training
 from tests.conftest import invoke_ok
 from tests.e2e.test_distributed import FP32, assert_same_curve, quiet, recipe_for, step_losses, train_on_two_processes
 

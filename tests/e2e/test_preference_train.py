@@ -66,7 +66,7 @@ def test_damaged_pairs_are_named_and_refused_above_the_share():
 def test_reference_from_disabled_adapter_equals_a_reference_copy(dpo_recipe, tiny_llama_dir):
     from ftune.hardware import resolve_precision
     from ftune.model import load_base_model, load_tokenizer
-    from ftune.preference_train import build_dpo_trainer, build_pair_splits
+    from ftune.training.preference import build_dpo_trainer, build_pair_splits
     from ftune.methods import apply_method
     from ftune.recipe import load_recipe
     from ftune.run_dir import prepare_run_dir

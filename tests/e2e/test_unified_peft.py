@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from ftune.cli import app
 from ftune.recipe import load_recipe, method_class
 from ftune.run_dir import RunDir
-from ftune.train import run_training
+from ftune.training.run import run_training
 from tests.e2e.test_train import CrashAfterCheckpoint
 
 runner = CliRunner()
@@ -38,7 +38,7 @@ def test_train_resume_eval_generate_and_merge_refusal(case, make_recipe, tmp_pat
     assert curve[6] < curve[1], curve
 
     recipe_path = make_recipe(method=method, training=TRAINING)
-    monkeypatch.setattr("ftune.train.method_callbacks", lambda *args: [CrashAfterCheckpoint(3)])
+    monkeypatch.setattr("ftune.training.run.method_callbacks", lambda *args: [CrashAfterCheckpoint(3)])
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_training(load_recipe(recipe_path), echo=lambda *_: None)
     monkeypatch.undo()

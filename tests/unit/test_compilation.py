@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from ftune.compilation import COMPILE_FIGURES, PROBE_STEPS, CompileFigures, compile_decoder_layers, decide
+from ftune.training.compilation import COMPILE_FIGURES, PROBE_STEPS, CompileFigures, compile_decoder_layers, decide
 from ftune.data.collate import PackCollator, PadCollator
-from ftune.label_positions import keeps_labelled_positions, loss_at_labelled_positions
+from ftune.training.label_positions import keeps_labelled_positions, loss_at_labelled_positions
 from tests.conftest import invoke_ok
 from tests.unit.test_label_positions import loss_and_grads, lora_model
 
@@ -127,10 +127,10 @@ def test_auto_in_float32_needs_a_longer_run_than_in_bf16():
 
 
 def test_training_compile_true_trains_with_compiled_layers(make_recipe, monkeypatch):
-    import ftune.compilation
+    import ftune.training.compilation
 
     backend = CountingBackend()
-    monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
+    monkeypatch.setattr(ftune.training.compilation, "BACKEND", backend)
     recipe = make_recipe(training={"compile": True, "max_steps": 4})
     result = invoke_ok("train", recipe)
     assert "compile: on (training.compile: true); 2 decoder layers" in result.output
@@ -142,17 +142,17 @@ def test_training_compile_true_trains_with_compiled_layers(make_recipe, monkeypa
 @pytest.fixture
 def free_compiling(monkeypatch):
     """Compiling costs nothing, so auto compiles whenever a step would be saved."""
-    import ftune.compilation
+    import ftune.training.compilation
 
     free = CompileFigures(0.0, 1.2, "test")
-    monkeypatch.setattr(ftune.compilation, "COMPILE_FIGURES", {"bf16": free, "no": free})
+    monkeypatch.setattr(ftune.training.compilation, "COMPILE_FIGURES", {"bf16": free, "no": free})
 
 
 def test_training_compile_auto_probes_then_decides(make_recipe, monkeypatch, free_compiling):
-    import ftune.compilation
+    import ftune.training.compilation
 
     backend = CountingBackend()
-    monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
+    monkeypatch.setattr(ftune.training.compilation, "BACKEND", backend)
     steps = PROBE_STEPS + 3
     result = invoke_ok("train", make_recipe(training={"compile": "auto", "max_steps": steps}))
     assert f"compile: on (auto: {steps - PROBE_STEPS - 1} steps left" in result.output
@@ -160,10 +160,10 @@ def test_training_compile_auto_probes_then_decides(make_recipe, monkeypatch, fre
 
 
 def test_training_compile_auto_skips_a_short_run(make_recipe, monkeypatch):
-    import ftune.compilation
+    import ftune.training.compilation
 
     backend = CountingBackend()
-    monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
+    monkeypatch.setattr(ftune.training.compilation, "BACKEND", backend)
     result = invoke_ok("train", make_recipe(training={"max_steps": 3}))
     assert "compile: off (auto: 3 steps to train, too few to pay for compiling)" in result.output
     assert backend.graphs == 0
@@ -193,10 +193,10 @@ def test_compile_true_with_layer_prefixes_is_refused(make_recipe, name):
 
 
 def test_compile_auto_with_layer_prefixes_trains_eager(make_recipe, monkeypatch, free_compiling):
-    import ftune.compilation
+    import ftune.training.compilation
 
     backend = CountingBackend()
-    monkeypatch.setattr(ftune.compilation, "BACKEND", backend)
+    monkeypatch.setattr(ftune.training.compilation, "BACKEND", backend)
     result = invoke_ok("train", make_recipe(method={"name": "prefix", "num_virtual_tokens": 4}, training={"max_steps": PROBE_STEPS + 3}))
     assert "compile: off (auto: method prefix: its prefixes reach each layer" in result.output
     assert backend.graphs == 0

@@ -87,7 +87,7 @@ def test_validate_prints_the_strategy(tmp_path):
 
 
 def test_strategy_per_process_count():
-    from ftune.distributed import resolve_strategy
+    from ftune.training.distributed import resolve_strategy
     from ftune.recipe.distributed import DistributedConfig
 
     fsdp = DistributedConfig(strategy="fsdp")
@@ -106,7 +106,7 @@ def test_strategy_per_process_count():
 
 def test_generated_configs_are_read_by_accelerate_and_by_the_trainers_deepspeed_resolution(tmp_path):
     from accelerate.commands.config.config_args import load_config_from_file
-    from ftune.distributed import Strategy, accelerate_launch_config, deepspeed_config, fsdp_config
+    from ftune.training.distributed import Strategy, accelerate_launch_config, deepspeed_config, fsdp_config
     from ftune.recipe.distributed import DistributedConfig
 
     section = DistributedConfig(strategy="fsdp", fsdp={"sharding": "grad_op"})
@@ -163,7 +163,7 @@ def test_first_save_check_passes_a_whole_save_and_fails_empty_partial_or_stale_o
     import torch
     from safetensors.torch import load_file, save_file
 
-    from ftune.checkpoints import check_saved_weights
+    from ftune.training.checkpoints import check_saved_weights
 
     whole = tmp_path / "whole"
     tiny_lora.save_pretrained(whole)
@@ -195,7 +195,7 @@ def processes_file(checkpoint, **layout):
 
 
 def test_resume_keeps_the_rows_per_step_or_says_which_counts_can(tmp_path):
-    from ftune.checkpoints import resume_accumulation
+    from ftune.training.checkpoints import resume_accumulation
 
     recipe = load_recipe(recipe_file(tmp_path, training={"batch_size": 2, "gradient_accumulation_steps": 1}))
     ddp = processes_file(tmp_path / "ddp" / "checkpoint-2", world_size=2, batch_size=2, accumulation=1, strategy="ddp")

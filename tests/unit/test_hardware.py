@@ -321,7 +321,7 @@ def test_training_arguments_carry_the_gpu_choices(machine, monkeypatch, make_rec
     import torch
 
     from ftune.run_dir import RunDir
-    from ftune.train import build_training_arguments
+    from ftune.training.run import build_training_arguments
 
     monkeypatch.setattr(hardware, "cheap_affinity_cpus", lambda: 2)
     recipe = load_recipe(make_recipe())

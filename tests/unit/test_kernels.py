@@ -11,16 +11,16 @@ import pytest
 from typer.testing import CliRunner
 
 from ftune.cli import app
-from ftune.kernels import choose_kernels, liger_blocker
+from ftune.training.kernels import choose_kernels, liger_blocker
 from ftune.recipe import load_recipe
 from tests.unit.test_label_positions import ftune_method, lora_model
 
 
 @pytest.fixture
 def liger_installed(monkeypatch):
-    import ftune.kernels
+    import ftune.training.kernels
 
-    monkeypatch.setattr(ftune.kernels, "liger_kernel_installed", lambda: True)
+    monkeypatch.setattr(ftune.training.kernels, "liger_kernel_installed", lambda: True)
 
 
 def test_liger_is_chosen_on_cuda_for_a_supported_family(tiny_llama_dir, liger_installed):
@@ -32,9 +32,9 @@ def test_liger_needs_cuda(tiny_llama_dir, liger_installed):
 
 
 def test_liger_needs_its_package(tiny_llama_dir, monkeypatch):
-    import ftune.kernels
+    import ftune.training.kernels
 
-    monkeypatch.setattr(ftune.kernels, "liger_kernel_installed", lambda: False)
+    monkeypatch.setattr(ftune.training.kernels, "liger_kernel_installed", lambda: False)
     assert "pip install liger-kernel" in liger_blocker(lora_model(tiny_llama_dir), stage="sft", cuda=True)
 
 
@@ -80,9 +80,9 @@ def test_validate_refuses_liger_for_stages_that_need_the_logits(make_recipe, sta
 
 
 def test_choosing_liger_hands_the_loss_to_the_model_and_leaves_the_layers_eager(make_recipe, monkeypatch, tmp_path):
-    import ftune.kernels
+    import ftune.training.kernels
     from ftune.run_dir import RunDir
-    from ftune.train import build_session, prepare_hardware
+    from ftune.training.run import build_session, prepare_hardware
 
     def session(kernels: str):
         recipe = load_recipe(make_recipe(training={"kernels": kernels, "compile": "auto"}), [f"output_dir={tmp_path / kernels}"])
@@ -96,7 +96,7 @@ def test_choosing_liger_hands_the_loss_to_the_model_and_leaves_the_layers_eager(
     assert not plain.args.use_liger_kernel and plain.compute_loss_func is not None
     assert "kernels: none (training.kernels: none)" in plain_log
 
-    monkeypatch.setattr(ftune.kernels, "liger_blocker", lambda *a, **k: None)  # as on a GPU with liger-kernel installed
+    monkeypatch.setattr(ftune.training.kernels, "liger_blocker", lambda *a, **k: None)  # as on a GPU with liger-kernel installed
     liger, liger_log = session("auto")
     assert liger.args.use_liger_kernel  # transformers patches the model with Liger's kernels when training starts
     assert liger.compute_loss_func is None  # the model's own (fused linear cross-entropy) loss, from the labels

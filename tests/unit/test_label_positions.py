@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ftune.data.collate import PackCollator, PadCollator
-from ftune.label_positions import keeps_labelled_positions, labelled_positions, labelled_positions_blocker, loss_at_labelled_positions
+from ftune.training.label_positions import keeps_labelled_positions, labelled_positions, labelled_positions_blocker, loss_at_labelled_positions
 
 
 def features(seed: int = 0) -> list[dict]:

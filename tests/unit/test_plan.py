@@ -9,10 +9,11 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from ftune import hardware, plan
+from ftune import hardware
+from ftune.training import plan
 from ftune.cli import app
 from ftune.errors import FtuneError
-from ftune.plan import build_layout, estimate_memory
+from ftune.training.plan import build_layout, estimate_memory
 from ftune.recipe import load_recipe
 
 runner = CliRunner()
@@ -102,11 +103,11 @@ def test_plan_command_prints_every_component_without_torch(make_recipe):
 
 def fake_free(monkeypatch, mib):
     monkeypatch.setattr(hardware, "free_memory_mib", lambda device: mib)
-    monkeypatch.setattr("ftune.train.free_memory_mib", lambda device: mib)
+    monkeypatch.setattr("ftune.training.run.free_memory_mib", lambda device: mib)
 
 
 def plan_total(path, *overrides):
-    from ftune.plan import plan_recipe
+    from ftune.training.plan import plan_recipe
 
     return plan_recipe(load_recipe(path, list(overrides)), device="cpu").total_mib
 

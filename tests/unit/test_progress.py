@@ -6,7 +6,7 @@ import io
 import json
 from types import SimpleNamespace
 
-from ftune.progress import MetricsCallback
+from ftune.training.progress import MetricsCallback
 
 
 class FakeTerminal(io.StringIO):

@@ -11,21 +11,14 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from ftune.recipe.stages import liger_stage_blocker
+
 # The text families liger-kernel 0.8 patches (its MODEL_TYPE_TO_APPLY_LIGER_FN, vision towers left out).
 LIGER_MODEL_TYPES = frozenset({
     "deepseek_v2", "deepseek_v3", "exaone4", "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text", "glm4", "gpt_oss",
     "granite", "hunyuan_v1_dense", "hunyuan_v1_moe", "llama", "llama4", "llama4_text", "ministral", "mistral", "mixtral",
     "nemotron", "olmo2", "olmo3", "phi3", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "smollm3",
 })
-
-
-def liger_stage_blocker(stage: str) -> str | None:
-    """Why a stage cannot train with Liger's kernels (decided from the recipe: ``ftune validate`` reports it)."""
-    from ftune.recipe.stages import PRETRAIN, SFT
-
-    if stage in (PRETRAIN, SFT):  # transformers' own Trainer, which applies Liger's patch
-        return None
-    return f"stage {stage} computes its loss from the logits, which Liger's fused cross-entropy never materialises"
 
 
 @dataclass(frozen=True)
@@ -44,7 +37,7 @@ LIGER_PATCHED_SUBLAYERS = ("mlp", "input_layernorm", "post_attention_layernorm")
 
 def wrapped_sublayers(model) -> list[str]:
     """The sublayers Liger patches that a method replaced with a module of its own (a parallel adapter's wrapper)."""
-    from ftune.compilation import decoder_layers
+    from ftune.training.compilation import decoder_layers
 
     wrapped = set()
     for layer in decoder_layers(model):

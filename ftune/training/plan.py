@@ -3,7 +3,7 @@
 ``estimate_memory`` reads only the model's ``config.json`` and counts parameters from the
 architecture (decoder LMs of the Llama family, BERT-style encoders), so ``ftune plan`` answers in
 well under a second and ``ftune train`` can refuse a run that cannot fit. The activation
-coefficients were calibrated against ``ftune.probe`` measurements of float32 CPU runs (full
+coefficients were calibrated against ``ftune.training.probe`` measurements of float32 CPU runs (full
 fine-tuning, LoRA, QLoRA).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ftune.errors import FtuneError
-from ftune.recipe import Recipe
+from ftune.recipe import Recipe, method_class
 
 MIB = 2**20
 # Optimizer state bytes per trainable parameter (adafactor is handled per matrix, below).
@@ -120,31 +120,52 @@ def targeted(layout: Layout, targets) -> list[tuple[str, int, int, bool]]:
 
 def trainable_shapes(recipe: Recipe, layout: Layout) -> tuple[list[tuple[int, int]], bool]:
     """Shapes of the trained tensors (a vector is (n, 1)), and whether they only approximate the method."""
-    method, L, H = recipe.method, layout.layers, layout.hidden
-    name = method.name
-    rank = getattr(method, "r", None) or getattr(method, "init_r", None) or 8
-    layer = [(o, i) for _, i, o, _ in layout.linears] + [(o, 1) for _, _, o, bias in layout.linears if bias] + [(layout.layer_norm_params, 1)]
-    if name == "full":
-        return layer * L + [(layout.other_params, 1)], False
-    if name == "freeze":
-        count = method.trainable_layers if isinstance(method.trainable_layers, int) else len(method.trainable_layers)
-        return layer * count, bool(method.extra_modules)  # extra modules are named, not sized, in the config
-    if name == "bitfit":
-        return [(o, 1) for _, _, o, bias in layout.linears if bias] * L + [(layout.other_biases, 1)], False
-    if name in ("prompt", "ptuning"):
-        return [(method.num_virtual_tokens, H)], name == "ptuning"
-    if name in ("prefix", "ptuning_v2"):
-        return [(method.num_virtual_tokens, 2 * L * H)], getattr(method, "prefix_projection", False)
-    lins = targeted(layout, getattr(method, "target_modules", "all-linear"))
-    if name == "ia3":
-        return [(o, 1) for _, _, o, _ in lins] * L, True
-    if name == "vera":
-        return [(o + rank, 1) for _, _, o, _ in lins] * L, False
-    factors = 2 if name == "loha" else 1
-    shapes = [s for _, i, o, _ in lins for s in ((rank, i), (o, rank))] * (L * factors)
+    cls = method_class(recipe.method.name)
+    shapes, exact = TRAINABLE_SHAPES[cls.plan_rule](recipe.method, layout)
+    return shapes, not (cls.plan_exact and exact)
+
+
+def _layer_shapes(layout: Layout) -> list[tuple[int, int]]:
+    return [(o, i) for _, i, o, _ in layout.linears] + [(o, 1) for _, _, o, bias in layout.linears if bias] + [(layout.layer_norm_params, 1)]
+
+
+def _top_layers(method, layout: Layout):
+    count = method.trainable_layers if isinstance(method.trainable_layers, int) else len(method.trainable_layers)
+    return _layer_shapes(layout) * count, not method.extra_modules  # extra modules are named, not sized, in the config
+
+
+def _low_rank(method, layout: Layout, *, factors: int = 1):
+    rank, lins = _rank(method), targeted(layout, getattr(method, "target_modules", "all-linear"))
+    shapes = [s for _, i, o, _ in lins for s in ((rank, i), (o, rank))] * (layout.layers * factors)
     if getattr(method, "use_dora", False):
-        shapes += [(o, 1) for _, _, o, _ in lins] * L
-    return shapes, name not in ("lora", "adalora", "loha")
+        shapes += [(o, 1) for _, _, o, _ in lins] * layout.layers
+    return shapes, True
+
+
+def _rank(method) -> int:
+    return getattr(method, "r", None) or getattr(method, "init_r", None) or 8
+
+
+def _vera(method, layout: Layout):
+    lins = targeted(layout, getattr(method, "target_modules", "all-linear"))
+    return [(o + _rank(method), 1) for _, _, o, _ in lins] * layout.layers, True
+
+
+# ``MethodBase.plan_rule`` -> (method section, layout) -> (shapes, exact as far as the rule goes).
+TRAINABLE_SHAPES = {
+    "all": lambda method, layout: (_layer_shapes(layout) * layout.layers + [(layout.other_params, 1)], True),
+    "top_layers": _top_layers,
+    "biases": lambda method, layout: ([(o, 1) for _, _, o, bias in layout.linears if bias] * layout.layers
+                                      + [(layout.other_biases, 1)], True),
+    "virtual_tokens": lambda method, layout: ([(method.num_virtual_tokens, layout.hidden)], True),
+    "prefixes": lambda method, layout: ([(method.num_virtual_tokens, 2 * layout.layers * layout.hidden)],
+                                        not getattr(method, "prefix_projection", False)),
+    "scaling_vectors": lambda method, layout: ([(o, 1) for _, _, o, _ in targeted(layout, getattr(method, "target_modules", "all-linear"))]
+                                               * layout.layers, True),
+    "vera": _vera,
+    "low_rank": _low_rank,
+    "low_rank_pair": lambda method, layout: _low_rank(method, layout, factors=2),
+}
 
 
 @dataclass
@@ -191,7 +212,7 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu") -> Mem
         if layout.kind == "encoder":
             shapes.append((labels, 1))  # BERT's classifier has a bias; a decoder's score head does not
     trainable = sum(a * b for a, b in shapes)
-    in_weights = recipe.method.name in ("full", "freeze", "bitfit")  # trained tensors are the weights themselves
+    in_weights = method_class(recipe.method.name).trains_base_weights
     master = 4  # trained tensors and their gradients stay float32 (peft upcasts adapters)
     if train.optimizer == "adafactor":
         optimizer = sum((a + b if b > 1 else a) * 4 for a, b in shapes)  # factored second moment, no momentum
@@ -271,8 +292,6 @@ def plan_recipe(recipe: Recipe, *, device: str | None = None) -> MemoryPlan:
 
 def cheapest_fix(recipe: Recipe, config: dict, *, device: str, free_mib: float) -> str | None:
     """The first change that fits, in order of how little it changes the run (same result, same math, other model)."""
-    from ftune.recipe import method_class
-
     train = recipe.training
 
     def fits(**changes) -> tuple[bool, float]:

@@ -52,21 +52,6 @@ BACKEND: Any = "inductor"
 PROBE_STEPS = 3
 
 
-def recipe_compile_blocker(recipe) -> str | None:
-    """Why a recipe's training cannot be compiled, decided from the recipe alone (``ftune validate`` reports it)."""
-    from ftune.recipe.methods import method_class
-
-    if blocker := method_class(recipe.method.name).compile_blocker:
-        return f"method {recipe.method.name}: {blocker}"
-    if recipe.training.kernels == "liger":
-        return "training.kernels: liger puts Triton kernels inside the layers (not measured compiled)"
-    if recipe.quantization.bits:
-        return f"a {recipe.quantization.bits}-bit bitsandbytes base breaks the graph at every quantized matmul"
-    if recipe.distributed.strategy in ("fsdp", "deepspeed"):
-        return f"distributed.strategy: {recipe.distributed.strategy} wraps the layers itself (not measured with compiled layers)"
-    return None
-
-
 def compile_blocker(model) -> str | None:
     """Why the decoder layers of ``model`` cannot be compiled, or None."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -79,7 +64,7 @@ def compile_blocker(model) -> str | None:
 
 
 def decoder_layers(model) -> list:
-    from ftune.distributed import decoder_layer_classes
+    from ftune.training.distributed import decoder_layer_classes
 
     classes = set(decoder_layer_classes(model))
     return [module for module in model.modules() if type(module).__name__ in classes]
@@ -142,7 +127,7 @@ def compile_callback(model, recipe, *, precision: str = "bf16", liger: bool = Fa
     if setting is False:
         return None
     liger_note = "training.kernels: auto chose Liger's Triton kernels, which run inside the layers (not measured compiled)"
-    if blocker := recipe_compile_blocker(recipe) or (liger_note if liger else None) or compile_blocker(model):
+    if blocker := recipe.compile_blocker or (liger_note if liger else None) or compile_blocker(model):
         if setting is True:
             raise FtuneError(f"training.compile: true, but {blocker}; set training.compile: auto or false")
         echo(f"compile: off (auto: {blocker})")

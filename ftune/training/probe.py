@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ftune.plan import MemoryPlan
+from ftune.training.plan import MemoryPlan
 from ftune.recipe import Recipe
 
 
@@ -39,7 +39,7 @@ def run_probe(recipe: Recipe, steps: int, *, echo=print) -> ProbeResult:
     from ftune.hardware import current_rss_mib
     from ftune.run_dir import prepare_run_dir
     from ftune.runtime import quiet_libraries
-    from ftune.train import build_session, peak_memory_mb, prepare_hardware
+    from ftune.training.run import build_session, peak_memory_mb, prepare_hardware
 
     class StepTimer(TrainerCallback):
         def __init__(self):

@@ -18,14 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from ftune import __version__
-from ftune.checkpoints import (
+from ftune.training.checkpoints import (
     checkpoint_marker, disk_errors_explained, is_main_process, logged_train_loss, resume_accumulation, resume_point, train_or_restore, truncate_metrics,
 )
-from ftune.compilation import compile_callback
+from ftune.training.compilation import compile_callback
 from ftune.data import build_collator, build_datasets, data_fingerprint, describe_splits
-from ftune.distributed import trainer_class_for, whole_weights
+from ftune.training.distributed import trainer_class_for, whole_weights
 from ftune.errors import FtuneError
-from ftune.kernels import choose_kernels
+from ftune.training.kernels import choose_kernels
 from ftune.hardware import (
     Precision, Threads, apply_tf32, apply_threads, cheap_affinity_cpus, free_memory_mib, resolve_loader, resolve_precision,
     resolve_tf32, resolve_threads,
@@ -33,7 +33,7 @@ from ftune.hardware import (
 from ftune.methods import apply_method, count_parameters, method_callbacks, save_method_artifact
 from ftune.methods.peft_family import adapted_modules, moe_routers
 from ftune.model import load_base_model, load_tokenizer, resolve_model_source
-from ftune.plan import check_fits
+from ftune.training.plan import check_fits
 from ftune.recipe import Recipe
 from ftune.recipe.stages import PREFERENCE_STAGES, PRETRAIN
 from ftune.recipe.tasks import CAUSAL_LM
@@ -111,7 +111,7 @@ def train_into(recipe: Recipe, launch: Launch, *, overwrite: bool, resume: bool,
 def keep_rows_per_step(recipe: Recipe, checkpoint: Path, *, echo) -> Recipe:
     """The recipe to resume ``checkpoint`` with on this launch's process count: the same rows per optimizer step, by
     gradient accumulation, so the loss curve and the data position continue where they were."""
-    from ftune.distributed import strategy_name, world_size
+    from ftune.training.distributed import strategy_name, world_size
 
     world = world_size()
     accumulation = resume_accumulation(checkpoint, recipe, world_size=world, strategy=strategy_name(recipe.distributed, world))
@@ -133,7 +133,7 @@ class Launch:
 
 def prepare_hardware(recipe: Recipe, *, echo=print) -> Launch:
     """Resolve and apply precision, threads and TF32, saying what was chosen and why."""
-    from ftune.launch import describe_world
+    from ftune.training.launch import describe_world
 
     if (world := describe_world(recipe.distributed)) is not None:
         echo(world)
@@ -166,12 +166,12 @@ def build_session(recipe: Recipe, run: RunDir, *, precision: Precision, echo=pri
     tokenizer = load_tokenizer(recipe.model)
     preference = recipe.stage in PREFERENCE_STAGES
     if preference:
-        from ftune.preference_train import build_pair_splits, build_preference_trainer, describe_pairs
+        from ftune.training.preference import build_pair_splits, build_preference_trainer, describe_pairs
 
         splits = build_pair_splits(recipe, tokenizer)
         echo(describe_pairs(splits))
     elif recipe.stage == PRETRAIN:
-        from ftune.pretrain import build_block_splits, describe_blocks
+        from ftune.training.pretrain import build_block_splits, describe_blocks
 
         splits = build_block_splits(recipe, tokenizer)
         echo(describe_blocks(splits))
@@ -241,7 +241,7 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, pre
     import torch
     from transformers import TrainingArguments
 
-    from ftune.distributed import decoder_layer_classes, resolve_strategy, write_strategy_files
+    from ftune.training.distributed import decoder_layer_classes, resolve_strategy, write_strategy_files
 
     train = recipe.training
     cuda = torch.cuda.is_available()
@@ -294,10 +294,10 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, prec
                   liger: bool = False):
     from transformers import PrinterCallback, Trainer
 
-    from ftune.progress import MetricsCallback
+    from ftune.training.progress import MetricsCallback
 
     if recipe.stage == PRETRAIN:
-        from ftune.pretrain import pretrain_batching
+        from ftune.training.pretrain import pretrain_batching
 
         batching = pretrain_batching(model)
     else:
@@ -307,7 +307,7 @@ def build_trainer(model, tokenizer, splits, recipe: Recipe, run: RunDir, *, prec
     if liger and recipe.task == CAUSAL_LM:
         echo("Loss: Liger's fused linear cross-entropy (the logits are never materialised)")
     elif recipe.task == CAUSAL_LM and recipe.stage != PRETRAIN:  # pretraining labels every token: nothing to skip
-        from ftune.label_positions import keeps_labelled_positions, labelled_positions_blocker, loss_at_labelled_positions
+        from ftune.training.label_positions import keeps_labelled_positions, labelled_positions_blocker, loss_at_labelled_positions
 
         if (blocker := labelled_positions_blocker(model, recipe.method.name)) is None:
             config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from ftune.errors import FtuneError
 from ftune.preference import check_damage, tokenize_pairs
 from ftune.recipe import Recipe
-from ftune.recipe.stages import COPY_REFERENCE, ORPO, REWARD, REWARD_LABELS
+from ftune.recipe.method_base import BASE_COPY
+from ftune.recipe.methods import method_class
+from ftune.recipe.stages import ORPO, REWARD, REWARD_LABELS
 from ftune.recipe.tasks import CAUSAL_LM
 
 
@@ -88,16 +90,17 @@ def build_dpo_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run,
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from ftune.checkpoints import checkpoint_marker
+    from ftune.training.checkpoints import checkpoint_marker
     from ftune.methods import method_callbacks
     from ftune.model import load_base_model
-    from ftune.progress import MetricsCallback
-    from ftune.distributed import trainer_class_for
-    from ftune.train import build_training_arguments
+    from ftune.training.progress import MetricsCallback
+    from ftune.training.distributed import trainer_class_for
+    from ftune.training.run import build_training_arguments
     from trl import DPOConfig
 
     pref = recipe.preference
-    copy_reference = recipe.method.name in COPY_REFERENCE and not pref.precompute_reference
+    base_copy = method_class(recipe.method.name).reference == BASE_COPY
+    copy_reference = base_copy and not pref.precompute_reference
     if copy_reference and ref_model is None:
         ref_model = load_base_model(recipe.model, recipe.quantization, task=recipe.task).eval()
         ref_model.requires_grad_(False)
@@ -117,7 +120,7 @@ def build_dpo_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run,
     )
     drop_reference_adapter(trainer.model)
     trainer.remove_callback(PrinterCallback)
-    reference = ("precomputed log-probs" if pref.precompute_reference else "a frozen copy of the base") if recipe.method.name in COPY_REFERENCE \
+    reference = ("precomputed log-probs" if pref.precompute_reference else "a frozen copy of the base") if base_copy \
         else "the base with the adapter switched off"
     echo(f"DPO: beta {pref.beta}, loss {pref.loss_type}, reference = {reference}")
     return trainer
@@ -158,11 +161,11 @@ def build_reward_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, r
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from ftune.checkpoints import checkpoint_marker
+    from ftune.training.checkpoints import checkpoint_marker
     from ftune.methods import method_callbacks
-    from ftune.progress import MetricsCallback
-    from ftune.distributed import trainer_class_for
-    from ftune.train import build_training_arguments
+    from ftune.training.progress import MetricsCallback
+    from ftune.training.distributed import trainer_class_for
+    from ftune.training.run import build_training_arguments
     from trl import RewardConfig, RewardTrainer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -190,11 +193,11 @@ def build_preference_trainer(model, tokenizer, splits: PairSplits, recipe: Recip
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from ftune.checkpoints import checkpoint_marker
+    from ftune.training.checkpoints import checkpoint_marker
     from ftune.methods import method_callbacks
-    from ftune.progress import MetricsCallback
-    from ftune.distributed import trainer_class_for
-    from ftune.train import build_training_arguments
+    from ftune.training.progress import MetricsCallback
+    from ftune.training.distributed import trainer_class_for
+    from ftune.training.run import build_training_arguments
     quiet_experimental()
     from trl.experimental.orpo import ORPOConfig
 
