@@ -67,32 +67,6 @@ def check_thresholds(metrics: dict, thresholds: dict[str, float]) -> list[str]:
     return failures
 
 
-def response_loss(model, tokenizer, examples: list[dict], batch_size: int) -> float:
-    """Mean cross-entropy over response tokens, weighted by token count (not by batch)."""
-    import torch
-
-    from ftune.data.collate import PadCollator
-    from ftune.data.tokenize import IGNORE_INDEX
-    from ftune.generation import model_device
-    from ftune.parity import reply_logits
-
-    collate = PadCollator(tokenizer.pad_token_id)
-    device = model_device(model)
-    total_loss, total_tokens = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
-        with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits = reply_logits(logits, batch["input_ids"].shape[1]).float()
-        targets = batch["labels"][:, 1:]
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total_loss += losses.item()
-        total_tokens += int((targets != IGNORE_INDEX).sum())
-    return total_loss / max(total_tokens, 1)
-
-
 def tool_prompts(records: list) -> list[tuple[list[dict], list[dict], list[dict] | None]]:
     """(prompt, reference calls, tools) before the first assistant turn that calls a tool, per tool-calling chat."""
     from ftune.data.tools import reference_calls
@@ -136,6 +110,7 @@ def score_tool_calls(model, tokenizer, records: list, recipe) -> tuple[dict, lis
 
 def score_generation(model, tokenizer, records: list, recipe) -> tuple[dict, list[dict]]:
     from ftune.generation import generate_replies, prompt_and_reference
+    from ftune.scoring import response_loss
 
     clock = time.perf_counter()
     chats = [r for r in records if r.kind == "chat"]
@@ -166,25 +141,10 @@ def score_generation(model, tokenizer, records: list, recipe) -> tuple[dict, lis
 
 
 def score_classification(model, tokenizer, examples: list[dict], recipe, label_names: list[str]) -> tuple[dict, list[dict]]:
-    import torch
-
-    from ftune.generation import model_device
+    from ftune.scoring import class_logits
 
     clock = time.perf_counter()
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id  # sequence classifiers find the last token by it
-    device = model_device(model)
-    total_loss, predicted = 0.0, []
-    for start in range(0, len(examples), recipe.evaluation.batch_size):
-        chunk = examples[start : start + recipe.evaluation.batch_size]
-        longest = max(len(e["input_ids"]) for e in chunk)
-        ids = torch.tensor([list(e["input_ids"]) + [tokenizer.pad_token_id] * (longest - len(e["input_ids"])) for e in chunk], device=device)
-        mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (longest - len(e["input_ids"])) for e in chunk], device=device)
-        labels = torch.tensor([int(e["labels"]) for e in chunk], device=device)
-        with torch.no_grad():
-            logits = model(input_ids=ids, attention_mask=mask).logits.float()
-        total_loss += torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        predicted.extend(logits.argmax(-1).tolist())
+    total_loss, predicted = class_logits(model, examples, pad_token_id=tokenizer.pad_token_id, batch_size=recipe.evaluation.batch_size)
     expected = [int(e["labels"]) for e in examples]
     metrics = {
         "loss": total_loss / len(examples),
@@ -258,7 +218,8 @@ LOGP_COLLAPSE = 5.0
 def evaluate_preference(run: RunDir, recipe, records: list, split: str, *, with_base: bool, clock: float, echo=print) -> EvalReport:
     """Preference runs: the tuned policy's implicit reward against its base on held-out pairs (and the base's own
     log-prob ranking with ``--base``); warns when chosen and rejected log-probs both fell sharply."""
-    from ftune.preference import completion_logps, preference_metrics, tokenize_pairs
+    from ftune.data.preference import tokenize_pairs
+    from ftune.scoring import completion_logps, preference_metrics
     from ftune.tuned import load_model
 
     pairs = [r for r in records if r.kind == "preference"]
@@ -292,7 +253,8 @@ def evaluate_preference(run: RunDir, recipe, records: list, split: str, *, with_
 
 def evaluate_reward(run: RunDir, recipe, pairs: list, split: str, *, with_base: bool, clock: float, echo=print) -> EvalReport:
     """Reward runs: pairwise accuracy (score of chosen above rejected) and mean score margin on held-out pairs."""
-    from ftune.preference import reward_metrics, reward_scores, tokenize_pairs
+    from ftune.data.preference import tokenize_pairs
+    from ftune.scoring import reward_metrics, reward_scores
     from ftune.tuned import load_model
 
     results = {}

@@ -74,8 +74,12 @@ def mps_bf16_supported() -> bool:
     return torch.backends.mps.is_macos_or_newer(14, 0)
 
 
+# The CPU features with which oneDNN runs bf16 GEMMs natively; without them bf16 autocast is ~50x slower.
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
 def cpu_native_bf16() -> bool:
-    """True when the CPU has AVX512-BF16 or AMX, where oneDNN runs bf16 GEMMs natively."""
+    """True when the CPU has one of ``NATIVE_BF16_FLAGS``, as torch's oneDNN build sees it (the launch's decision)."""
     import torch
 
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
@@ -91,6 +95,19 @@ def cheap_cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
         if line.startswith("flags"):
             return set(line.partition(":")[2].split())
     return set()
+
+
+def cheap_cpu_native_bf16() -> bool | None:
+    """``cpu_native_bf16`` from /proc/cpuinfo, without torch (None where the flags cannot be read)."""
+    flags = cheap_cpu_flags()
+    return bool(flags & NATIVE_BF16_FLAGS) if flags else None
+
+
+def cheap_autocast_16bit(requested: str, device: str) -> bool:
+    """Whether training will autocast to bf16/fp16, as far as file probes can tell (the launch resolves it exactly)."""
+    if requested != "auto":
+        return requested != "no"
+    return device != "cpu" or bool(cheap_cpu_native_bf16())
 
 
 def cheap_nvidia_gpu_present(driver: Path = Path("/proc/driver/nvidia/gpus")) -> bool:
@@ -181,10 +198,9 @@ def preview_precision(requested: str) -> str:
         return f"{requested} (NVIDIA GPU found; checked at launch)"
     if cheap_is_apple_silicon():
         return f"{requested} (Apple GPU; resolved at launch)"
-    flags = cheap_cpu_flags()
-    if not flags:
+    native = cheap_cpu_native_bf16()
+    if native is None:
         return f"{requested} (resolved at launch from the hardware)"
-    native = bool(flags & {"avx512_bf16", "amx_bf16"})
     if requested == "auto":
         return "auto -> bf16 (CPU has avx512_bf16/amx_bf16)" if native else "auto -> no (CPU has no avx512_bf16/amx_bf16; float32)"
     if requested == "fp16":
@@ -195,6 +211,12 @@ def preview_precision(requested: str) -> str:
 
 
 # --- threads -------------------------------------------------------------------------------------
+
+
+def local_ranks(default: int = 1) -> int:
+    """Processes of this launch on this machine (torchrun's LOCAL_WORLD_SIZE; ``default`` when not launched so): they
+    share its cores and memory."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "") or default)
 
 
 def cheap_affinity_cpus() -> int:
@@ -259,7 +281,7 @@ def resolve_threads(requested: int | None) -> Threads:
     affinity, quota = cheap_affinity_cpus(), cgroup_cpu_limit()
     cpus = affinity if quota is None else max(1, min(affinity, math.floor(quota)))
     reason = f"{affinity} CPUs in the affinity mask" + (f", cgroup quota {quota:g}" if quota is not None else "")
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    ranks = local_ranks()
     if ranks > 1:
         reason += f", shared by {ranks} local processes"
     return Threads(max(1, cpus // ranks), reason)
@@ -421,5 +443,5 @@ def resolve_loader(*, cuda: bool, cpus: int) -> Loader:
     on a GPU, pinned host memory and a few workers keep batches ready while the GPU computes."""
     if not cuda:
         return Loader(pin_memory=False, workers=0)
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    ranks = local_ranks()
     return Loader(pin_memory=True, workers=max(0, min(4, cpus // ranks - 1)))  # one core stays with the training process

@@ -1,6 +1,6 @@
 """What training.compile buys: the same recipe trained eager and with compiled decoder layers, side by side.
 
-Both runs go through ``train.build_session``, the setup ``ftune train`` uses, in one process, one after the other,
+Both runs go through ``training.session.build_session``, the setup ``ftune train`` uses, in one process, one after the other,
 on the same data order and starting weights. A callback times every optimizer step. Printed: the eager and compiled
 steady step times (the median of the second half of the steps), the compile cost (the time the compiled run spent
 beyond its steady pace, less the eager run's own warm-up, with a cold inductor cache), the speedup, the steps
@@ -43,7 +43,7 @@ def main() -> None:
     from ftune.recipe import load_recipe
     from ftune.run_dir import RunDir
     from ftune.runtime import quiet_libraries
-    from ftune.training.run import build_session, prepare_hardware
+    from ftune.training.session import build_session, prepare_hardware
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -76,7 +76,7 @@ def main() -> None:
             run = RunDir(Path(workdir) / "run")
             run.root.mkdir(parents=True)
             clock = StepClock()
-            session = build_session(recipe, run, precision=launch.precision, echo=lambda *_: None, callbacks=(clock,))
+            session = build_session(recipe, run, launch, echo=lambda *_: None, callbacks=(clock,))
             session.trainer.train()
             results[name] = clock
 

@@ -41,12 +41,12 @@ def install_fault(point: str, step: int) -> None:
     """Patch ftune/transformers so this process SIGKILLs itself at ``point``."""
     import transformers
 
-    import ftune.training.run as train
+    import ftune.training.session as session
 
     if point == "model_load":
-        train.load_base_model = lambda *args, **kwargs: die()
+        session.load_base_model = lambda *args, **kwargs: die()
     elif point in ("between_steps", "after_last_step"):
-        build = train.build_trainer
+        build = session.build_trainer
 
         class Kill(transformers.TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
@@ -62,7 +62,7 @@ def install_fault(point: str, step: int) -> None:
             trainer.add_callback(Kill())
             return trainer
 
-        train.build_trainer = with_kill
+        session.build_trainer = with_kill
     elif point == "mid_checkpoint":
         # The Trainer writes trainer_state.json after the weights and optimizer: dying right
         # before it leaves a checkpoint folder that looks plausible but cannot be resumed.

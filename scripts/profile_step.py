@@ -35,7 +35,7 @@ def main() -> None:
     from ftune.recipe import load_recipe
     from ftune.run_dir import RunDir
     from ftune.runtime import quiet_libraries
-    from ftune.training.run import build_session, prepare_hardware
+    from ftune.training.session import build_session, prepare_hardware
 
     class Window(TrainerCallback):
         """Profile the optimizer steps after the warm-up ones."""
@@ -58,7 +58,7 @@ def main() -> None:
         run = RunDir(Path(workdir) / "run")
         run.root.mkdir(parents=True)
         window = Window()
-        session = build_session(recipe, run, precision=launch.precision, echo=lambda *_: None, callbacks=(window,))
+        session = build_session(recipe, run, launch, echo=lambda *_: None, callbacks=(window,))
         session.trainer.train()
     sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     print(f"{args.recipe}: {args.steps} profiled steps after {args.warmup}, precision {launch.precision.mode}")

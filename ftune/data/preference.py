@@ -4,11 +4,20 @@ TRL writes prompt/chosen/rejected as strings or message lists (or only chosen/re
 conversations sharing the prompt turns); LLaMA-Factory writes a ShareGPT history with chosen/rejected
 as single message objects. KTO rows (one completion and a boolean label) are read too, so they can be
 recognised and refused with the reason until a stage trains on them.
+
+A pair is tokenized as prompt ids (the template's generation prompt) plus the chosen and rejected
+completion ids (the rest of the rendered conversation), each piece tokenized without special tokens,
+so a template's BOS/EOS appear exactly once. Pairs that cannot teach anything (both sides the same
+after truncation, an empty side, a prompt that leaves no room for the answer) are damaged: listed with
+file:line and left out; more than ``preference.max_damaged_share`` of them refuses the run.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from ftune.data.turns import MESSAGE_ROLES, SHAREGPT_ROLES, RowError, chat_turns, text_field, with_system
+from ftune.errors import MAX_LISTED_PROBLEMS, FtuneError
 
 
 def response(row: dict, name: str) -> tuple[list[dict] | None, str]:
@@ -78,3 +87,62 @@ def kto_record(row: dict) -> dict:
 def sharegpt_kto_record(row: dict) -> dict:
     messages = with_system(row, chat_turns(row, "conversations", "from", "value", SHAREGPT_ROLES))
     return {"prompt": messages[:-1], "completion": messages[-1]["content"], "label": kto_label(row, "kto_tag")}
+
+
+@dataclass
+class Pairs:
+    rows: list[dict]  # {"prompt_ids", "chosen_ids", "rejected_ids"}
+    damaged: list[str] = field(default_factory=list)  # "file:line: why"
+
+
+def render_pair(tokenizer, record) -> tuple[str, str, str]:
+    """(prompt text, chosen completion text, rejected completion text), each rendered once by the template."""
+    prompt = record.value["prompt"]
+    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    completions = []
+    for side in ("chosen", "rejected"):
+        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": record.value[side]}], tokenize=False)
+        if not full.startswith(prompt_text):
+            raise ValueError("the chat template renders the prompt differently once the answer follows; check data.chat_template")
+        completions.append(full[len(prompt_text):])
+    return prompt_text, *completions
+
+
+def tokenize_pairs(tokenizer, records, *, max_length: int, max_prompt_length: int | None) -> Pairs:
+    pairs = Pairs([])
+    for record in records:
+        try:
+            prompt_text, chosen, rejected = render_pair(tokenizer, record)
+        except ValueError as exc:
+            pairs.damaged.append(f"{record.origin}: {exc}")
+            continue
+        prompt_ids, chosen_ids, rejected_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (prompt_text, chosen, rejected))
+        if max_prompt_length is not None:
+            prompt_ids = prompt_ids[-max_prompt_length:]  # the end of the prompt is what the answer follows
+        room = max_length - len(prompt_ids)
+        why = None
+        if not record.value["chosen"].strip() or not record.value["rejected"].strip():
+            why = "an empty chosen or rejected answer"
+        elif room <= 0:
+            why = f"the prompt alone is {len(prompt_ids)} tokens, data.max_length {max_length} cuts away the whole answer"
+        elif chosen_ids[:room] == rejected_ids[:room]:
+            why = f"chosen and rejected are identical within data.max_length {max_length}"
+        if why:
+            pairs.damaged.append(f"{record.origin}: {why}")
+        else:
+            pairs.rows.append({"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids})
+    return pairs
+
+
+def check_damage(pairs: Pairs, total: int, max_share: float, split: str) -> str | None:
+    """Refuse above ``max_share`` damaged pairs; else a note naming the first ones (None when none)."""
+    if not pairs.damaged:
+        return None
+    share = len(pairs.damaged) / max(total, 1)
+    listed = pairs.damaged[:MAX_LISTED_PROBLEMS]
+    if share > max_share or not pairs.rows:
+        raise FtuneError(
+            *listed, f"{split}: {len(pairs.damaged)} of {total} preference pairs are damaged ({100 * share:.1f}%), above "
+            f"preference.max_damaged_share {max_share}; fix these rows, raise data.max_length, or raise preference.max_damaged_share",
+        )
+    return f"{split}: left out {len(pairs.damaged)} damaged preference pairs, first: {listed[0]}"

@@ -98,13 +98,21 @@ def distributed_problems(recipe) -> list[str]:
     return problems
 
 
+def resolved_strategy(requested: str, world_size: int) -> str:
+    """single, ddp, fsdp or deepspeed: what ``world_size`` processes run for ``distributed.strategy: requested``. Auto is
+    ddp on several processes; on one, every strategy is a plain process (there is nothing to shard or average)."""
+    if world_size <= 1:
+        return "single"
+    return "ddp" if requested == "auto" else requested
+
+
 def describe_strategy(section: DistributedConfig, *, world_size: int | None = None) -> str:
     """One line: the strategy and its settings, as validate and train print it."""
     strategy = section.strategy
     if strategy == "auto":
         if world_size is None:
             return "auto (ddp when launched on several processes, else one process)"
-        strategy = "ddp" if world_size > 1 else "single"
+        strategy = resolved_strategy(strategy, world_size)
     if strategy == "single":
         return "single process"
     if strategy == "ddp":

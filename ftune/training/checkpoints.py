@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ftune.errors import FtuneError
+from ftune.recipe.distributed import resolved_strategy
 from ftune.run_dir import RunDir, mark_checkpoint_complete, write_json_atomic, write_text_atomic
 
 
@@ -55,8 +56,7 @@ class Processes:
         return self.world_size * self.batch_size * self.accumulation
 
 
-def record_processes(checkpoint: Path, args) -> None:
-    strategy = "fsdp" if args.fsdp else "deepspeed" if args.deepspeed else "ddp" if args.world_size > 1 else "single"
+def record_processes(checkpoint: Path, args, strategy: str) -> None:
     write_json_atomic(checkpoint / PROCESSES_FILE, {"world_size": args.world_size, "batch_size": args.per_device_train_batch_size,
                                                     "accumulation": args.gradient_accumulation_steps, "strategy": strategy})
 
@@ -67,8 +67,8 @@ def checkpoint_processes(checkpoint: Path, recipe) -> Processes:
     if record.is_file():
         return Processes(**json.loads(record.read_text()))
     world = len(list(checkpoint.glob("rng_state_*.pth"))) or 1
-    strategy = "fsdp" if any(checkpoint.glob("pytorch_model_fsdp*")) else "deepspeed" if any(checkpoint.glob("global_step*")) else (
-        "ddp" if world > 1 else "single")
+    written = "fsdp" if any(checkpoint.glob("pytorch_model_fsdp*")) else "deepspeed" if any(checkpoint.glob("global_step*")) else "auto"
+    strategy = resolved_strategy(written, world)
     return Processes(world, recipe.training.batch_size, recipe.training.gradient_accumulation_steps, strategy)
 
 
@@ -145,9 +145,10 @@ def largest_save_mb(run: RunDir) -> float:
     return max(sizes, default=0) / 2**20
 
 
-def checkpoint_marker():
-    """A Trainer callback that marks each checkpoint complete once the Trainer has written all of it, and
-    logs the loss at each checkpoint and at the end (what ``logged_train_loss`` needs)."""
+def checkpoint_marker(strategy: str):
+    """A Trainer callback that marks each checkpoint complete once the Trainer has written all of it (with how
+    ``strategy``'s processes split a step), and logs the loss at each checkpoint and at the end (what
+    ``logged_train_loss`` needs)."""
     from transformers import TrainerCallback
 
     class MarkComplete(TrainerCallback):
@@ -161,7 +162,7 @@ def checkpoint_marker():
         def on_save(self, args, state, control, model=None, **kwargs):
             if state.is_world_process_zero:
                 checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                record_processes(checkpoint, args)
+                record_processes(checkpoint, args, strategy)
                 if not self.checked and model is not None:  # the first save of this process: is it loadable and whole?
                     check_saved_weights(checkpoint, model)
                     self.checked = True

@@ -13,7 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ftune.errors import FtuneError
-from ftune.recipe.distributed import DistributedConfig, describe_strategy
+from ftune.hardware import local_ranks
+from ftune.recipe.distributed import DistributedConfig, describe_strategy, resolved_strategy
 
 
 def world_size() -> int:
@@ -33,9 +34,7 @@ class Strategy:
 
 def strategy_name(section: DistributedConfig, world: int) -> str:
     """single, ddp, fsdp or deepspeed: what ``world`` processes run for the recipe's strategy."""
-    if world <= 1:
-        return "single"
-    return "ddp" if section.strategy == "auto" else section.strategy
+    return resolved_strategy(section.strategy, world)
 
 
 def resolve_strategy(section: DistributedConfig, *, world: int | None = None, cuda: bool, wrap_classes: list[str] | None = None,
@@ -129,7 +128,7 @@ def write_strategy_files(run, strategy: Strategy, *, cuda: bool) -> None:
 
 def accelerate_launch_config(strategy: Strategy, *, cuda: bool) -> dict:
     """An ``accelerate launch --config_file`` config for the same strategy and process count."""
-    per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", strategy.world_size) or strategy.world_size)
+    per_machine = local_ranks(default=strategy.world_size)
     config = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": {"ddp": "MULTI_GPU" if cuda else "MULTI_CPU", "fsdp": "FSDP", "deepspeed": "DEEPSPEED"}[strategy.name],
@@ -156,43 +155,6 @@ def accelerate_launch_config(strategy: Strategy, *, cuda: bool) -> dict:
     if strategy.name == "deepspeed":
         config["deepspeed_config"] = {"deepspeed_config_file": "deepspeed.json"}
     return config
-
-
-def trainer_class_for(trainer_class: type, args) -> type:
-    """The Trainer class to build for ``args``: ``trainer_class``, or on CPU under FSDP a subclass that lets accelerate
-    shard on CPU (accelerate only turns FSDP on for accelerator devices, while torch's FSDP2 runs on CPU over gloo)."""
-    import torch
-
-    if torch.cuda.is_available() or not args.fsdp:
-        return trainer_class
-
-    class CpuFsdpTrainer(trainer_class):
-        def create_accelerator_and_postprocess(self):
-            from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-
-            super().create_accelerator_and_postprocess()
-            state = self.accelerator.state
-            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
-            if state.mixed_precision != "no":
-                plugin.set_mixed_precision(state.mixed_precision)
-            state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
-            self.is_fsdp_enabled = True
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            import torch
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-            # accelerate broadcasts rank 0's copy, and over gloo the other ranks leave that broadcast early and hang
-            # the run; every rank reads the (CPU-sized) file itself instead.
-            saved = torch.load(os.path.join(resume_from_checkpoint, "pytorch_model_fsdp.bin"), weights_only=True)
-            set_model_state_dict(model or self.model_wrapped, saved, options=StateDictOptions(full_state_dict=True, strict=False))
-
-        def save_model(self, output_dir=None, _internal_call=False):
-            # accelerate gathers with cpu_offload=True, which on CPU hands back tensors whose storage FSDP has already freed.
-            self._save(output_dir or self.args.output_dir, state_dict=gathered_state_dict(self.model))
-
-    CpuFsdpTrainer.__name__ = CpuFsdpTrainer.__qualname__ = f"CpuFsdp{trainer_class.__name__}"
-    return CpuFsdpTrainer
 
 
 @contextmanager

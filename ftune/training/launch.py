@@ -49,11 +49,11 @@ def launch(child_argv: list[str], **placement) -> int:
 
 def describe_world(section) -> str | None:
     """The line train prints first in a multi-process run: how many processes, and how they share the work."""
-    from ftune.training.distributed import world_size
+    from ftune.hardware import local_ranks
     from ftune.recipe.distributed import describe_strategy
+    from ftune.training.distributed import world_size
 
     world = world_size()
     if world <= 1:
         return None if section.strategy == "auto" else f"processes: 1, distributed.strategy: {section.strategy} has nothing to shard; single process"
-    local = os.environ.get("LOCAL_WORLD_SIZE", "?")
-    return f"processes: world size {world} ({local} on this machine), strategy {describe_strategy(section, world_size=world)}"
+    return f"processes: world size {world} ({local_ranks(default=world)} on this machine), strategy {describe_strategy(section, world_size=world)}"

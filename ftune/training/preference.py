@@ -1,7 +1,8 @@
-"""The preference stages' half of ``ftune train``: pairs in, TRL's DPOTrainer or ORPOTrainer over the recipe's method.
+"""The preference stages (dpo, orpo, reward): pairs in, TRL's DPOTrainer, ORPOTrainer or RewardTrainer over the method.
 
-``train.build_session`` calls ``build_pair_splits`` and ``build_preference_trainer`` in place of the SFT data
-and Trainer; everything around them (run directory, checkpoints, metrics, artifacts) is shared.
+Their rows of ``training.stages`` read pairs with ``build_pair_splits`` and build their Trainer with a
+``dpo_spec`` / ``orpo_spec`` / ``reward_spec``; everything around them (run directory, checkpoints,
+metrics, artifacts, the Trainer builder) is shared with the other stages.
 The reference model: with an adapter method, the base with the adapter switched off (TRL's own
 "ref" adapter copy is removed, so no second set of weights is held); with full/freeze/bitfit, a
 frozen copy of the base, or log-probs precomputed once when ``preference.precompute_reference``.
@@ -14,12 +15,13 @@ import os
 from dataclasses import dataclass, field
 
 from ftune.errors import FtuneError
-from ftune.preference import check_damage, tokenize_pairs
+from ftune.data.preference import check_damage, tokenize_pairs
 from ftune.recipe import Recipe
 from ftune.recipe.method_base import BASE_COPY
 from ftune.recipe.methods import method_class
-from ftune.recipe.stages import ORPO, REWARD, REWARD_LABELS
+from ftune.recipe.stages import REWARD, REWARD_LABELS
 from ftune.recipe.tasks import CAUSAL_LM
+from ftune.training.trainer import TrainerSpec
 
 
 @dataclass
@@ -85,45 +87,33 @@ def drop_reference_adapter(model) -> None:
         model.set_adapter("default")
 
 
-def build_dpo_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run, *, precision, echo=print, callbacks: tuple = (),
-                      ref_model=None):
-    from datasets import Dataset
-    from transformers import PrinterCallback
-
-    from ftune.training.checkpoints import checkpoint_marker
-    from ftune.methods import method_callbacks
-    from ftune.model import load_base_model
-    from ftune.training.progress import MetricsCallback
-    from ftune.training.distributed import trainer_class_for
-    from ftune.training.run import build_training_arguments
+def dpo_spec(model, tokenizer, splits: PairSplits, recipe: Recipe) -> TrainerSpec:
     from trl import DPOConfig
+
+    from ftune.model import load_base_model
 
     pref = recipe.preference
     base_copy = method_class(recipe.method.name).reference == BASE_COPY
-    copy_reference = base_copy and not pref.precompute_reference
-    if copy_reference and ref_model is None:
+    ref_model = None
+    if base_copy and not pref.precompute_reference:
         ref_model = load_base_model(recipe.model, recipe.quantization, task=recipe.task).eval()
         ref_model.requires_grad_(False)
-    args = build_training_arguments(
-        recipe, run, has_eval=bool(splits.eval), precision=precision, model=model, args_class=DPOConfig,
-        beta=pref.beta, loss_type=[pref.loss_type], max_length=recipe.data.max_length,
-        precompute_ref_log_probs=pref.precompute_reference, padding_free=False,
-    )
-    trainer = trainer_class_for(dpo_trainer_class(), args)(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=Dataset.from_list(splits.train),
-        eval_dataset=Dataset.from_list(splits.eval) if splits.eval else None,
-        processing_class=tokenizer,
-        callbacks=[MetricsCallback(run.metrics, echo=echo), checkpoint_marker(), *method_callbacks(model, recipe.method, run), *callbacks],
-    )
-    drop_reference_adapter(trainer.model)
-    trainer.remove_callback(PrinterCallback)
     reference = ("precomputed log-probs" if pref.precompute_reference else "a frozen copy of the base") if base_copy \
         else "the base with the adapter switched off"
-    echo(f"DPO: beta {pref.beta}, loss {pref.loss_type}, reference = {reference}")
-    return trainer
+    return TrainerSpec(
+        dpo_trainer_class(), *pair_datasets(splits), args_class=DPOConfig,
+        options=dict(beta=pref.beta, loss_type=[pref.loss_type], max_length=recipe.data.max_length,
+                     precompute_ref_log_probs=pref.precompute_reference, padding_free=False),
+        trainer_options={"ref_model": ref_model}, after_build=lambda trainer: drop_reference_adapter(trainer.model),
+        notes=(f"DPO: beta {pref.beta}, loss {pref.loss_type}, reference = {reference}",),
+    )
+
+
+def pair_datasets(splits: PairSplits, rows=lambda rows: rows) -> tuple:
+    """The train and eval pairs as datasets (eval None when there is none), each row passed through ``rows`` first."""
+    from datasets import Dataset
+
+    return Dataset.from_list(rows(splits.train)), Dataset.from_list(rows(splits.eval)) if splits.eval else None
 
 
 def quiet_experimental() -> None:
@@ -157,60 +147,23 @@ def reward_rows(rows: list[dict]) -> list[dict]:
     return [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"]} for r in rows]
 
 
-def build_reward_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run, *, precision, echo=print, callbacks: tuple = ()):
-    from datasets import Dataset
-    from transformers import PrinterCallback
-
-    from ftune.training.checkpoints import checkpoint_marker
-    from ftune.methods import method_callbacks
-    from ftune.training.progress import MetricsCallback
-    from ftune.training.distributed import trainer_class_for
-    from ftune.training.run import build_training_arguments
+def reward_spec(model, tokenizer, splits: PairSplits, recipe: Recipe) -> TrainerSpec:
     from trl import RewardConfig, RewardTrainer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.config.pad_token_id = tokenizer.pad_token_id  # the score is read at the last non-pad token
-    args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, model=model, args_class=RewardConfig,
-                                    max_length=recipe.data.max_length)
-    trainer = trainer_class_for(RewardTrainer, args)(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(reward_rows(splits.train)),
-        eval_dataset=Dataset.from_list(reward_rows(splits.eval)) if splits.eval else None,
-        processing_class=tokenizer,
-        callbacks=[MetricsCallback(run.metrics, echo=echo), checkpoint_marker(), *method_callbacks(model, recipe.method, run), *callbacks],
+    return TrainerSpec(
+        RewardTrainer, *pair_datasets(splits, reward_rows), args_class=RewardConfig, options=dict(max_length=recipe.data.max_length),
+        notes=("Reward model: one-output head, pairwise loss -log sigmoid(score(chosen) - score(rejected))",),
     )
-    trainer.remove_callback(PrinterCallback)
-    echo("Reward model: one-output head, pairwise loss -log sigmoid(score(chosen) - score(rejected))")
-    return trainer
 
 
-def build_preference_trainer(model, tokenizer, splits: PairSplits, recipe: Recipe, run, *, precision, echo=print, callbacks: tuple = ()):
-    if recipe.stage == REWARD:
-        return build_reward_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks)
-    if recipe.stage != ORPO:
-        return build_dpo_trainer(model, tokenizer, splits, recipe, run, precision=precision, echo=echo, callbacks=callbacks)
-    from datasets import Dataset
-    from transformers import PrinterCallback
-
-    from ftune.training.checkpoints import checkpoint_marker
-    from ftune.methods import method_callbacks
-    from ftune.training.progress import MetricsCallback
-    from ftune.training.distributed import trainer_class_for
-    from ftune.training.run import build_training_arguments
+def orpo_spec(model, tokenizer, splits: PairSplits, recipe: Recipe) -> TrainerSpec:
     quiet_experimental()
     from trl.experimental.orpo import ORPOConfig
 
-    args = build_training_arguments(recipe, run, has_eval=bool(splits.eval), precision=precision, model=model, args_class=ORPOConfig,
-                                    beta=recipe.preference.beta, max_length=recipe.data.max_length)
-    trainer = trainer_class_for(orpo_trainer_class(), args)(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(splits.train),
-        eval_dataset=Dataset.from_list(splits.eval) if splits.eval else None,
-        processing_class=tokenizer,
-        callbacks=[MetricsCallback(run.metrics, echo=echo), checkpoint_marker(), *method_callbacks(model, recipe.method, run), *callbacks],
+    return TrainerSpec(
+        orpo_trainer_class(), *pair_datasets(splits), args_class=ORPOConfig,
+        options=dict(beta=recipe.preference.beta, max_length=recipe.data.max_length),
+        notes=(f"ORPO: lambda (preference.beta) {recipe.preference.beta}, no reference model",),
     )
-    trainer.remove_callback(PrinterCallback)
-    echo(f"ORPO: lambda (preference.beta) {recipe.preference.beta}, no reference model")
-    return trainer

@@ -63,14 +63,20 @@ class BlockCollator:
         return self.pack(pieces)
 
 
-def pretrain_batching(model):
-    from ftune.data.collate import Batching, packing_blocker
-    from ftune.recipe.tasks import CAUSAL_LM
+def pretrain_spec(model, tokenizer, splits, recipe, *, liger: bool = False):
+    """Full blocks, documents kept apart; every token is a target, so the model's own loss over all positions is it."""
+    from transformers import Trainer
 
-    blocker = packing_blocker(model, CAUSAL_LM)
-    if blocker:
+    from ftune.data.collate import packing_blocker
+    from ftune.recipe.tasks import CAUSAL_LM
+    from ftune.training.trainer import TrainerSpec
+
+    if blocker := packing_blocker(model, CAUSAL_LM):
         raise FtuneError(f"stage: pretrain packs documents into blocks, but {blocker}; use a method and model that support packing")
-    return Batching(BlockCollator(), True, "Batching: full blocks, documents kept apart (position ids restart per document)")
+    loss = ("Loss: Liger's fused linear cross-entropy (the logits are never materialised)",) if liger else ()
+    return TrainerSpec(Trainer, splits.train, splits.eval or None, options={"use_liger_kernel": liger}, collator=BlockCollator(),
+                       counts_example_tokens=True,
+                       notes=("Batching: full blocks, documents kept apart (position ids restart per document)", *loss))
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Probe: train a few real steps of a recipe and measure step time, throughput and peak memory.
 
-``ftune plan --probe N`` runs them through ``train.build_session``, the same setup ``ftune train``
+``ftune plan --probe N`` runs them through ``training.session``, the same setup ``ftune train``
 uses, in a scratch run directory that is deleted afterwards, and projects the whole run's wall time
 from the measured pace. The plan's estimate is printed beside the measurement so the two can be
 compared (``tests/e2e/test_plan_probe.py`` holds them within 15%).
@@ -33,13 +33,13 @@ def run_probe(recipe: Recipe, steps: int, *, echo=print) -> ProbeResult:
     import tempfile
     import time
 
-    import torch
     from transformers import TrainerCallback
 
     from ftune.hardware import current_rss_mib
     from ftune.run_dir import prepare_run_dir
     from ftune.runtime import quiet_libraries
-    from ftune.training.run import build_session, peak_memory_mb, prepare_hardware
+    from ftune.training.report import peak_memory_mb
+    from ftune.training.session import build_session, prepare_hardware
 
     class StepTimer(TrainerCallback):
         def __init__(self):
@@ -61,7 +61,7 @@ def run_probe(recipe: Recipe, steps: int, *, echo=print) -> ProbeResult:
         run = prepare_run_dir(probe, overwrite=True, resume=False)
         baseline = current_rss_mib()
         timer = StepTimer()
-        session = build_session(probe, run, precision=launch.precision, echo=echo, callbacks=(timer,))
+        session = build_session(probe, run, launch, echo=echo, callbacks=(timer,))
         session.trainer.train()
         peak = peak_memory_mb()
         rows = len(session.splits.train)
@@ -81,7 +81,7 @@ def run_probe(recipe: Recipe, steps: int, *, echo=print) -> ProbeResult:
         trainable=session.trainable,
         total_steps=total_steps,
         projected_s=total_steps * step_time,
-        device="cuda" if torch.cuda.is_available() else "cpu",
+        device="cuda" if launch.cuda else "cpu",
     )
 
 

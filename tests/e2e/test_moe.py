@@ -33,7 +33,7 @@ def tiny_mixtral_dir(tmp_path_factory):
 def test_training_loss_includes_the_router_load_balancing_loss(tiny_mixtral_dir, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
-    from ftune.training.run import keep_router_loss
+    from ftune.training.session import keep_router_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_mixtral_dir).eval()
     ids = torch.tensor([[5, 9, 14, 3, 7, 21]])

@@ -34,7 +34,7 @@ def test_pairs_render_through_the_template_once():
     from transformers import AutoTokenizer
 
     from ftune.data.formats import Record
-    from ftune.preference import tokenize_pairs
+    from ftune.data.preference import tokenize_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     record = Record("preference", {"prompt": [{"role": "user", "content": "Say red."}], "chosen": "red", "rejected": "blue"}, "f:1", 0)
@@ -51,7 +51,7 @@ def test_damaged_pairs_are_named_and_refused_above_the_share():
 
     from ftune.data.formats import Record
     from ftune.errors import FtuneError
-    from ftune.preference import check_damage, tokenize_pairs
+    from ftune.data.preference import check_damage, tokenize_pairs
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     good = Record("preference", {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a b", "rejected": "c d"}, "p.jsonl:1", 0)
@@ -66,7 +66,9 @@ def test_damaged_pairs_are_named_and_refused_above_the_share():
 def test_reference_from_disabled_adapter_equals_a_reference_copy(dpo_recipe, tiny_llama_dir):
     from ftune.hardware import resolve_precision
     from ftune.model import load_base_model, load_tokenizer
-    from ftune.training.preference import build_dpo_trainer, build_pair_splits
+    from ftune.training.distributed import Strategy
+    from ftune.training.preference import build_pair_splits, dpo_spec
+    from ftune.training.trainer import build_trainer
     from ftune.methods import apply_method
     from ftune.recipe import load_recipe
     from ftune.run_dir import prepare_run_dir
@@ -86,8 +88,10 @@ def test_reference_from_disabled_adapter_equals_a_reference_copy(dpo_recipe, tin
                 if "lora_B" in name:
                     param.normal_(0, 0.05)
         ref = load_base_model(recipe.model, recipe.quantization).eval() if explicit else None
-        trainer = build_dpo_trainer(model, tokenizer, splits, recipe, run, precision=resolve_precision("no"), echo=lambda *_: None,
-                                    ref_model=ref)
+        spec = dpo_spec(model, tokenizer, splits, recipe)
+        spec.trainer_options["ref_model"] = ref
+        trainer = build_trainer(spec, model, tokenizer, recipe, run, precision=resolve_precision("no"),
+                                strategy=Strategy("single", 1, "single process"), echo=lambda *_: None)
         assert "ref" not in model.peft_config  # no second adapter copy
         batch = trainer.data_collator([splits.train[i] for i in range(4)])
         model.eval()

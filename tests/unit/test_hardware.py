@@ -321,14 +321,17 @@ def test_training_arguments_carry_the_gpu_choices(machine, monkeypatch, make_rec
     import torch
 
     from ftune.run_dir import RunDir
-    from ftune.training.run import build_training_arguments
+    from ftune.training.distributed import Strategy
+    from ftune.training.trainer import build_training_arguments
 
     monkeypatch.setattr(hardware, "cheap_affinity_cpus", lambda: 2)
     recipe = load_recipe(make_recipe())
-    args = build_training_arguments(recipe, RunDir(tmp_path), has_eval=True, precision=hardware.Precision("no", "test"))
+    args = build_training_arguments(recipe, RunDir(tmp_path), has_eval=True, precision=hardware.Precision("no", "test"),
+                                    strategy=Strategy("single", 1, "single process"))
     assert (args.dataloader_pin_memory, args.dataloader_num_workers) == ((True, 1) if torch.cuda.is_available() else (False, 0))
     assert not args.bf16 and not args.fp16
-    args = build_training_arguments(recipe, RunDir(tmp_path), has_eval=True, precision=hardware.Precision("bf16", "test"))
+    args = build_training_arguments(recipe, RunDir(tmp_path), has_eval=True, precision=hardware.Precision("bf16", "test"),
+                                    strategy=Strategy("single", 1, "single process"))
     assert args.bf16 and not args.fp16
 
 

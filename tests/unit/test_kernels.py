@@ -82,14 +82,14 @@ def test_validate_refuses_liger_for_stages_that_need_the_logits(make_recipe, sta
 def test_choosing_liger_hands_the_loss_to_the_model_and_leaves_the_layers_eager(make_recipe, monkeypatch, tmp_path):
     import ftune.training.kernels
     from ftune.run_dir import RunDir
-    from ftune.training.run import build_session, prepare_hardware
+    from ftune.training.session import build_session, prepare_hardware
 
     def session(kernels: str):
         recipe = load_recipe(make_recipe(training={"kernels": kernels, "compile": "auto"}), [f"output_dir={tmp_path / kernels}"])
         run = RunDir(Path(recipe.output_dir))
         run.root.mkdir(parents=True)
         lines = []
-        built = build_session(recipe, run, precision=prepare_hardware(recipe, echo=lambda *_: None).precision, echo=lines.append)
+        built = build_session(recipe, run, prepare_hardware(recipe, echo=lambda *_: None), echo=lines.append)
         return built.trainer, "\n".join(lines)
 
     plain, plain_log = session("none")

@@ -1,0 +1,127 @@
+"""Batched scoring of held-out examples: response loss, class logits, completion log-probs, reward scores.
+
+Every loop here batches its sequences the same way, through ``padded_batches`` (right padding by the data
+pipeline's ``PadCollator``, so scoring sees exactly the layout training saw), and runs the model without
+gradients. ``ftune eval`` reads its numbers from these functions; the metrics built on them are here too
+where they are about scores (preference accuracy and margins), and in ``metrics`` where they compare text.
+The implicit reward of DPO is beta times the policy's summed completion log-prob minus the reference's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ftune.data.collate import PadCollator
+from ftune.data.tokenize import IGNORE_INDEX
+
+
+def padded_batches(model, features: list[dict], *, pad_token_id: int, batch_size: int) -> Iterator[dict]:
+    """``features`` (input_ids, labels: token labels or a class index) as right-padded batches on the model's device."""
+    from ftune.generation import model_device
+
+    collate, device = PadCollator(pad_token_id), model_device(model)
+    for start in range(0, len(features), batch_size):
+        yield {k: v.to(device) for k, v in collate(features[start:start + batch_size]).items()}
+
+
+def response_loss(model, tokenizer, examples: list[dict], batch_size: int) -> float:
+    """Mean cross-entropy over response tokens, weighted by token count (not by batch)."""
+    import torch
+
+    from ftune.parity import reply_logits
+
+    total_loss, total_tokens = 0.0, 0
+    for batch in padded_batches(model, examples, pad_token_id=tokenizer.pad_token_id, batch_size=batch_size):
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = reply_logits(logits, batch["input_ids"].shape[1]).float()
+        targets = batch["labels"][:, 1:]
+        losses = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        total_loss += losses.item()
+        total_tokens += int((targets != IGNORE_INDEX).sum())
+    return total_loss / max(total_tokens, 1)
+
+
+def class_logits(model, examples: list[dict], *, pad_token_id: int, batch_size: int) -> tuple[float, list[int]]:
+    """Summed cross-entropy of a sequence classifier over ``examples`` (integer labels) and its predicted classes."""
+    import torch
+
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = pad_token_id  # sequence classifiers find the last token by it
+    total_loss, predicted = 0.0, []
+    features = [{"input_ids": e["input_ids"], "labels": int(e["labels"])} for e in examples]
+    for batch in padded_batches(model, features, pad_token_id=pad_token_id, batch_size=batch_size):
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        total_loss += torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item()
+        predicted.extend(logits.argmax(-1).tolist())
+    return total_loss, predicted
+
+
+def pair_sequences(rows: list[dict], max_length: int | None, *, label_answers: bool) -> list[dict]:
+    """Each pair's two sides as whole sequences (prompt + answer), truncated like training, chosen before rejected;
+    with ``label_answers`` the answer tokens are the labels (what a log-prob sums over), else the label is 0."""
+    features = []
+    for row in rows:
+        for side in ("chosen_ids", "rejected_ids"):
+            ids = (row["prompt_ids"] + row[side])[:max_length]
+            labels = ([IGNORE_INDEX] * len(row["prompt_ids"]) + row[side])[:max_length] if label_answers else 0
+            features.append({"input_ids": ids, "labels": labels})
+    return features
+
+
+def as_pairs(scores: list[float]) -> list[tuple[float, float]]:
+    return [(scores[i], scores[i + 1]) for i in range(0, len(scores), 2)]
+
+
+def completion_logps(model, rows: list[dict], *, batch_size: int = 8, max_length: int | None = None) -> list[tuple[float, float]]:
+    """(chosen, rejected) summed completion log-probs of each pair under ``model``, truncated like training."""
+    import torch
+
+    model.eval()
+    scores = []
+    features = pair_sequences(rows, max_length, label_answers=True)
+    for batch in padded_batches(model, features, pad_token_id=0, batch_size=batch_size):
+        with torch.no_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        targets = batch["labels"][:, 1:]
+        scored = targets != IGNORE_INDEX
+        logps = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, batch["input_ids"][:, 1:].unsqueeze(-1)).squeeze(-1)
+        scores += (logps * scored).sum(dim=1).tolist()
+    return as_pairs(scores)
+
+
+def reward_scores(model, rows: list[dict], *, pad_token_id: int, batch_size: int = 8,
+                  max_length: int | None = None) -> list[tuple[float, float]]:
+    """(chosen, rejected) scores of each pair under a one-output sequence classifier (a reward model)."""
+    import torch
+
+    model.eval()
+    scores = []
+    features = pair_sequences(rows, max_length, label_answers=False)
+    for batch in padded_batches(model, features, pad_token_id=pad_token_id, batch_size=batch_size):
+        with torch.no_grad():
+            scores += model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float().tolist()
+    return as_pairs(scores)
+
+
+def preference_metrics(policy: list[tuple[float, float]], reference: list[tuple[float, float]], beta: float) -> dict:
+    """Held-out preference accuracy (implicit reward chosen > rejected), mean margin and log-prob means."""
+    n = max(len(policy), 1)
+    margins = [beta * ((pc - rc) - (pr - rr)) for (pc, pr), (rc, rr) in zip(policy, reference)]
+    return {
+        "preference_accuracy": sum(m > 0 for m in margins) / n,
+        "reward_margin": sum(margins) / n,
+        "logprob_accuracy": sum(c > r for c, r in policy) / n,
+        "chosen_logp": sum(c for c, _ in policy) / n,
+        "rejected_logp": sum(r for _, r in policy) / n,
+        "samples": len(policy),
+    }
+
+
+def reward_metrics(scores: list[tuple[float, float]]) -> dict:
+    n = max(len(scores), 1)
+    return {"pairwise_accuracy": sum(c > r for c, r in scores) / n, "reward_margin": sum(c - r for c, r in scores) / n,
+            "samples": len(scores)}
