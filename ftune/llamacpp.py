@@ -44,7 +44,7 @@ def verify_with_llama_cpp(gguf_file: Path, model_dir: Path, prompts: list[list[d
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftune.generation import generate_replies
-    from ftune.hardware import resolve_threads
+    from ftune.resources import resolve_threads
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

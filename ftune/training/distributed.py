@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from ftune.errors import FtuneError
-from ftune.hardware import local_ranks
+from ftune.resources import local_ranks
 from ftune.recipe.distributed import DistributedConfig, describe_strategy, resolved_strategy
 
 

@@ -49,7 +49,7 @@ def launch(child_argv: list[str], **placement) -> int:
 
 def describe_world(section) -> str | None:
     """The line train prints first in a multi-process run: how many processes, and how they share the work."""
-    from ftune.hardware import local_ranks
+    from ftune.resources import local_ranks
     from ftune.recipe.distributed import describe_strategy
     from ftune.training.distributed import world_size
 

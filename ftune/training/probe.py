@@ -35,7 +35,7 @@ def run_probe(recipe: Recipe, steps: int, *, echo=print) -> ProbeResult:
 
     from transformers import TrainerCallback
 
-    from ftune.hardware import current_rss_mib
+    from ftune.resources import current_rss_mib
     from ftune.run_dir import prepare_run_dir
     from ftune.runtime import quiet_libraries
     from ftune.training.report import peak_memory_mb

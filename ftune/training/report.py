@@ -25,7 +25,7 @@ def peak_memory_mb() -> float:
 
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    from ftune.hardware import peak_rss_mib
+    from ftune.resources import peak_rss_mib
 
     return peak_rss_mib()
 

@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from ftune.errors import FtuneError
-from ftune.hardware import free_memory_mib
+from ftune.resources import free_memory_mib
 from ftune.methods import save_method_artifact
 from ftune.model import load_tokenizer
 from ftune.recipe import Recipe

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ftune.hardware import Precision, Threads, apply_tf32, apply_threads, resolve_precision, resolve_tf32, resolve_threads
+from ftune.hardware import Precision, apply_tf32, resolve_precision, resolve_tf32
+from ftune.resources import Threads, apply_threads, resolve_threads
 from ftune.model import load_base_model, load_tokenizer
 from ftune.recipe import Recipe
 from ftune.run_dir import RunDir, save_label_names, write_jsonl_atomic

@@ -15,7 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ftune.hardware import Precision, cheap_affinity_cpus, resolve_loader
+from ftune.hardware import Precision
+from ftune.resources import cheap_affinity_cpus, resolve_loader
 from ftune.methods import method_callbacks
 from ftune.recipe import Recipe
 from ftune.run_dir import RunDir

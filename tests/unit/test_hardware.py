@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ftune import hardware
+from ftune import hardware, resources
 from ftune.cli import app
 from ftune.errors import FtuneError
 from ftune.hardware import resolve_precision
@@ -133,8 +133,8 @@ def test_validate_previews_the_resolution_without_torch(machine, make_recipe, ca
 
 
 def test_validate_previews_threads_with_the_reason(make_recipe, monkeypatch):
-    monkeypatch.setattr("ftune.hardware.cheap_affinity_cpus", lambda: 6)
-    monkeypatch.setattr("ftune.hardware.cgroup_cpu_limit", lambda *args: 2.5)
+    monkeypatch.setattr("ftune.resources.cheap_affinity_cpus", lambda: 6)
+    monkeypatch.setattr("ftune.resources.cgroup_cpu_limit", lambda *args: 2.5)
     result = runner.invoke(app, ["validate", str(make_recipe())])
     assert "# training.threads: 2 (6 CPUs in the affinity mask, cgroup quota 2.5)" in result.stderr.splitlines()
     result = runner.invoke(app, ["validate", str(make_recipe()), "--set", "training.threads=3"])
@@ -193,16 +193,16 @@ def cgroup(tmp_path, files: dict[str, str]):
     ],
 )
 def test_cgroup_quota_is_read_from_v2_and_v1_files(tmp_path, files, cpus):
-    assert hardware.cgroup_cpu_limit(cgroup(tmp_path, files), membership=tmp_path / "no-such-file") == cpus
+    assert resources.cgroup_cpu_limit(cgroup(tmp_path, files), membership=tmp_path / "no-such-file") == cpus
 
 
 def test_the_tightest_quota_of_the_own_cgroup_and_its_ancestors_applies(tmp_path):
     root = cgroup(tmp_path / "fs", {"cpu.max": "max 100000\n", "ci/cpu.max": "400000 100000\n", "ci/job/cpu.max": "max 100000\n"})
     membership = tmp_path / "cgroup"
     membership.write_text("0::/ci/job\n")
-    assert hardware.cgroup_cpu_limit(root, membership) == 4.0
+    assert resources.cgroup_cpu_limit(root, membership) == 4.0
     membership.write_text("0::/\n")
-    assert hardware.cgroup_cpu_limit(root, membership) is None
+    assert resources.cgroup_cpu_limit(root, membership) is None
 
 
 @pytest.mark.parametrize(
@@ -210,21 +210,21 @@ def test_the_tightest_quota_of_the_own_cgroup_and_its_ancestors_applies(tmp_path
     [(2, None, None, 2), (8, 2.0, None, 2), (8, 2.5, None, 2), (4, 0.5, None, 1), (8, None, "2", 4), (1, None, "4", 1)],
 )
 def test_threads_follow_the_cpus_this_process_may_use(monkeypatch, affinity, quota, ranks, expected):
-    monkeypatch.setattr(hardware, "cheap_affinity_cpus", lambda: affinity)
-    monkeypatch.setattr(hardware, "cgroup_cpu_limit", lambda: quota)
+    monkeypatch.setattr(resources, "cheap_affinity_cpus", lambda: affinity)
+    monkeypatch.setattr(resources, "cgroup_cpu_limit", lambda: quota)
     if ranks:
         monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
     else:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    threads = hardware.resolve_threads(None)
+    threads = resources.resolve_threads(None)
     assert threads.count == expected
     assert f"{affinity} CPUs in the affinity mask" in threads.reason
     assert ("cgroup quota" in threads.reason) == (quota is not None)
 
 
 def test_explicit_threads_win_and_must_be_positive(monkeypatch, make_recipe):
-    monkeypatch.setattr(hardware, "cheap_affinity_cpus", lambda: 64)
-    assert hardware.resolve_threads(3) == hardware.Threads(3, "training.threads")
+    monkeypatch.setattr(resources, "cheap_affinity_cpus", lambda: 64)
+    assert resources.resolve_threads(3) == resources.Threads(3, "training.threads")
     assert load_recipe(make_recipe(), ["training.threads=3"]).training.threads == 3
     assert load_recipe(make_recipe()).training.threads is None
     with pytest.raises(FtuneError, match=r"training.threads \(--set\): must be greater than or equal to 1"):
@@ -236,7 +236,7 @@ def test_applied_threads_reach_torch():
 
     before = torch.get_num_threads()
     try:
-        hardware.apply_threads(hardware.Threads(1, "test"))
+        resources.apply_threads(resources.Threads(1, "test"))
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
@@ -313,7 +313,7 @@ def test_dataloader_is_sized_to_the_machine(monkeypatch, cuda, cpus, ranks, expe
         monkeypatch.setenv("LOCAL_WORLD_SIZE", ranks)
     else:
         monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    loader = hardware.resolve_loader(cuda=cuda, cpus=cpus)
+    loader = resources.resolve_loader(cuda=cuda, cpus=cpus)
     assert (loader.pin_memory, loader.workers) == expected
 
 
@@ -324,7 +324,7 @@ def test_training_arguments_carry_the_gpu_choices(machine, monkeypatch, make_rec
     from ftune.training.distributed import Strategy
     from ftune.training.trainer import build_training_arguments
 
-    monkeypatch.setattr(hardware, "cheap_affinity_cpus", lambda: 2)
+    monkeypatch.setattr(resources, "cheap_affinity_cpus", lambda: 2)
     recipe = load_recipe(make_recipe())
     args = build_training_arguments(recipe, RunDir(tmp_path), has_eval=True, precision=hardware.Precision("no", "test"),
                                     strategy=Strategy("single", 1, "single process"))
@@ -347,7 +347,7 @@ def test_the_model_loads_with_the_resolved_attention(machine, tiny_llama_dir):
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
 def test_peak_rss_is_this_process_alone_not_the_parent_that_started_it():
     # Linux carries getrusage's ru_maxrss across exec: a child of a 400 MiB parent would report 400.
-    script = "from ftune.hardware import peak_rss_mib; print(peak_rss_mib())"
+    script = "from ftune.resources import peak_rss_mib; print(peak_rss_mib())"
     parent = bytearray(400 * 2**20)
     parent[:: 4096] = b"x" * len(parent[:: 4096])  # touch every page so it is resident
     child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)

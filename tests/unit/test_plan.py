@@ -9,7 +9,7 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from ftune import hardware
+from ftune import hardware, resources
 from ftune.training import plan
 from ftune.cli import app
 from ftune.errors import FtuneError
@@ -102,7 +102,7 @@ def test_plan_command_prints_every_component_without_torch(make_recipe):
 
 
 def fake_free(monkeypatch, mib):
-    monkeypatch.setattr(hardware, "free_memory_mib", lambda device: mib)
+    monkeypatch.setattr(resources, "free_memory_mib", lambda device: mib)
     monkeypatch.setattr("ftune.training.run.free_memory_mib", lambda device: mib)
 
 
@@ -151,7 +151,7 @@ def test_cgroup_memory_limit_is_read_from_v2_and_v1_files(tmp_path, files, free)
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
-    assert hardware.cgroup_memory_free_mib(tmp_path, membership=tmp_path / "no-such-file") == free
+    assert resources.cgroup_memory_free_mib(tmp_path, membership=tmp_path / "no-such-file") == free
 
 
 def test_cgroup_memory_limit_of_the_own_v1_cgroup(tmp_path):
@@ -161,7 +161,7 @@ def test_cgroup_memory_limit_of_the_own_v1_cgroup(tmp_path):
     (job / "memory.usage_in_bytes").write_text(str(2**30))
     membership = tmp_path / "cgroup"
     membership.write_text("5:cpu,cpuacct:/\n4:memory:/runner/job1\n0::/\n")
-    assert hardware.cgroup_memory_free_mib(tmp_path, membership) == 3 * 1024
+    assert resources.cgroup_memory_free_mib(tmp_path, membership) == 3 * 1024
 
 
 def tiny_bert(tmp_path):
