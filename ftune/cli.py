@@ -355,13 +355,14 @@ def methods() -> None:
 @app.command()
 def models() -> None:
     """Print the model-family matrix: which methods attach, GGUF export, mixture of experts (every cell is tested)."""
-    from ftune.families import MATRIX_COLUMNS, matrix_rows
+    from ftune.families import FAMILIES, MATRIX_COLUMNS, matrix_rows
 
     rows = [MATRIX_COLUMNS, *matrix_rows()]
     widths = [max(len(row[i]) for row in rows) for i in range(len(MATRIX_COLUMNS) - 1)]
     for row in rows:
         typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
-    typer.echo("Encoders (bert, roberta, xlm-roberta, distilbert): classification with every method; sequential adapters.")
+    encoders = ", ".join(model_type for model_type, family in FAMILIES.items() if not family.decoder)
+    typer.echo(f"Encoders ({encoders}): classification with every method; sequential adapters.")
 
 
 def main() -> None:

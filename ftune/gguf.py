@@ -53,18 +53,14 @@ def check_gguf_support(config: Any, quant: str) -> None:
             f"GGUF export does not support model_type {config.model_type!r}; "
             f"supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}"
         )
-    head_dim = getattr(config, "head_dim", None)
-    if config.model_type == "qwen3" and head_dim != 128:
-        # transformers' GGUF loader, which verifies every file, has no key for it and assumes Qwen3's 128.
-        raise UnsupportedExport(f"GGUF export of Qwen3 needs head_dim 128 (every released Qwen3 has it), not {head_dim}")
-    if config.model_type == "gemma2":
-        assumed = {"query_pre_attn_scalar": head_dim, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0}
-        differing = {key: getattr(config, key) for key, value in assumed.items() if getattr(config, key) != value}
-        if differing:
-            # llama.cpp scales queries by 1/sqrt(head_dim); transformers' GGUF loader, which verifies every file,
-            # assumes Gemma 2's usual soft-capping. Gemma-2-2B and 9B have exactly these values, 27B does not.
-            raise UnsupportedExport(f"GGUF export of Gemma 2 needs query_pre_attn_scalar = head_dim ({head_dim}) and soft-capping "
-                                    f"50/30; this model has {differing}")
+    family = FAMILIES[config.model_type]
+    expected = {key: getattr(config, value, None) if isinstance(value, str) else value for key, value in family.gguf_assumes}
+    differing = {key: getattr(config, key, None) for key, value in expected.items() if getattr(config, key, None) != value}
+    if differing:
+        needs = ", ".join(f"{key} = {value} ({expected[key]})" if isinstance(value, str) else f"{key} {value}"
+                          for key, value in family.gguf_assumes)
+        raise UnsupportedExport(f"GGUF export of {family.label} needs {needs} (llama.cpp or transformers' GGUF loader assumes "
+                                f"it); this model has {differing}")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
         raise UnsupportedExport(f"GGUF export supports only default rotary embeddings, not {rope['rope_type']!r}")
@@ -75,6 +71,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
     import gguf
 
     config = model.config
+    family = FAMILIES[config.model_type]
     arch_name, permute_qk = _ARCHITECTURES[config.model_type]
     arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
     heads = config.num_attention_heads
@@ -83,7 +80,7 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
     writer = gguf.GGUFWriter(path, arch_name)
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[quant]])
-    _HYPERPARAMETERS.get(arch_name, _add_rotary_hyperparameters)(writer, config)
+    _hyperparameter_writer(arch)(writer, config)
     writer.add_vocab_size(config.vocab_size)
     _add_tokenizer(writer, tokenizer, config.vocab_size)
     if quant.startswith("q"):
@@ -104,12 +101,12 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
         data = tensor.detach().float().numpy()
         if permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
             data = _permute_for_rope(data, heads if kind == gguf.MODEL_TENSOR.ATTN_Q else kv_heads)
-        if arch_name == "bloom" and kind == gguf.MODEL_TENSOR.ATTN_QKV:
+        if arch == gguf.MODEL_ARCH.BLOOM and kind == gguf.MODEL_TENSOR.ATTN_QKV:
             data = _split_bloom_qkv(data, heads)
         if _stored_transposed(model, hf_name):
             data = data.T.copy()
-        if arch_name == "gemma2" and hf_name.endswith("norm.weight"):
-            data = data + 1  # Gemma scales by (1 + weight); llama.cpp stores the factor itself
+        if family.unit_offset_norm and hf_name.endswith("norm.weight"):
+            data = data + 1
         data, stored = _encode(data, qtype)
         if tensor.dim() > 1 and stored != qtype:
             fallbacks.append(gguf_name)
@@ -185,8 +182,13 @@ def _add_gpt2_hyperparameters(writer: Any, config: Any) -> None:
     writer.add_layer_norm_eps(config.layer_norm_epsilon)
 
 
-_HYPERPARAMETERS = {"bloom": _add_bloom_hyperparameters, "gemma2": _add_gemma2_hyperparameters,
-                    "gpt2": _add_gpt2_hyperparameters}  # the others: _add_rotary_hyperparameters
+def _hyperparameter_writer(arch: Any):
+    """The writer of llama.cpp architecture ``arch``'s hyperparameters (keyed by the gguf package's own names)."""
+    import gguf
+
+    writers = {gguf.MODEL_ARCH.BLOOM: _add_bloom_hyperparameters, gguf.MODEL_ARCH.GEMMA2: _add_gemma2_hyperparameters,
+               gguf.MODEL_ARCH.GPT2: _add_gpt2_hyperparameters}
+    return writers.get(arch, _add_rotary_hyperparameters)
 
 
 def _permute_for_rope(weights: "np.ndarray", n_head: int) -> "np.ndarray":

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ftune.families import CHAT_LAYOUTS
+
 
 @dataclass(frozen=True)
 class TurnLayout:
@@ -31,13 +33,9 @@ class TurnLayout:
         return f"{{{{- range .Messages }}}}{self.before}{{{{ .Role }}}}{self.after}{{{{ .Content }}}}{self.end}{{{{ end }}}}{self.reply_start}"
 
 
-# Qwen2/2.5, SmolLM2 and other ChatML models (their default system prompts are found by probing); Llama 3; Phi-3.
-# (Gemma renames the assistant role and Mistral has no per-role markers: no Go form of this shape.)
-LAYOUTS: dict[str, TurnLayout] = {
-    "chatml": TurnLayout("<|im_start|>", "\n", "<|im_end|>\n", "<|im_start|>assistant\n"),
-    "llama3": TurnLayout("<|start_header_id|>", "<|end_header_id|>\n\n", "<|eot_id|>", "<|start_header_id|>assistant<|end_header_id|>\n\n"),
-    "phi3": TurnLayout("<|", "|>\n", "<|end|>\n", "<|assistant|>\n"),
-}
+# The chat layouts whose turns share one shape (ChatML, whose models' default system prompts are found by probing;
+# Llama 3; Phi-3): the others have no Go form of it.
+LAYOUTS: dict[str, TurnLayout] = {name: TurnLayout(*layout.turn) for name, layout in CHAT_LAYOUTS.items() if layout.turn}
 
 # Plain words on purpose: no template trims or escapes them, so a layout match is exact.
 _PROBE = [

@@ -4,10 +4,10 @@ sequence-classification model). Every method must train them, whatever else it f
 from __future__ import annotations
 
 from ftune.errors import FtuneError
+from ftune.families import FAMILIES
 
-# Top-level module names transformers gives sequence-classification heads (Llama/Qwen/GPT-2: score;
-# BERT/RoBERTa: classifier; DistilBERT adds pre_classifier in front of it).
-CLASSIFICATION_HEADS = ("pre_classifier", "classifier", "score")
+# Any family's head names, whatever the model type: those without a row (ELECTRA) use the same ones.
+CLASSIFICATION_HEADS = tuple(dict.fromkeys(name for family in FAMILIES.values() for name in family.classification_head))
 
 
 def task_head_names(model, task: str) -> list[str]:

@@ -11,14 +11,8 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from ftune.families import LIGER_MODEL_TYPES
 from ftune.recipe.stages import liger_stage_blocker
-
-# The text families liger-kernel 0.8 patches (its MODEL_TYPE_TO_APPLY_LIGER_FN, vision towers left out).
-LIGER_MODEL_TYPES = frozenset({
-    "deepseek_v2", "deepseek_v3", "exaone4", "falcon_h1", "gemma", "gemma2", "gemma3", "gemma3_text", "glm4", "gpt_oss",
-    "granite", "hunyuan_v1_dense", "hunyuan_v1_moe", "llama", "llama4", "llama4_text", "ministral", "mistral", "mixtral",
-    "nemotron", "olmo2", "olmo3", "phi3", "qwen2", "qwen3", "qwen3_moe", "qwen3_next", "smollm3",
-})
 
 
 @dataclass(frozen=True)

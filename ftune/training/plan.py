@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ftune.errors import FtuneError
+from ftune.families import BERT_LAYOUT, DISTILBERT_LAYOUT, FAMILIES
 from ftune.recipe import Recipe, method_class
 
 MIB = 2**20
@@ -81,24 +82,37 @@ def read_model_config(recipe: Recipe) -> dict:
 
 
 def build_layout(config: dict) -> Layout:
+    model_type = config.get("model_type")
+    if model_type in DISTILBERT_LAYOUT:  # BERT's sizes under its own names, and no token types
+        renamed = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "hidden_dim": "intermediate_size", "n_heads": "num_attention_heads"}
+        config = {**config, **{bert: config[own] for own, bert in renamed.items() if own in config}, "type_vocab_size": 0}
     needed = ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size", "num_attention_heads")
     if any(key not in config for key in needed):
-        raise FtuneError(f"ftune plan: cannot lay out model_type '{config.get('model_type')}'; it knows Llama-style decoders and BERT-style encoders")
+        raise FtuneError(f"ftune plan: cannot lay out model_type '{model_type}'; it knows Llama-style decoders and BERT-style encoders")
     hidden, layers = config["hidden_size"], config["num_hidden_layers"]
     intermediate, vocab = config["intermediate_size"], config["vocab_size"]
     heads = config["num_attention_heads"]
-    if config.get("model_type") in ("bert", "roberta", "xlm-roberta", "electra"):
+    if model_type in BERT_LAYOUT or model_type in DISTILBERT_LAYOUT:
+        if model_type in DISTILBERT_LAYOUT:
+            q, k, v, o, up, down = "attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin", "ffn.lin1", "ffn.lin2"
+        else:
+            q, k, v, o, up, down = ("attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+                                    "intermediate.dense", "output.dense")
         linears = (
-            ("attention.self.query", hidden, hidden, True), ("attention.self.key", hidden, hidden, True),
-            ("attention.self.value", hidden, hidden, True), ("attention.output.dense", hidden, hidden, True),
-            ("intermediate.dense", hidden, intermediate, True), ("output.dense", intermediate, hidden, True),
+            (q, hidden, hidden, True), (k, hidden, hidden, True), (v, hidden, hidden, True), (o, hidden, hidden, True),
+            (up, hidden, intermediate, True), (down, intermediate, hidden, True),
         )
-        embeddings = (vocab + config.get("max_position_embeddings", 512) + config.get("type_vocab_size", 2)) * hidden
-        other = embeddings + 2 * hidden + hidden * hidden + hidden  # embedding LayerNorm, pooler
-        return Layout("encoder", hidden, intermediate, hidden, layers, vocab, linears, 4 * hidden, other, layers * 2 * hidden + 2 * hidden)
+        width = config.get("embedding_size") or hidden  # ELECTRA's embeddings can be narrower, projected up to the layers
+        projection = width * hidden + hidden if width != hidden else 0
+        embeddings = (vocab + config.get("max_position_embeddings", 512) + config.get("type_vocab_size", 2)) * width + 2 * width
+        # The hidden x hidden dense under the classifier: BERT's pooler, RoBERTa's and ELECTRA's head, DistilBERT's pre_classifier.
+        other = embeddings + projection + hidden * hidden + hidden
+        biases = layers * 2 * hidden + width + (hidden if projection else 0) + hidden  # LayerNorms, projection, dense
+        return Layout("encoder", hidden, intermediate, hidden, layers, vocab, linears, 4 * hidden, other, biases)
     head_dim = config.get("head_dim") or hidden // heads
     kv = config.get("num_key_value_heads") or heads
-    attn_bias = bool(config.get("attention_bias", config.get("model_type") == "qwen2"))
+    family = FAMILIES.get(model_type)
+    attn_bias = bool(config.get("attention_bias", family is not None and family.qkv_bias))
     mlp_bias = bool(config.get("mlp_bias", False))
     linears = (
         ("self_attn.q_proj", hidden, heads * head_dim, attn_bias), ("self_attn.k_proj", hidden, kv * head_dim, attn_bias),

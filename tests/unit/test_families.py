@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from ftune.errors import FtuneError
 from ftune.data.templates import read_chat_template
-from ftune.families import CHAT_LAYOUTS, FAMILIES, Family
+from ftune.families import BERT_LAYOUT, CHAT_LAYOUTS, DISTILBERT_LAYOUT, FAMILIES, Family
 from ftune.methods import apply_method, load_trained, save_method_artifact
 from tests.conftest import TOKENIZER_DIR
 from tests.unit.test_methods import loader, logits_of, make_batch, method, run_steps
@@ -207,3 +207,78 @@ def test_the_readme_shows_the_same_matrix():
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     for row in [MATRIX_COLUMNS, *matrix_rows()]:
         assert "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" in readme, row  # Markdown escapes
+
+
+NUM_LABELS = 3  # no other dimension of the tiny models below is 3, so the logit projection is the only tensor with it
+
+
+def encoder_config(model_type: str):
+    """A tiny sequence-classification config of an encoder (DistilBERT names its sizes its own way)."""
+    sizes = (dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4) if model_type in DISTILBERT_LAYOUT
+             else dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4))
+    return AutoConfig.for_model(model_type, vocab_size=300, num_labels=NUM_LABELS, **sizes)
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+def test_classification_heads_are_named_as_the_table_says(model_type):
+    from transformers import AutoModelForSequenceClassification
+
+    from ftune.methods.heads import task_head_names
+
+    config = (AutoConfig.for_model(model_type, vocab_size=300, num_labels=NUM_LABELS, pad_token_id=0, bos_token_id=1,
+                                   eos_token_id=2, **sizes(model_type))
+              if FAMILIES[model_type].decoder else encoder_config(model_type))
+    model = AutoModelForSequenceClassification.from_config(config)
+    assert sorted(task_head_names(model, "classification")) == sorted(FAMILIES[model_type].classification_head)
+
+
+@pytest.mark.parametrize("model_type", sorted(BERT_LAYOUT | DISTILBERT_LAYOUT))
+def test_plan_lays_out_every_encoder_the_layout_sets_name(model_type):
+    from transformers import AutoModelForSequenceClassification
+
+    from ftune.training.plan import build_layout
+
+    config = encoder_config(model_type)
+    model = AutoModelForSequenceClassification.from_config(config)
+    layout = build_layout(config.to_dict())
+    layer = {name.split(".layer.0.", 1)[1] for name, module in model.named_modules()
+             if ".layer.0." in name and isinstance(module, torch.nn.Linear)}
+    assert {name for name, *_ in layout.linears} == layer
+    # The plan counts the encoder and the dense under the classifier, not the projection to the labels.
+    counted = {name: p.numel() for name, p in model.named_parameters() if p.shape[0] != NUM_LABELS}
+    assert layout.total_params == sum(counted.values())
+    biases = layout.layers * sum(out for _, _, out, bias in layout.linears if bias) + layout.other_biases
+    assert biases == sum(n for name, n in counted.items() if name.endswith(".bias"))
+
+
+# Spellings of a model type that name something else: llama.cpp calls the byte-level BPE tokenizer model "gpt2".
+NOT_A_MODEL_TYPE = {("gguf.py", "add_tokenizer_model")}  # (file under ftune/, the call whose arguments may spell one)
+
+
+def model_types_spelled_in(package) -> list[str]:
+    """Every string constant in ``package``'s modules (families.py aside) equal to a model type, as file:line: string."""
+    import ast
+
+    from ftune.families import MODEL_TYPES
+
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        module = path.relative_to(package).as_posix()
+        if module == "families.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        allowed = {id(argument) for node in ast.walk(tree)
+                   if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                   and (module, node.func.attr) in NOT_A_MODEL_TYPE for argument in node.args}
+        found += [f"ftune/{module}:{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in MODEL_TYPES
+                  and id(node) not in allowed]
+    return found
+
+
+def test_no_module_but_families_names_a_model_type():
+    """A model type spelled elsewhere is a family fact stated outside the table (or a check the table cannot see)."""
+    from tests.conftest import REPO
+
+    spelled = model_types_spelled_in(REPO / "ftune")
+    assert not spelled, "model types named outside ftune/families.py (state the fact there and read it): " + "; ".join(spelled)
