@@ -75,7 +75,8 @@ def main_options(
 @user_errors
 def validate(recipe: Path = RecipeArg, overrides: List[str] = SetOption, quiet: bool = typer.Option(False, "--quiet", "-q", help="Print nothing on success.")) -> None:
     """Check a recipe (schema and cross-field rules) without loading anything heavy; print the resolved recipe."""
-    from ftune.hardware import preview_precision, resolve_threads
+    from ftune.hardware import preview_precision
+    from ftune.resources import resolve_threads
     from ftune.recipe import load_recipe
     from ftune.run_dir import recipe_yaml
 
@@ -139,7 +140,8 @@ def plan(
     import contextlib
     import json
 
-    from ftune.hardware import cheap_device, free_memory_mib
+    from ftune.hardware import cheap_device
+    from ftune.resources import free_memory_mib
     from ftune.training.plan import format_plan, plan_recipe
     from ftune.training.probe import format_probe, run_probe
     from ftune.recipe import load_recipe

@@ -75,7 +75,13 @@ class QuantizationConfig(Strict):
         return self
 
 
-OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "adafactor", "sgd")
+# Each optimizer ``training.optimizer`` accepts, with the state it keeps in bytes per trained parameter (ftune plan's
+# figure): AdamW's two float32 moments, 8-bit AdamW's two quantized ones, none for plain SGD; None = factored per matrix
+# (Adafactor keeps a row and a column vector per matrix, sized by the plan from the shapes).
+OPTIMIZERS: dict[str, int | None] = {
+    "adamw_torch_fused": 8, "adamw_torch": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "paged_adamw_32bit": 8, "adafactor": None,
+    "sgd": 0,
+}
 
 
 class TrainingConfig(Strict):
@@ -88,7 +94,7 @@ class TrainingConfig(Strict):
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    optimizer: Literal[OPTIMIZERS] = Field(
+    optimizer: Literal[tuple(OPTIMIZERS)] = Field(
         "adamw_torch_fused",
         description="Optimizer. adamw_torch_fused: torch's AdamW as one kernel over all tensors (CPU and GPU); adamw_torch: "
         "the same update tensor by tensor; *_8bit and paged_* use bitsandbytes.",

@@ -10,17 +10,17 @@ fine-tuning, LoRA, QLoRA).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ftune.errors import FtuneError
 from ftune.families import BERT_LAYOUT, DISTILBERT_LAYOUT, FAMILIES
+from ftune.hardware import cheap_autocast_16bit
+from ftune.resources import local_ranks
 from ftune.recipe import Recipe, method_class
+from ftune.recipe.schema import OPTIMIZERS
 
 MIB = 2**20
-# Optimizer state bytes per trainable parameter (adafactor is handled per matrix, below).
-OPTIMIZER_BYTES = {"adamw_torch_fused": 8, "adamw_torch": 8, "paged_adamw_32bit": 8, "adamw_8bit": 2, "paged_adamw_8bit": 2, "sgd": 0}
 # Saved activations per token and layer, in units of hidden (H), intermediate (I) and key/value
 # width (KV), plus logits per token in units of the vocabulary: calibrated on float32 CPU probes.
 ACTIVATIONS = {"decoder": (14, 5, 4), "encoder": (14, 4, 0)}
@@ -209,7 +209,9 @@ class MemoryPlan:
         return {**asdict(self), "total_mib": self.total_mib}
 
 
-def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu") -> MemoryPlan:
+def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precision: str | None = None) -> MemoryPlan:
+    """The plan of ``recipe`` on ``device``; ``precision`` is the launch's autocast mode where it is known (``ftune train``),
+    else what file probes suggest (``ftune plan``)."""
     layout = build_layout(config)
     train, quant = recipe.training, recipe.quantization
     weight_bytes = 4 if recipe.model.dtype in ("float32",) or (recipe.model.dtype == "auto" and device == "cpu") else 2
@@ -228,12 +230,13 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu") -> Mem
     trainable = sum(a * b for a, b in shapes)
     in_weights = method_class(recipe.method.name).trains_base_weights
     master = 4  # trained tensors and their gradients stay float32 (peft upcasts adapters)
-    if train.optimizer == "adafactor":
+    if (state_bytes := OPTIMIZERS[train.optimizer]) is None:
         optimizer = sum((a + b if b > 1 else a) * 4 for a, b in shapes)  # factored second moment, no momentum
     else:
-        optimizer = trainable * OPTIMIZER_BYTES[train.optimizer]
+        optimizer = trainable * state_bytes
     tokens = train.batch_size * recipe.data.max_length
-    act_bytes = 2 if autocast_16bit(train.mixed_precision, device) else 4
+    autocast = cheap_autocast_16bit(train.mixed_precision, device) if precision is None else precision != "no"
+    act_bytes = 2 if autocast else 4
     h, i, kv = ACTIVATIONS[layout.kind]
     per_layer = (h * layout.hidden + i * layout.intermediate + kv * layout.kv_width) * act_bytes
     logits = 0 if recipe.is_classification else LOGIT_COPIES * layout.vocab * 4  # the loss upcasts logits to float32
@@ -266,15 +269,6 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu") -> Mem
     )
 
 
-def autocast_16bit(requested: str, device: str) -> bool:
-    """Whether training will autocast to bf16/fp16, as far as file probes can tell (train resolves it exactly)."""
-    from ftune.hardware import cheap_cpu_flags
-
-    if requested != "auto":
-        return requested != "no"
-    return device != "cpu" or bool(cheap_cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
 def format_plan(recipe: Recipe, plan: MemoryPlan) -> str:
     train = recipe.training
     rows = [
@@ -304,13 +298,13 @@ def plan_recipe(recipe: Recipe, *, device: str | None = None) -> MemoryPlan:
     return estimate_memory(recipe, read_model_config(recipe), device=device or cheap_device())
 
 
-def cheapest_fix(recipe: Recipe, config: dict, *, device: str, free_mib: float) -> str | None:
+def cheapest_fix(recipe: Recipe, config: dict, *, device: str, free_mib: float, precision: str | None = None) -> str | None:
     """The first change that fits, in order of how little it changes the run (same result, same math, other model)."""
     train = recipe.training
 
     def fits(**changes) -> tuple[bool, float]:
         sections = {k: getattr(recipe, k).model_copy(update=v) for k, v in changes.items()}
-        plan = estimate_memory(recipe.model_copy(update=sections), config, device=device)
+        plan = estimate_memory(recipe.model_copy(update=sections), config, device=device, precision=precision)
         return plan.total_mib <= free_mib, plan.total_mib
 
     if not train.gradient_checkpointing and method_class(recipe.method.name).gradient_checkpointing:
@@ -331,22 +325,22 @@ def cheapest_fix(recipe: Recipe, config: dict, *, device: str, free_mib: float) 
     return None
 
 
-def check_fits(recipe: Recipe, *, device: str, free_mib: float | None, echo=print) -> MemoryPlan | None:
+def check_fits(recipe: Recipe, *, device: str, free_mib: float | None, precision: str | None = None, echo=print) -> MemoryPlan | None:
     """Refuse (FtuneError) a run whose plan exceeds the free memory, naming the cheapest fix; None if unknown."""
     if free_mib is None:
         return None
     try:
         config = read_model_config(recipe)
-        plan = estimate_memory(recipe, config, device=device)
+        plan = estimate_memory(recipe, config, device=device, precision=precision)
     except FtuneError as unknown:  # an architecture the planner cannot lay out must still train
         echo(f"memory plan: unavailable ({unknown})")
         return None
     if device == "cpu":
-        free_mib /= int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # local ranks share the host's memory
+        free_mib /= local_ranks()  # local ranks share the host's memory
     echo(f"memory plan: ~{plan.total_mib:,.0f} MiB of {free_mib:,.0f} MiB free ({device})")
     if plan.total_mib <= free_mib:
         return plan
-    fix = cheapest_fix(recipe, config, device=device, free_mib=free_mib)
+    fix = cheapest_fix(recipe, config, device=device, free_mib=free_mib, precision=precision)
     raise FtuneError(
         f"the run needs ~{plan.total_mib:,.0f} MiB but {free_mib:,.0f} MiB is free on {device} (see ftune plan); "
         + (f"cheapest fix: {fix}" if fix else "no single setting fits; use a smaller model or a larger machine")

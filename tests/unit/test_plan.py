@@ -58,6 +58,16 @@ def test_optimizer_states_follow_the_optimizer(make_recipe, tiny_llama_dir, opti
     assert estimate.optimizer_mib == pytest.approx(estimate.trainable * per_param / 2**20)
 
 
+def test_every_optimizer_the_recipe_accepts_has_a_plan(make_recipe, tiny_llama_dir):
+    from typing import get_args
+
+    from ftune.recipe.schema import TrainingConfig
+
+    for optimizer in get_args(TrainingConfig.model_fields["optimizer"].annotation):
+        estimate = estimate_memory(load_recipe(make_recipe(training={"optimizer": optimizer})), config_of(tiny_llama_dir))
+        assert estimate.optimizer_mib >= 0, optimizer
+
+
 def test_adafactor_factors_its_state(make_recipe, tiny_llama_dir):
     config = config_of(tiny_llama_dir)
     adamw = estimate_memory(load_recipe(make_recipe(method={"name": "full"})), config)
