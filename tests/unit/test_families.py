@@ -200,11 +200,11 @@ def test_ftune_models_prints_the_table_and_validate_warns_outside_it(tmp_path, t
     assert result.exit_code == 0 and "warning: model: model_type 'falcon' is not in ftune's tested families" in result.output
 
 
-def test_the_readme_shows_the_same_matrix():
+def test_the_docs_show_the_same_matrix():
     from ftune.families import MATRIX_COLUMNS, matrix_rows
     from tests.conftest import REPO
 
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    readme = (REPO / "docs" / "methods.md").read_text(encoding="utf-8")
     for row in [MATRIX_COLUMNS, *matrix_rows()]:
         assert "| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" in readme, row  # Markdown escapes
 
@@ -236,7 +236,7 @@ def test_classification_heads_are_named_as_the_table_says(model_type):
 def test_plan_lays_out_every_encoder_the_layout_sets_name(model_type):
     from transformers import AutoModelForSequenceClassification
 
-    from ftune.training.plan import build_layout
+    from ftune.training.layout import build_layout
 
     config = encoder_config(model_type)
     model = AutoModelForSequenceClassification.from_config(config)

@@ -9,11 +9,12 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from ftune import hardware, resources
+from ftune import resources
 from ftune.training import plan
 from ftune.cli import app
 from ftune.errors import FtuneError
-from ftune.training.plan import build_layout, estimate_memory
+from ftune.training.layout import build_layout
+from ftune.training.plan import estimate_memory
 from ftune.recipe import load_recipe
 
 runner = CliRunner()

@@ -1,0 +1,136 @@
+"""Commands over a run directory: eval, merge, export, generate and chat."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ftune.cli.app import RunArg, ToolsOption, app, user_errors
+from ftune.gguf import DEFAULT_QUANT, GGUF_QUANTS
+
+
+@app.command("eval")
+@user_errors
+def evaluate(
+    run_dir: Path = RunArg,
+    split: str = typer.Option("eval", "--split", help="'eval' (the recipe's held-out split) or a .jsonl/.json file."),
+    base: bool = typer.Option(False, "--base", help="Also score the untuned base model and print the delta."),
+    max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Score at most N examples."),
+    minimum: List[str] = typer.Option([], "--min", help="Fail (exit 1) if METRIC falls below VALUE, e.g. --min exact_match=0.5."),
+) -> None:
+    """Score the tuned model on held-out data (and the base model beside it with --base)."""
+    from ftune.evaluate import check_thresholds, format_table, parse_thresholds, run_evaluation
+
+    thresholds = parse_thresholds(minimum)
+    report = run_evaluation(run_dir, split=split, with_base=base, max_samples=max_samples, echo=typer.echo)
+    typer.echo(format_table(report))
+    typer.echo(f"Metrics: {report.metrics_file}")
+    failures = check_thresholds(report.tuned, thresholds)
+    for failure in failures:
+        typer.echo(f"below threshold: {failure}", err=True)
+    if failures:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def merge(
+    run_dir: Path = RunArg,
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder to write; default RUN/merged."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Saved weight dtype: float32, bfloat16 or float16; default the recipe's model.dtype."),
+) -> None:
+    """Fold the adapter into the base weights and check the merged model reproduces the adapter model."""
+    from ftune.merge import describe, run_merge
+
+    report = run_merge(run_dir, out=out, dtype=dtype, echo=typer.echo)
+    typer.echo(describe(report))
+    if not report.passed:
+        typer.echo(
+            "error: the merged model strays from the adapter model beyond tolerance; nothing was written "
+            "(if the drift is expected, e.g. with --dtype float16, raise merge.tolerance in the run's recipe.yaml)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    typer.echo(f"Merged model: {report.path} (plain transformers folder; parity report in parity.json)")
+
+
+@app.command()
+@user_errors
+def export(
+    run_dir: Path = RunArg,
+    format: str = typer.Option(..., "--format", help="safetensors or gguf."),
+    quant: Optional[str] = typer.Option(None, "--quant", help=f"GGUF weight type: {', '.join(GGUF_QUANTS)} (default {DEFAULT_QUANT})."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf) or folder (safetensors); default under RUN/export/."),
+    verify: Optional[str] = typer.Option(None, "--verify", help="Also run a GGUF in this runtime and compare its replies: llama.cpp "
+                                         "(needs pip install 'ftune[llamacpp]')."),
+    prompts: int = typer.Option(16, "--prompts", min=1, help="Held-out prompts --verify compares replies on."),
+) -> None:
+    """Write the run's complete weights (merging first if needed) as GGUF or safetensors, verified by reloading."""
+    from ftune.export import MergeParityError, run_export
+
+    try:
+        report = run_export(run_dir, format, quant=quant, out=out, verify=verify, prompts=prompts, echo=typer.echo)
+    except MergeParityError as failed:
+        typer.echo(f"error: cannot export: {failed}; nothing was written", err=True)
+        raise typer.Exit(1) from None
+    size = report.size_bytes / 2**20
+    typer.echo(
+        f"verification: max |logit diff| {report.max_abs_logit_diff:.3g} (tolerance {report.tolerance:.3g}), "
+        f"next-token agreement {100 * report.next_token_agreement:.2f}%, size {size:.1f} MiB"
+    )
+    if report.writer_max_abs_logit_diff is not None:
+        typer.echo(f"file vs the weights rounded as stored: max |logit diff| {report.writer_max_abs_logit_diff:.3g} "
+                   f"(tolerance {report.writer_tolerance:.3g})")
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
+    if report.llama_cpp:
+        checked = report.llama_cpp
+        typer.echo(f"llama.cpp: same reply as transformers on {checked['same_text']:.0%} of {checked['prompts']} prompts "
+                   f"({'required: 100%' if checked['required'] else 'reported for a quantized file'}), same tokens "
+                   f"{checked['same_tokens']:.0%}, stopped on EOS {checked['stopped_rate']:.0%}")
+    if report.modelfile:
+        typer.echo(f"Ollama: ollama create NAME -f {report.modelfile}" + (f" ({report.chat_layout} chat template)" if report.chat_layout else ""))
+    if not report.passed:
+        typer.echo(f"error: {report.path} does not reproduce the model (kept for inspection; do not deploy it)", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"Exported: {report.path}")
+
+
+@app.command()
+@user_errors
+def generate(
+    run_dir: Path = RunArg,
+    prompt: str = typer.Option(..., "--prompt", help="User message to reply to."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Cap on generated tokens."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic); above 0 samples."),
+    merged: bool = typer.Option(False, "--merged", help="Use RUN/merged (from ftune merge) instead of the adapter."),
+    tools: Path = ToolsOption,
+) -> None:
+    """Reply to one prompt with the tuned model, streaming tokens; uses the training chat template and system prompt."""
+    from ftune.data.formats import with_system_prompt
+    from ftune.inference import load_for_generation, offered_tools, stream_reply
+
+    model, tokenizer, recipe = load_for_generation(run_dir, merged=merged)
+    messages = with_system_prompt([{"role": "user", "content": prompt}], recipe.data.system_prompt)
+    stream_reply(model, tokenizer, messages, max_new_tokens=max_new_tokens, temperature=temperature,
+                 tools=offered_tools(tools, recipe, tokenizer))
+
+
+@app.command()
+@user_errors
+def chat(
+    run_dir: Path = RunArg,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Cap on generated tokens per reply."),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, help="0 = greedy (deterministic); above 0 samples."),
+    merged: bool = typer.Option(False, "--merged", help="Use RUN/merged (from ftune merge) instead of the adapter."),
+    tools: Path = ToolsOption,
+) -> None:
+    """Talk to the tuned model: one line per turn, replies stream back; /reset forgets, /exit or Ctrl-D quits."""
+    from ftune.inference import load_for_generation, offered_tools, run_chat
+
+    model, tokenizer, recipe = load_for_generation(run_dir, merged=merged)
+    typer.echo(f"Chatting with {run_dir} (/exit or Ctrl-D quits, /reset starts over)", err=True)
+    run_chat(model, tokenizer, system_prompt=recipe.data.system_prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+             tools=offered_tools(tools, recipe, tokenizer))
