@@ -141,7 +141,23 @@ def test_lifecycle_through_the_cli(trained_run, tmp_path, alpaca_files):
 
     result = invoke("export", run, "--format", "safetensors", "--out", tmp_path / "st")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "st" / "config.json").is_file() and (tmp_path / "st.verify.json").is_file()
+    assert json.loads((tmp_path / "st.verify.json").read_text())["passed"]
+    # The safetensors export holds the merged weights unchanged, computes what the adapter model computes,
+    # and carries the run's tokenizer with its chat template.
+    from safetensors.torch import load_file
+
+    merged_weights = load_file(str(run / "merged" / "model.safetensors"))
+    exported_weights = {k: v for f in sorted((tmp_path / "st").glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+    assert exported_weights.keys() == merged_weights.keys()
+    assert all(torch.equal(exported_weights[k], merged_weights[k]) for k in merged_weights)
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "st").eval()
+    with torch.no_grad():
+        exported_logits = exported(input_ids=torch.tensor([ids])).logits[0]
+    assert exported_logits.dtype == torch.float32 and (exported_logits - reference).abs().max().item() < 1e-5
+    exported_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "st")
+    assert exported_tokenizer.chat_template == tokenizer.chat_template
+    assert exported_tokenizer.apply_chat_template([{"role": "user", "content": "Repeat the word.\n\nmoon"}], add_generation_prompt=True,
+                                                  tokenize=True, return_dict=True)["input_ids"] == ids
 
     # generate streams the same greedy reply the eval generator produces, for the adapter and the merged model.
     from ftune.generation import generate_replies
@@ -369,4 +385,26 @@ def test_full_fine_tune_exports_its_own_weights(tmp_path, tiny_llama_dir, alpaca
     report = run_export(run, "gguf", quant="f32", echo=messages.append)
     assert report.passed and report.max_abs_logit_diff <= report.tolerance
     assert not (run / "merged").exists() and str(run / "model") in messages[0]
-    assert invoke("generate", run, "--prompt", "moon", "--max-new-tokens", "3", "--merged").exit_code == 0
+
+    # The GGUF file computes what the run's trained weights compute, not what the base model computes.
+    from transformers import AutoModelForCausalLM
+
+    from ftune.generation import generate_replies
+    from ftune.run_dir import load_run
+    from ftune.tuned import load_model
+
+    ids = list(range(5, 40))
+    model, tokenizer = load_model(*load_run(run))
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids])).logits[0]
+        exported = AutoModelForCausalLM.from_pretrained(report.path.parent, gguf_file=report.path.name, dtype=torch.float32).eval()
+        gguf_logits = exported(input_ids=torch.tensor([ids])).logits[0]
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()(input_ids=torch.tensor([ids])).logits[0]
+    assert (gguf_logits - reference).abs().max().item() < 1e-5
+    assert (gguf_logits - base_logits).abs().max().item() > 0.1
+
+    # generate --merged uses RUN/model (no merge needed) and replies as the run's model does.
+    expected = generate_replies(model, tokenizer, [[{"role": "user", "content": "moon"}]], max_new_tokens=4, batch_size=1)[0].text
+    result = invoke("generate", run, "--prompt", "moon", "--max-new-tokens", "4", "--merged")
+    assert result.exit_code == 0, result.output
+    assert expected and result.stdout.strip() == expected

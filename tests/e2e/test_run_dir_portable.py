@@ -1,5 +1,5 @@
-"""A finished run directory is self-contained: moved away from its training data, every later stage still works,
-and eval scores exactly the examples training evaluated."""
+"""A finished run directory is self-contained: moved away from its training data, every later stage still works
+and gives what it gave in place, and eval scores exactly the examples training evaluated."""
 
 from __future__ import annotations
 
@@ -13,13 +13,37 @@ from tests.conftest import recipe_dict, write_jsonl, write_recipe
 
 
 
+def run_outputs(run) -> dict:
+    """What eval (3 held-out examples) and generate produce from a run directory."""
+    invoke("eval", run, "--max-samples", "3")
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())["tuned"]
+    return {
+        "metrics": {k: v for k, v in metrics.items() if k != "wall_time_s"},
+        "predictions": (run / "eval" / "predictions.jsonl").read_text(),
+        "reply": invoke("generate", run, "--prompt", "Repeat the word 2 times.\n\nmoon", "--max-new-tokens", "4").stdout,
+    }
+
+
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_moved_run_works_without_its_training_data(method, tmp_path, tiny_llama_dir, alpaca_files):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ftune.run_dir import load_run
+    from ftune.tuned import load_model
+
     data = tmp_path / "data"
     data.mkdir()
     train, held_out = (shutil.copy(f, data / f.name) for f in alpaca_files)
     recipe = recipe_dict(tiny_llama_dir, train, held_out, tmp_path / "run", method={"name": method, **({"r": 4} if method == "lora" else {})})
     invoke("train", write_recipe(tmp_path / "recipe.yaml", recipe))
+    # What the run computes in place, with its training data still there.
+    ids = list(range(5, 40))
+    model, _ = load_model(*load_run(tmp_path / "run"))
+    with torch.no_grad():
+        reference = model(input_ids=torch.tensor([ids])).logits[0]
+    in_place = run_outputs(tmp_path / "run")
+    assert in_place["metrics"]["samples"] == 3 and in_place["reply"].strip()
 
     moved = tmp_path / "elsewhere" / "run"
     moved.parent.mkdir()
@@ -27,14 +51,16 @@ def test_moved_run_works_without_its_training_data(method, tmp_path, tiny_llama_
     shutil.rmtree(data)
     assert str(data) in (moved / "recipe.yaml").read_text()  # the saved recipe still names the old paths
 
-    invoke("eval", moved, "--max-samples", "3")
-    assert json.loads((moved / "eval" / "metrics.json").read_text())["tuned"]["samples"] == 3
+    # Moved away from its data, the run scores the same examples with the same predictions and replies the same.
+    assert run_outputs(moved) == in_place
     if method == "lora":
         invoke("merge", moved)
         assert json.loads((moved / "merged" / "parity.json").read_text())["passed"]
     invoke("export", moved, "--format", "gguf", "--quant", "f32")
-    assert (moved / "export" / "model-f32.gguf").is_file()
-    invoke("generate", moved, "--prompt", "moon", "--max-new-tokens", "2")
+    gguf = moved / "export" / "model-f32.gguf"
+    exported = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (exported(input_ids=torch.tensor([ids])).logits[0] - reference).abs().max().item() < 1e-5
 
 
 def test_eval_loss_matches_training_eval_with_dropped_long_rows(tmp_path, tiny_llama_dir, alpaca_files):
