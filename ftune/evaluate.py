@@ -20,6 +20,8 @@ from typing import Callable
 from ftune.data.heldout import load_heldout, split_file, tokenize_heldout
 from ftune.errors import FtuneError
 from ftune.metrics import TEXT_METRICS, TOOL_METRICS, accuracy, confusion_matrix, macro_f1, tool_call_exact, tool_call_valid
+from ftune.recipe.grpo import GRPO
+from ftune.rewards import reward_scorer
 from ftune.recipe.stages import PREFERENCE_STAGES, REWARD
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 from ftune.run_dir import RunDir, load_run, run_labels, write_json_atomic, write_jsonl_atomic
@@ -191,7 +193,8 @@ def run_evaluation(run_dir, *, split: str = "eval", with_base: bool = False, max
         raise FtuneError(f"--split {split}: no examples to score")
     if recipe.stage in PREFERENCE_STAGES:
         return evaluate_preference(run, recipe, records, split, with_base=with_base, clock=clock, echo=echo)
-    scorer = TASK_SCORERS[recipe.task]
+    scorer = TaskScorer(*reward_scorer(recipe)) if recipe.stage == GRPO else TASK_SCORERS[recipe.task]  # grpo: its rewards
+    with_base = with_base or recipe.stage == GRPO  # a reward means little without the base's beside it
     results = {}
     for label, tuned in (("tuned", True), ("base", False))[: 2 if with_base else 1]:
         model, tokenizer = load_model(run, recipe, tuned=tuned)

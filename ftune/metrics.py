@@ -54,6 +54,43 @@ def rouge_l(prediction: str, reference: str) -> float:
     return _f1(common, len(predicted), len(expected)) if common else 0.0
 
 
+# A number as written in text: optional sign, digits with optional thousands commas, optional decimals or exponent.
+NUMBER = r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)?(?:\.\d+)?(?:[eE][-+]?\d+)?"
+
+
+def last_number(text: str) -> float | None:
+    import re
+
+    found = [m for m in re.findall(NUMBER, text) if any(c.isdigit() for c in m)]
+    return float(found[-1].replace(",", "")) if found else None
+
+
+def numeric_match(prediction: str, reference: str) -> float:
+    """1 when the last number in the prediction equals the reference's last number (so "The answer is 42." matches "42";
+    1e-9 relative tolerance for decimals), 0 when either has none."""
+    predicted, expected = last_number(prediction), last_number(reference)
+    if predicted is None or expected is None:
+        return 0.0
+    return float(abs(predicted - expected) <= 1e-9 * max(abs(expected), 1.0))
+
+
+def valid_json(prediction: str) -> float:
+    import json
+
+    try:
+        json.loads(prediction)
+    except ValueError:
+        return 0.0
+    return 1.0
+
+
+def regex_match(prediction: str, pattern: str) -> float:
+    """1 when the whole stripped prediction matches ``pattern``."""
+    import re
+
+    return float(re.fullmatch(pattern, prediction.strip(), flags=re.DOTALL) is not None)
+
+
 TEXT_METRICS: dict[str, Callable[[str, str], float]] = {"exact_match": exact_match, "token_f1": token_f1, "rouge_l": rouge_l}
 
 

@@ -1,4 +1,5 @@
-"""Batched scoring of held-out examples: response loss, class logits, completion log-probs, reward scores.
+"""Batched scoring of held-out examples: response loss, class logits, completion log-probs, reward scores (of pairs and of
+single sequences, which GRPO's learned reward reads).
 
 Every loop here batches its sequences the same way, through ``padded_batches`` (right padding by the data
 pipeline's ``PadCollator``, so scoring sees exactly the layout training saw), and runs the model without
@@ -96,15 +97,21 @@ def completion_logps(model, rows: list[dict], *, batch_size: int = 8, max_length
 def reward_scores(model, rows: list[dict], *, pad_token_id: int, batch_size: int = 8,
                   max_length: int | None = None) -> list[tuple[float, float]]:
     """(chosen, rejected) scores of each pair under a one-output sequence classifier (a reward model)."""
+    features = pair_sequences(rows, max_length, label_answers=False)
+    return as_pairs(sequence_scores(model, [f["input_ids"] for f in features], pad_token_id=pad_token_id, batch_size=batch_size))
+
+
+def sequence_scores(model, sequences: list[list[int]], *, pad_token_id: int, batch_size: int = 8) -> list[float]:
+    """The score of each token sequence under a one-output sequence classifier (a reward model)."""
     import torch
 
     model.eval()
     scores = []
-    features = pair_sequences(rows, max_length, label_answers=False)
+    features = [{"input_ids": ids, "labels": 0} for ids in sequences]
     for batch in padded_batches(model, features, pad_token_id=pad_token_id, batch_size=batch_size):
         with torch.no_grad():
             scores += model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0].float().tolist()
-    return as_pairs(scores)
+    return scores
 
 
 def preference_metrics(policy: list[tuple[float, float]], reference: list[tuple[float, float]], beta: float) -> dict:

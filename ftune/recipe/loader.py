@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from ftune.errors import FtuneError
 from ftune.text_files import read_utf8
 from ftune.recipe.methods import method_class, method_names
+from ftune.recipe.grpo import REWARD_KINDS
 from ftune.recipe.paths import FINISHED_RUN
 from ftune.recipe.schema import Recipe
 
@@ -102,9 +103,11 @@ def _line_index(node: yaml.Node | None, path: Loc = (), out: dict[Loc, int] | No
 
 
 def _user_loc(loc: Loc) -> Loc:
-    """Drop pydantic's union-tag segment (``method.lora.r`` -> ``method.r``)."""
+    """Drop pydantic's union-tag segment (``method.lora.r`` -> ``method.r``, ``grpo.rewards.0.regex.pattern`` -> ``grpo.rewards.0.pattern``)."""
     if len(loc) >= 2 and loc[0] == "method" and loc[1] in method_names():
         return (loc[0],) + loc[2:]
+    if len(loc) >= 4 and loc[:2] == ("grpo", "rewards") and loc[3] in REWARD_KINDS:  # grpo.rewards.0.regex.pattern
+        return loc[:3] + loc[4:]
     return loc
 
 

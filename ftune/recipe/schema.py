@@ -13,6 +13,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from ftune.recipe.data import DataConfig
 from ftune.recipe.distributed import DistributedConfig, distributed_problems
+from ftune.recipe.grpo import GrpoConfig
 from ftune.recipe.methods import MethodConfig, Strict, method_class
 from ftune.recipe.paths import HUB_ID, checks_paths, existing_path
 from ftune.recipe.stages import SFT, PreferenceConfig, StageName, liger_stage_blocker, stage_problems
@@ -154,7 +155,7 @@ class MergeConfig(Strict):
 class Recipe(Strict):
     task: TaskName = Field(CAUSAL_LM, description="What the model learns.")
     stage: StageName = Field(SFT, description="Training stage: pretrain (every token of raw text, packed blocks), sft (responses of chat/instruction data), "
-        "dpo or orpo (preference pairs).")
+        "dpo or orpo (preference pairs), reward (a scoring head on pairs), grpo (online RL: sampled completions scored by grpo.rewards).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig
@@ -163,6 +164,7 @@ class Recipe(Strict):
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     merge: MergeConfig = Field(default_factory=MergeConfig)
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
+    grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output_dir: str = Field(description="Run directory written by ftune train.")
 

@@ -13,12 +13,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from ftune.recipe.grpo import GRPO, GrpoConfig, grpo_problems
 from ftune.recipe.method_base import ADAPTER_OFF
 from ftune.recipe.methods import Strict, method_class, with_reference
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 
 PRETRAIN, SFT, DPO, ORPO, REWARD = "pretrain", "sft", "dpo", "orpo", "reward"
-StageName = Literal["pretrain", "sft", "dpo", "orpo", "reward"]
+StageName = Literal["pretrain", "sft", "dpo", "orpo", "reward", "grpo"]
 PREFERENCE_STAGES = frozenset({DPO, ORPO, REWARD})  # stages trained on preference pairs
 REWARD_LABELS = ["reward"]  # a reward model's single output, as its class name
 # preference keys that only mean something where a reference model exists
@@ -63,6 +64,11 @@ def stage_problems(recipe) -> list[str]:
     """Why the recipe's stage does not fit its other sections (one fix per line), or []."""
     stage, pref, data, method = recipe.stage, recipe.preference, recipe.data, recipe.method.name
     changed = sorted(name for name, field in PreferenceConfig.model_fields.items() if getattr(pref, name) != field.default)
+    if stage != GRPO and recipe.grpo != GrpoConfig():
+        return [f"grpo: the section only applies to stage: grpo (now '{stage}'); set stage: grpo or remove it"]
+    if stage == GRPO:
+        refused = [f"preference.{name}: stage: grpo does not read the preference section; remove it" for name in changed]
+        return refused + grpo_problems(recipe, reference_kind=method_class(method).reference)
     if stage not in PREFERENCE_STAGES:
         if changed:
             return [f"preference.{', preference.'.join(changed)} only apply to stage: dpo or orpo (now '{stage}'); "

@@ -11,6 +11,10 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 
+# Logged values a progress line shows; GRPO logs its mean reward, the spread within groups, completion length and KL.
+SHOWN = ("loss", "eval_loss", "train_loss", "learning_rate", "reward", "reward_std", "completions/mean_length", "kl", "tokens_per_second")
+
+
 class MetricsCallback(TrainerCallback):
     def __init__(self, metrics_file: Path, *, echo=print, stream=None) -> None:
         self.metrics_file = metrics_file
@@ -40,7 +44,7 @@ class MetricsCallback(TrainerCallback):
         if "loss" in logs:
             self.last_loss = logs["loss"]
         if not self.interactive:
-            shown = {k: v for k, v in record.items() if k in ("loss", "eval_loss", "train_loss", "learning_rate", "tokens_per_second")}
+            shown = {k: v for k, v in record.items() if k in SHOWN}
             self.echo(f"step {state.global_step}/{state.max_steps} " + " ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
 
     def on_step_end(self, args, state, control, **kwargs):

@@ -113,6 +113,11 @@ def save_loss_plot(run: RunDir) -> None:
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("loss")
     axis.legend()
+    if rewards := [(r["step"], r["reward"]) for r in records if r.get("reward") is not None]:  # GRPO: the mean reward on its own scale
+        right = axis.twinx()
+        right.plot(*zip(*rewards), color="tab:green", label="reward")
+        right.set_ylabel("mean reward")
+        right.legend(loc="upper right")
     figure.tight_layout()
     figure.savefig(run.loss_plot, dpi=100)
     plt.close(figure)

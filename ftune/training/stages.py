@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ftune.recipe.grpo import GRPO
 from ftune.recipe.stages import DPO, ORPO, PRETRAIN, REWARD, SFT
-from ftune.training import preference, pretrain, sft
+from ftune.training import grpo, preference, pretrain, sft
 
 
 @dataclass(frozen=True)
@@ -36,4 +37,5 @@ STAGES: dict[str, Stage] = {
     DPO: Stage(**_PAIRS, spec=_without_liger(preference.dpo_spec)),
     ORPO: Stage(**_PAIRS, spec=_without_liger(preference.orpo_spec)),
     REWARD: Stage(**_PAIRS, spec=_without_liger(preference.reward_spec)),
+    GRPO: Stage(grpo.build_prompt_splits, grpo.describe_prompts, _without_liger(grpo.grpo_spec)),
 }

@@ -1,0 +1,107 @@
+"""The grpo stage: prompts in, completions sampled and scored by the recipe's rewards, TRL's GRPOTrainer over the method.
+
+Its row of ``training.stages`` reads prompts with ``build_prompt_splits`` (the chat/alpaca/messages rows ftune
+reads, cut before their last assistant turn, which is kept as the reference answer) and builds the Trainer with
+``grpo_spec``. The rewards are ``ftune.rewards``' callables, weighted by GRPOTrainer. The reference policy: with an
+adapter method the base with the adapter switched off (TRL's "ref" adapter copy is dropped, as for DPO); with
+full fine-tuning, the frozen copy of the base that GRPOTrainer loads itself. ``training.batch_size`` counts
+completions, so a step of batch 4 with ``num_generations: 2`` covers two prompts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ftune.errors import FtuneError
+from ftune.recipe import Recipe
+from ftune.recipe.tasks import CAUSAL_LM
+from ftune.training.preference import drop_reference_adapter
+from ftune.training.trainer import TrainerSpec
+
+
+@dataclass
+class PromptSplits:
+    train: list[dict]
+    eval: list[dict]
+    heldout: list[dict]  # the eval records as JSON rows (RUN/heldout.jsonl)
+    notes: list[str] = field(default_factory=list)
+    label_names: list[str] | None = None
+
+
+def build_prompt_splits(recipe: Recipe, tokenizer) -> PromptSplits:
+    from ftune.data.heldout import heldout_rows
+    from ftune.data.pipeline import load_records
+    from ftune.data.templates import install_chat_template
+    from ftune.rewards import prompt_rows
+
+    install_chat_template(tokenizer, recipe.data)
+    records = load_records(recipe.data, CAUSAL_LM)
+    notes, splits = list(records.notes), {}
+    room = recipe.data.max_length - recipe.grpo.max_new_tokens
+    for split in ("train", "eval"):
+        chosen = getattr(records, split)
+        other = next((r for r in chosen if r.kind != "chat"), None)
+        if other is not None:
+            raise FtuneError(f"data.{split}.{other.source}: stage: grpo reads prompts from chat or instruction rows, but {other.origin} "
+                             f"is a {other.kind} row; give chat/alpaca/messages data")
+        rows = prompt_rows(chosen)
+        kept = [r for r in rows if prompt_tokens(tokenizer, r["prompt"]) <= room]
+        if len(kept) < len(rows):
+            notes.append(f"data.{split}: left out {len(rows) - len(kept)} prompts longer than data.max_length - grpo.max_new_tokens "
+                         f"({room} tokens)")
+        splits[split] = kept
+    if not splits["train"]:
+        raise FtuneError("data.train: no prompt fits data.max_length - grpo.max_new_tokens; raise data.max_length")
+    return PromptSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes)
+
+
+def prompt_tokens(tokenizer, prompt: list[dict]) -> int:
+    text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def describe_prompts(splits: PromptSplits) -> str:
+    lines = [f"Data: {len(splits.train):,} train / {len(splits.eval):,} eval prompts (reference = each row's last assistant reply)"]
+    return "\n".join(lines + [f"  {note}" for note in splits.notes])
+
+
+def check_vllm(use_vllm: bool) -> None:
+    import importlib.util
+
+    import torch
+
+    if not use_vllm:
+        return
+    if not torch.cuda.is_available():
+        raise FtuneError("grpo.use_vllm: vLLM generates on CUDA GPUs only and this machine has none; set grpo.use_vllm: false")
+    if importlib.util.find_spec("vllm") is None:
+        raise FtuneError("grpo.use_vllm: the vllm package is not installed; pip install vllm, or set grpo.use_vllm: false")
+
+
+def grpo_spec(model, tokenizer, splits: PromptSplits, recipe: Recipe) -> TrainerSpec:
+    from accelerate import PartialState
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from ftune.rewards import build_rewards
+
+    grpo, train = recipe.grpo, recipe.training
+    check_vllm(grpo.use_vllm)
+    rewards = build_rewards(grpo.rewards, device=str(PartialState().device))
+    # Eval draws its groups from batches of training.batch_size completions, so its group is the largest that fits.
+    eval_generations = math.gcd(train.batch_size, grpo.num_generations)
+    options = dict(num_generations=grpo.num_generations, num_generations_eval=eval_generations, max_completion_length=grpo.max_new_tokens,
+                   temperature=grpo.temperature, beta=grpo.beta, reward_weights=[r.weight for r in grpo.rewards],
+                   use_vllm=grpo.use_vllm, log_completions=False)
+    reference = "none (grpo.beta 0)" if grpo.beta == 0 else (
+        "the base with the adapter switched off" if hasattr(model, "peft_config") else "a frozen copy of the base")
+    names = ", ".join(f"{getattr(f, '__name__', 'reward')} x{r.weight:g}" for f, r in zip(rewards, grpo.rewards))
+    return TrainerSpec(
+        GRPOTrainer, Dataset.from_list(splits.train), Dataset.from_list(splits.eval) if splits.eval else None,
+        args_class=GRPOConfig, options=options, trainer_options={"reward_funcs": rewards},
+        after_build=lambda trainer: drop_reference_adapter(trainer.model),
+        notes=(f"GRPO: {grpo.num_generations} completions per prompt, up to {grpo.max_new_tokens} new tokens at temperature "
+               f"{grpo.temperature:g}, KL weight (grpo.beta) {grpo.beta:g}, reference = {reference}",
+               f"Rewards: {names}"),
+    )

@@ -1,0 +1,122 @@
+"""stage: grpo on the tiny model: sampled completions scored by the recipe's rewards move the policy (LoRA and full),
+the base stays as it was, a failing reward function is one line naming the prompt, a reward run directory scores
+completions, and the run directory merges and evaluates base vs tuned on held-out prompts."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from ftune.cli import app
+from tests.conftest import invoke_ok, recipe_dict, write_jsonl, write_recipe
+
+PROMPTS = [{"instruction": f"Add {a} and {b}.", "input": "", "output": str(a + b)} for a, b in ((1, 2), (3, 4), (5, 6), (7, 8))]
+LONGER = "def longer(prompts, completions, **columns):\n    return [float(len(c[-1]['content'])) for c in completions]\n"
+
+
+@pytest.fixture
+def grpo_recipe(make_recipe, tmp_path):
+    def build(rewards=None, **sections):
+        train = write_jsonl(tmp_path / "train.jsonl", PROMPTS[:2])
+        held = write_jsonl(tmp_path / "held.jsonl", PROMPTS[2:])
+        (tmp_path / "score.py").write_text(LONGER)
+        grpo = {"num_generations": 2, "max_new_tokens": 4, "beta": 0.1,
+                "rewards": rewards or [{"kind": "function", "function": f"{tmp_path / 'score.py'}:longer"},
+                                       {"kind": "numeric_match", "weight": 2.0}]}
+        options = dict(stage="grpo", data={"train": str(train), "eval": str(held), "max_length": 64}, grpo=grpo,
+                       training={"max_steps": 2, "batch_size": 2, "learning_rate": 5e-2, "save_steps": 50, "logging_steps": 1})
+        options.update(sections)
+        return make_recipe(**options)
+
+    return build
+
+
+def safetensors_state(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_grpo_lora_trains_the_adapter_and_leaves_the_base(grpo_recipe, tmp_path, tiny_llama_dir):
+    recipe = grpo_recipe()
+    result = invoke_ok("train", recipe)
+    assert "GRPO: 2 completions per prompt" in result.output and "reference = the base with the adapter switched off" in result.output
+    run = tmp_path / "run"
+    adapter = safetensors_state(run / "model" / "adapter_model.safetensors")
+    assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in adapter.items())  # B starts at zero
+    before = safetensors_state(tiny_llama_dir / "model.safetensors")
+    from ftune.tuned import load_model
+    from ftune.run_dir import load_run
+
+    loaded, _ = load_model(*load_run(run))
+    base = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in loaded.state_dict().items() if "lora_" not in k}
+    for name, tensor in before.items():
+        assert (base[name] == tensor).all(), f"{name} changed"
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in logged if "reward" in r]
+    assert steps and {"reward", "reward_std", "completions/mean_length", "kl"} <= steps[0].keys()
+    assert "reward=" in result.output and "kl=" in result.output
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["stage"] == "grpo"
+
+    report = invoke_ok("eval", run)
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert {"reward", "reward/longer", "reward/numeric_match"} <= metrics["tuned"].keys() and "base" in metrics
+    assert "reward" in report.output
+    invoke_ok("merge", run)
+    assert (run / "merged" / "config.json").is_file()
+
+
+def test_grpo_full_fine_tuning_changes_the_weights(grpo_recipe, tmp_path, tiny_llama_dir):
+    invoke_ok("train", grpo_recipe(method={"name": "full"}, training={"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3,
+                                                                      "save_steps": 50, "logging_steps": 1}))
+    before, after = safetensors_state(tiny_llama_dir / "model.safetensors"), safetensors_state(tmp_path / "run" / "model" / "model.safetensors")
+    assert any(not (after[name] == tensor).all() for name, tensor in before.items() if name in after)
+
+
+def test_a_failing_reward_function_names_the_prompt(grpo_recipe, tmp_path):
+    (tmp_path / "broken.py").write_text("def broken(prompts, completions, **columns):\n    raise KeyError('answer')\n")
+    recipe = grpo_recipe(rewards=[{"kind": "function", "function": f"{tmp_path / 'broken.py'}:broken"}])
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 2, result.output
+    [line] = [l for l in result.output.splitlines() if "raised" in l]
+    assert "grpo.rewards.0.function" in line and "KeyError" in line and ("Add 1 and 2." in line or "Add 3 and 4." in line)
+    assert "Traceback" not in result.output
+
+
+def test_a_reward_run_directory_scores_the_completions(grpo_recipe, tmp_path, tiny_llama_dir):
+    from tests.e2e.test_preference_train import WORDS, pair_rows
+
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", pair_rows(WORDS[:6]))
+    held_pairs = write_jsonl(tmp_path / "held-pairs.jsonl", pair_rows(WORDS[6:8]))
+    reward_run = tmp_path / "reward"
+    reward = recipe_dict(tiny_llama_dir, pairs, held_pairs, reward_run, stage="reward", task="classification",
+                         training={"max_steps": 2, "batch_size": 4, "learning_rate": 1e-2, "save_steps": 50})
+    invoke_ok("train", write_recipe(tmp_path / "reward.yaml", reward))
+
+    from ftune.data.formats import Record
+    from ftune.data.preference import tokenize_pairs
+    from ftune.rewards import RewardModel
+    from ftune.run_dir import load_run
+    from ftune.scoring import reward_scores
+    from ftune.tuned import load_model
+
+    # The reward GRPO reads is the score `ftune eval` of the reward run gives the same prompt and answer.
+    prompt = [{"role": "user", "content": "Say red."}]
+    scorer = RewardModel(str(reward_run), device="cpu")
+    [score] = scorer([prompt], [[{"role": "assistant", "content": "red"}]])
+    run, recipe = load_run(reward_run)
+    model, tokenizer = load_model(run, recipe)
+    rows = tokenize_pairs(tokenizer, [Record("preference", {"prompt": prompt, "chosen": "red", "rejected": "blue"}, "t:1", 0)],
+                          max_length=64, max_prompt_length=None).rows
+    [(chosen, _)] = reward_scores(model, rows, pad_token_id=tokenizer.pad_token_id)
+    assert score == pytest.approx(chosen, abs=1e-5)
+
+    recipe = grpo_recipe(rewards=[{"kind": "model", "run": str(reward_run)}])
+    result = invoke_ok("train", recipe)
+    assert "Rewards: reward_model:reward x1" in result.output
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["rewards/reward_model:reward/mean"] for r in logged if "rewards/reward_model:reward/mean" in r]
+    assert rewards and all(r != 0 for r in rewards)  # the head's scores, not a placeholder
