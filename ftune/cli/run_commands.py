@@ -64,7 +64,7 @@ def export(
     quant: Optional[str] = typer.Option(None, "--quant", help=f"GGUF weight type: {', '.join(GGUF_QUANTS)} (default {DEFAULT_QUANT})."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf) or folder (safetensors); default under RUN/export/."),
     verify: Optional[str] = typer.Option(None, "--verify", help="Also run a GGUF in this runtime and compare its replies: llama.cpp "
-                                         "(needs pip install 'ftune[llamacpp]')."),
+                                         "(needs pip install 'ftune\\[llamacpp]')."),
     prompts: int = typer.Option(16, "--prompts", min=1, help="Held-out prompts --verify compares replies on."),
 ) -> None:
     """Write the run's complete weights (merging first if needed) as GGUF or safetensors, verified by reloading."""

@@ -16,6 +16,11 @@ def test_help_lists_the_lifecycle_commands():
         assert command in result.output
 
 
+def test_help_shows_the_install_extras_it_names():
+    result = runner.invoke(app, ["export", "--help"], terminal_width=200)
+    assert "pip install 'ftune[llamacpp]'" in result.output  # Rich reads an unescaped [llamacpp] as markup and drops it
+
+
 def test_validate_prints_resolved_recipe(make_recipe):
     result = runner.invoke(app, ["validate", str(make_recipe())])
     assert result.exit_code == 0
