@@ -17,7 +17,7 @@ def test_help_lists_the_lifecycle_commands():
 
 
 def test_help_shows_the_install_extras_it_names():
-    result = runner.invoke(app, ["export", "--help"], terminal_width=200)
+    result = runner.invoke(app, ["export", "--help"], env={"COLUMNS": "200"})  # one line per option
     assert "pip install 'ftune[llamacpp]'" in result.output  # Rich reads an unescaped [llamacpp] as markup and drops it
 
 
