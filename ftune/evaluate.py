@@ -22,7 +22,7 @@ from ftune.errors import FtuneError
 from ftune.metrics import TEXT_METRICS, TOOL_METRICS, accuracy, confusion_matrix, macro_f1, tool_call_exact, tool_call_valid
 from ftune.recipe.grpo import GRPO
 from ftune.rewards import reward_scorer
-from ftune.recipe.stages import PREFERENCE_STAGES, REWARD
+from ftune.recipe.stages import KTO, PREFERENCE_STAGES, REWARD
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 from ftune.run_dir import RunDir, load_run, run_labels, write_json_atomic, write_jsonl_atomic
 
@@ -193,6 +193,10 @@ def run_evaluation(run_dir, *, split: str = "eval", with_base: bool = False, max
         raise FtuneError(f"--split {split}: no examples to score")
     if recipe.stage in PREFERENCE_STAGES:
         return evaluate_preference(run, recipe, records, split, with_base=with_base, clock=clock, echo=echo)
+    if recipe.stage == KTO:  # the KL estimate and implicit rewards against the base (``scoring.score_kto``)
+        from ftune.scoring import KTO_TABLE, score_kto
+        results = score_kto(lambda tuned: load_model(run, recipe, tuned=tuned), records, recipe, with_base=with_base, echo=echo)
+        return save_report(run, split, results, table=KTO_TABLE, wall_time_s=time.perf_counter() - clock)
     scorer = TaskScorer(*reward_scorer(recipe)) if recipe.stage == GRPO else TASK_SCORERS[recipe.task]  # grpo: its rewards
     with_base = with_base or recipe.stage == GRPO  # a reward means little without the base's beside it
     results = {}

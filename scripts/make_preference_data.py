@@ -5,7 +5,9 @@ prompt/chosen/rejected pair whose chosen answer is the bare ``YYYY-MM-DD`` date 
 answer is what a chatty model tends to say instead (the date wrapped in a sentence, or the date in
 another format). The held-out pairs come from the quickstart eval rows, so no date is in both
 splits. A pretraining corpus of the same sentences as raw text (``text`` rows) is written too, for
-the pretrain recipe.
+the pretrain recipe, and the pairs unpaired for KTO (``kto-train.jsonl``, ``kto-eval.jsonl``): each prompt
+once, with either its chosen answer (``label: true``) or its rejected one (``label: false``), in
+LLaMA-Factory's KTO layout (a ``messages`` list and a boolean ``label``).
 
 Output is deterministic for a given ``--seed``.
 
@@ -42,6 +44,17 @@ def pairs(rows: list[dict], rng: random.Random) -> list[dict]:
             for row in rows]
 
 
+def kto_rows(pairs: list[dict], rng: random.Random) -> list[dict]:
+    """Each pair's prompt once, answered by its chosen or its rejected answer (half each, seeded), labelled."""
+    rows = []
+    for pair in pairs:
+        desirable = rng.random() < 0.5
+        answer = pair["chosen"] if desirable else pair["rejected"]
+        rows.append({"messages": [{"role": "user", "content": pair["prompt"]}, {"role": "assistant", "content": answer}],
+                     "label": desirable})
+    return rows
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
@@ -61,11 +74,14 @@ def main() -> None:
     train = read_jsonl(args.source / "train.jsonl")[: args.train_size]
     held = read_jsonl(args.source / "eval.jsonl")
     args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out / "train.jsonl", pairs(train, rng))
-    write_jsonl(args.out / "eval.jsonl", pairs(held, random.Random(args.seed + 1)))
+    train_pairs, held_pairs = pairs(train, rng), pairs(held, random.Random(args.seed + 1))
+    write_jsonl(args.out / "train.jsonl", train_pairs)
+    write_jsonl(args.out / "eval.jsonl", held_pairs)
+    write_jsonl(args.out / "kto-train.jsonl", kto_rows(train_pairs, random.Random(args.seed + 2)))
+    write_jsonl(args.out / "kto-eval.jsonl", kto_rows(held_pairs, random.Random(args.seed + 3)))
     # Raw text for the pretrain stage: the quickstart sentences, one document each, answer appended.
     write_jsonl(args.out / "corpus.jsonl", [{"text": f"{row['input']} In ISO form: {row['output']}."} for row in train])
-    print(f"wrote {len(train)} train / {len(held)} eval pairs and {len(train)} documents to {args.out}")
+    print(f"wrote {len(train)} train / {len(held)} eval pairs, as many KTO rows and {len(train)} documents to {args.out}")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from ftune.data.tokenize import TokenizedExamples, TokenizeStats
 from ftune.recipe.data import DataConfig
 
 # Bump when the same inputs would tokenize differently (masking rules, stored layout).
-CACHE_VERSION = 3  # 2: entries carry the held-out records; 3: tool schemas rendered, records carry them
+CACHE_VERSION = 4  # 2: entries carry the held-out records; 3: tool schemas rendered, records carry them; 4: KTO labels, column notes
 # Data options that change batching only, not the tokenized examples.
 COLLATION_ONLY = ("packing", "cache")
 

@@ -3,7 +3,10 @@
 Chat rows may call tools: ShareGPT ``function_call`` / ``observation`` turns and OpenAI-style
 ``tool_calls`` / ``role: tool`` messages both become the chat-template form (see ``ftune.data.tools``),
 with the row's ``tools`` column, or the entry's ``tools:``, kept on the record for the template.
-Preference rows in every layout become one (prompt messages, chosen, rejected) triple.
+Preference rows in every layout become one (prompt messages, chosen, rejected) triple; a KTO row (TRL's
+prompt/completion/label, or any chat row with a boolean ``kto_tag`` / ``label``) one (prompt messages,
+completion, label) record. A column no format field reads is named in a note (``unused_columns_note``), so no
+meaning a row carries is dropped silently.
 
 ``FORMATS`` is the dispatch table: per format, the record kind it yields, the columns that identify
 it when the recipe says ``format: auto``, the tasks it can serve, and its converter. A recipe's
@@ -17,19 +20,22 @@ import json
 from dataclasses import dataclass
 from typing import Callable
 
-from ftune.data.preference import kto_record, preference_record, sharegpt_kto_record, sharegpt_preference_record
+from ftune.data.preference import (kto_flag, kto_of_chat, kto_record, preference_record, sharegpt_kto_record,
+                                   sharegpt_preference_record)
 from ftune.data.sources import Row
 from ftune.data.turns import (MESSAGE_ROLES, SHAREGPT_ROLES, RowError, chat_turns, check_called_names, row_tools, text_field,
                               with_system)
 from ftune.errors import FtuneError, raise_problems
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
-from ftune.recipe.data import FORMAT_FIELDS, TOOL_FORMATS, DatasetSource
+from ftune.recipe.data import FORMAT_FIELDS, KTO_LABELS, TOOL_FORMATS, DatasetSource
 
 
 @dataclass(frozen=True)
 class Record:
-    kind: str  # "chat" | "text" | "classification" | "preference"
-    value: object  # messages | text | [text, label] | {"prompt": messages, "chosen": str, "rejected": str}
+    kind: str  # "chat" | "text" | "classification" | "preference" | "kto"
+    # messages | text | [text, label] | {"prompt": messages, "chosen": str, "rejected": str}
+    # | {"prompt": messages, "completion": str, "label": bool}
+    value: object
     origin: str
     source: int  # index of the recipe entry in its split (mixing weights are per entry)
     tools: list[dict] | None = None  # chat: tool schemas for the template's tools= argument
@@ -124,15 +130,47 @@ def detect_format(keys: set[str], task: str, *, key: str, shown: str) -> str:
     return best[0]
 
 
-def refuse_unsupported(name: str, *, key: str, shown: str) -> None:
-    """KTO rows are recognised, so the refusal can say what they are and how to use them today."""
-    if FORMATS[name].kind == "kto":
-        label = "kto_tag" if name == "sharegpt_kto" else "label"
-        raise FtuneError(
-            f"{key}.format: {shown} holds KTO rows (one completion with a boolean {label}), unpaired preference data "
-            "that no ftune stage trains on yet; pair a good and a bad completion of each prompt into chosen/rejected "
-            "rows (format: preference), or keep the good completions as chat rows"
-        )
+def kto_column(rows: list[Row], name: str, columns: dict[str, str]) -> str | None:
+    """The field that labels a chat entry's rows for KTO: one the recipe maps, else the first of ``KTO_LABELS`` holding
+    a true/false value in some row (a label of other values, e.g. a topic, labels nothing here)."""
+    if FORMATS[name].kind != "chat":
+        return None
+    mapped = [field for field in KTO_LABELS if field in columns]
+    if mapped:
+        return mapped[0]
+    return next((field for field in KTO_LABELS if any(kto_flag(renamed(row.fields, columns).get(field)) is not None for row in rows)),
+                None)
+
+
+# Columns whose meaning no stage reads from a row, and what to do with them instead
+SCORE_HINT = ("no stage trains on a score; to prefer higher-scored answers, pair them into chosen/rejected rows (stage: dpo) "
+              "or label each completion true/false (stage: kto)")
+SCORE_COLUMNS = ("score", "reward", "rating")
+
+
+def unused_columns_note(rows: list[Row], name: str, columns: dict[str, str], *, key: str, shown: str) -> str | None:
+    """A note naming the columns of ``rows`` that format ``name`` does not read (so nothing they mean is trained), or None."""
+    present: set[str] = set()
+    for row in rows:
+        present.update(row.fields)
+    label = kto_column(rows, name, columns)
+    read = {columns.get(field, field) for field in FORMAT_FIELDS[name] if field not in KTO_LABELS or field == label}
+    unused = sorted(present - read)
+    if not unused:
+        return None
+    note = f"{key}: {shown} has column{'s' if len(unused) > 1 else ''} {', '.join(repr(c) for c in unused)} that format {name} does not read"
+    if scores := [c for c in unused if c.lower() in SCORE_COLUMNS]:
+        note += f"; {', '.join(scores)}: {SCORE_HINT}"
+    if labels := [c for c in unused if c in KTO_LABELS and FORMATS[name].kind == "chat"]:
+        note += f"; {', '.join(labels)} holds no true/false value, so it labels no completion for stage: kto"
+    return note
+
+
+def refuse_hidden_pairs(name: str, keys: set[str], *, key: str, shown: str) -> None:
+    """Chosen/rejected columns under a format that reads neither would train the wrong answer or none."""
+    if FORMATS[name].kind != "preference" and {"chosen", "rejected"} <= keys:
+        raise FtuneError(f"{key}.format: {shown} has chosen/rejected columns, which format {name} does not read; use format: "
+                         "preference or sharegpt_preference (stage: dpo, orpo or reward)")
 
 
 def resolve_format(source: DatasetSource, rows: list[Row], task: str, *, key: str, shown: str) -> str:
@@ -145,7 +183,7 @@ def resolve_format(source: DatasetSource, rows: list[Row], task: str, *, key: st
             raise FtuneError(f"{key}.columns.{field}: column '{column}' is not in {shown} (columns: {', '.join(sorted(present))})")
     keys = set(renamed(dict.fromkeys(present), source.columns))
     name = detect_format(keys, task, key=key, shown=shown) if source.format == "auto" else source.format
-    refuse_unsupported(name, key=key, shown=shown)
+    refuse_hidden_pairs(name, keys, key=key, shown=shown)
     if source.tools and name not in TOOL_FORMATS:
         raise FtuneError(f"{key}.tools: {shown} holds {name} rows, which have no tool turns to offer tools to; "
                          f"remove tools, or use {' or '.join(TOOL_FORMATS)} rows")
@@ -172,20 +210,26 @@ def convert_rows(rows: list[Row], name: str, columns: dict[str, str], *, source:
     ``tools`` are the entry's schemas, for rows without a ``tools`` column of their own.
     """
     fmt = FORMATS[name]
+    label = kto_column(rows, name, columns)
     records = []
     for row in rows:
         fields = renamed(row.fields, columns)
+        kind = fmt.kind
         try:
             value = fmt.convert(fields)
             row_schemas = row_tools(fields, tools) if name in TOOL_FORMATS else None
             if row_schemas:
                 check_called_names(value, row_schemas)
+            if kind == "chat":
+                value = with_system_prompt(value, system_prompt)
+            if label is not None:
+                kind, value = "kto", kto_of_chat(value, fields, label)
+            elif kind == "kto":
+                value = {**value, "prompt": with_system_prompt(value["prompt"], system_prompt)}
         except RowError as exc:
             problems.append(f"{row.origin}: {exc.describe(columns)}")
             continue
-        if fmt.kind == "chat":
-            value = with_system_prompt(value, system_prompt)
-        records.append(Record(fmt.kind, value, row.origin, source, row_schemas or None))
+        records.append(Record(kind, value, row.origin, source, row_schemas or None))
     return records
 
 
@@ -229,7 +273,7 @@ def rows_to_records(rows: list[Row], task: str, *, system_prompt: str | None = N
         keys.update(row.fields)
     shown = rows[0].origin.rsplit(":", 1)[0]
     name = detect_format(keys, task, key=key, shown=shown)
-    refuse_unsupported(name, key=key, shown=shown)
+    refuse_hidden_pairs(name, keys, key=key, shown=shown)
     problems: list[str] = []
     records = convert_rows(rows, name, {}, source=0, system_prompt=system_prompt, problems=problems)
     raise_problems(problems)

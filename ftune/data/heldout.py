@@ -73,8 +73,10 @@ def parity_inputs(tokenizer, records: list[Record], data_config, count: int) -> 
 
 
 def chosen_chat(record: Record) -> Record:
-    """A preference pair as the conversation it prefers (what parity checks run on); other records unchanged."""
-    if record.kind != "preference":
+    """A preference pair as the conversation it prefers, a KTO row as its conversation (what parity checks run on);
+    other records unchanged."""
+    if record.kind not in ("preference", "kto"):
         return record
-    messages = record.value["prompt"] + [{"role": "assistant", "content": record.value["chosen"]}]
+    answer = record.value["chosen"] if record.kind == "preference" else record.value["completion"]
+    messages = record.value["prompt"] + [{"role": "assistant", "content": answer}]
     return Record("chat", messages, record.origin, record.source)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ftune.data.formats import Record, assign_label_ids, convert_rows, label_names_of, resolve_format
+from ftune.data.formats import Record, assign_label_ids, convert_rows, label_names_of, resolve_format, unused_columns_note
 from ftune.data.heldout import heldout_rows
 from ftune.data.sources import fingerprint, read_source, source_name
 from ftune.data.splits import carve_eval, drop_eval_duplicates, mix_sources
@@ -61,6 +61,7 @@ def settle_problems(problems: list[str], config: DataConfig, what: str = "rows")
 def load_records(config: DataConfig, task: str = CAUSAL_LM) -> Records:
     """Read, convert and check every entry, then carve or clean the eval split and mix the training entries."""
     problems: list[str] = []
+    column_notes: list[str] = []
     loaded: dict[str, list[Record]] = {}
     for split in ("train", "eval"):
         loaded[split] = []
@@ -70,6 +71,8 @@ def load_records(config: DataConfig, task: str = CAUSAL_LM) -> Records:
             if not rows:
                 continue  # every line was malformed; the problems say which
             name = resolve_format(source, rows, task, key=key, shown=source_name(source))
+            if note := unused_columns_note(rows, name, source.columns, key=key, shown=source_name(source)):
+                column_notes.append(note)
             tools = [tool.model_dump() for tool in source.tools] if source.tools else None
             loaded[split].extend(convert_rows(rows, name, source.columns, source=index, system_prompt=config.system_prompt,
                                               problems=problems, tools=tools))
@@ -77,7 +80,7 @@ def load_records(config: DataConfig, task: str = CAUSAL_LM) -> Records:
     if task == CLASSIFICATION:
         label_names = label_names_of(loaded["train"] + loaded["eval"], config.labels)
         loaded = {split: assign_label_ids(records, label_names, problems) for split, records in loaded.items()}
-    notes = [note for note in [settle_problems(problems, config)] if note]
+    notes = column_notes + [note for note in [settle_problems(problems, config)] if note]
     if not loaded["train"]:
         raise FtuneError("data.train: no usable training rows")
     train, evaluation = loaded["train"], loaded["eval"]
@@ -92,12 +95,19 @@ def load_records(config: DataConfig, task: str = CAUSAL_LM) -> Records:
 
 
 def reject_preference(records: Records) -> None:
+    """Rows whose meaning this stage would drop: pairs (the rejected answer) and KTO rows (the label: a false one
+    would train as a good answer)."""
     for split in ("train", "eval"):
-        found = next((r for r in getattr(records, split) if r.kind == "preference"), None)
-        if found is not None:
+        found = next((r for r in getattr(records, split) if r.kind in ("preference", "kto")), None)
+        if found is not None and found.kind == "preference":
             raise FtuneError(
                 f"data.{split}.{found.source}.format: preference rows (chosen/rejected) train with stage: dpo; "
                 "set stage: dpo, or give chat/instruction rows for stage: sft"
+            )
+        if found is not None:
+            raise FtuneError(
+                f"data.{split}.{found.source}: {found.origin} is a KTO row (a completion labelled true or false by "
+                "label/kto_tag), which this stage would train as a good answer whatever its label; set stage: kto"
             )
 
 

@@ -2,12 +2,13 @@
 
 TRL writes prompt/chosen/rejected as strings or message lists (or only chosen/rejected as whole
 conversations sharing the prompt turns); LLaMA-Factory writes a ShareGPT history with chosen/rejected
-as single message objects. KTO rows (one completion and a boolean label) are read too, so they can be
-recognised and refused with the reason until a stage trains on them.
+as single message objects. KTO rows (one completion and a boolean label: TRL's prompt/completion/label, a
+chat row's last reply with LLaMA-Factory's ``kto_tag`` or ``label``) become one (prompt messages, completion,
+label) record for ``stage: kto``.
 
 A pair is tokenized as prompt ids (the template's generation prompt) plus the chosen and rejected
 completion ids (the rest of the rendered conversation), each piece tokenized without special tokens,
-so a template's BOS/EOS appear exactly once. Pairs that cannot teach anything (both sides the same
+so a template's BOS/EOS appear exactly once; a KTO completion is tokenized the same way. Pairs that cannot teach anything (both sides the same
 after truncation, an empty side, a prompt that leaves no room for the answer) are damaged: listed with
 file:line and left out; more than ``preference.max_damaged_share`` of them refuses the run.
 """
@@ -72,40 +73,82 @@ def sharegpt_preference_record(row: dict) -> dict:
     return preference_triple(row, chat_turns(row, "conversations", "from", "value", SHAREGPT_ROLES, learn=False))
 
 
+# CSV cells are text: "true"/"false" are the booleans a spreadsheet writes
+KTO_WORDS = {"true": True, "false": False}
+
+
+def kto_flag(value: object) -> bool | None:
+    """A KTO label's value as a bool, or None when it is not one (any other type or word)."""
+    if isinstance(value, bool):
+        return value
+    return KTO_WORDS.get(value.strip().lower()) if isinstance(value, str) else None
+
+
 def kto_label(row: dict, name: str) -> bool:
-    label = row.get(name)
-    if not isinstance(label, bool):
-        raise RowError(name, f"must be true (desirable) or false (undesirable), got {label!r}")
+    label = kto_flag(row.get(name))
+    if label is None:
+        raise RowError(name, f"must be true (desirable) or false (undesirable), got {row.get(name)!r}")
     return label
 
 
+def kto_of_chat(messages: list[dict], row: dict, name: str) -> dict:
+    """A conversation as a KTO record: its last reply is the labelled completion, the turns before it the prompt."""
+    last = messages[-1]
+    if last["role"] != "assistant" or last.get("tool_calls"):
+        raise RowError(name, "labels the last reply, but the conversation does not end with an assistant text reply")
+    return {"prompt": messages[:-1], "completion": last["content"], "label": kto_label(row, name)}
+
+
 def kto_record(row: dict) -> dict:
-    return {"prompt": [{"role": "user", "content": text_field(row, "prompt")}], "completion": text_field(row, "completion"),
-            "label": kto_label(row, "label")}
+    return {"prompt": with_system(row, [{"role": "user", "content": text_field(row, "prompt")}]),
+            "completion": text_field(row, "completion"), "label": kto_label(row, "label")}
 
 
 def sharegpt_kto_record(row: dict) -> dict:
-    messages = with_system(row, chat_turns(row, "conversations", "from", "value", SHAREGPT_ROLES))
-    return {"prompt": messages[:-1], "completion": messages[-1]["content"], "label": kto_label(row, "kto_tag")}
+    return kto_of_chat(with_system(row, chat_turns(row, "conversations", "from", "value", SHAREGPT_ROLES)), row, "kto_tag")
 
 
 @dataclass
 class Pairs:
-    rows: list[dict]  # {"prompt_ids", "chosen_ids", "rejected_ids"}
+    rows: list[dict]  # {"prompt_ids", "chosen_ids", "rejected_ids"}; KTO: {"prompt_ids", "completion_ids", "label"}
     damaged: list[str] = field(default_factory=list)  # "file:line: why"
 
 
-def render_pair(tokenizer, record) -> tuple[str, str, str]:
-    """(prompt text, chosen completion text, rejected completion text), each rendered once by the template."""
-    prompt = record.value["prompt"]
+def render_completions(tokenizer, prompt: list[dict], answers: list[str]) -> list[str]:
+    """[prompt text, then each answer's completion text], each rendered once by the template."""
     prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     completions = []
-    for side in ("chosen", "rejected"):
-        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": record.value[side]}], tokenize=False)
+    for answer in answers:
+        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
         if not full.startswith(prompt_text):
             raise ValueError("the chat template renders the prompt differently once the answer follows; check data.chat_template")
         completions.append(full[len(prompt_text):])
-    return prompt_text, *completions
+    return [prompt_text, *completions]
+
+
+def render_pair(tokenizer, record) -> tuple[str, str, str]:
+    """(prompt text, chosen completion text, rejected completion text)."""
+    return tuple(render_completions(tokenizer, record.value["prompt"], [record.value["chosen"], record.value["rejected"]]))
+
+
+def tokenize_completions(tokenizer, records, *, max_length: int, max_prompt_length: int | None) -> Pairs:
+    """KTO records as prompt ids, completion ids and label; a prompt that leaves no room for the answer is damage."""
+    rows = Pairs([])
+    for record in records:
+        try:
+            texts = render_completions(tokenizer, record.value["prompt"], [record.value["completion"]])
+        except ValueError as exc:
+            rows.damaged.append(f"{record.origin}: {exc}")
+            continue
+        prompt_ids, completion_ids = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts)
+        if max_prompt_length is not None:
+            prompt_ids = prompt_ids[-max_prompt_length:]  # the end of the prompt is what the answer follows
+        if len(prompt_ids) >= max_length:
+            rows.damaged.append(f"{record.origin}: the prompt alone is {len(prompt_ids)} tokens, data.max_length {max_length} "
+                                "cuts away the whole answer")
+        else:
+            rows.rows.append({"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": record.value["label"]})
+    return rows
 
 
 def tokenize_pairs(tokenizer, records, *, max_length: int, max_prompt_length: int | None) -> Pairs:
@@ -134,7 +177,7 @@ def tokenize_pairs(tokenizer, records, *, max_length: int, max_prompt_length: in
     return pairs
 
 
-def check_damage(pairs: Pairs, total: int, max_share: float, split: str) -> str | None:
+def check_damage(pairs: Pairs, total: int, max_share: float, split: str, what: str = "preference pairs") -> str | None:
     """Refuse above ``max_share`` damaged pairs; else a note naming the first ones (None when none)."""
     if not pairs.damaged:
         return None
@@ -142,7 +185,7 @@ def check_damage(pairs: Pairs, total: int, max_share: float, split: str) -> str 
     listed = pairs.damaged[:MAX_LISTED_PROBLEMS]
     if share > max_share or not pairs.rows:
         raise FtuneError(
-            *listed, f"{split}: {len(pairs.damaged)} of {total} preference pairs are damaged ({100 * share:.1f}%), above "
+            *listed, f"{split}: {len(pairs.damaged)} of {total} {what} are damaged ({100 * share:.1f}%), above "
             f"preference.max_damaged_share {max_share}; fix these rows, raise data.max_length, or raise preference.max_damaged_share",
         )
-    return f"{split}: left out {len(pairs.damaged)} damaged preference pairs, first: {listed[0]}"
+    return f"{split}: left out {len(pairs.damaged)} damaged {what}, first: {listed[0]}"

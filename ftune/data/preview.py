@@ -12,6 +12,7 @@ from ftune.data.pipeline import DataSplits, Records, load_records, tokenize_spli
 from ftune.data.templates import install_chat_template
 from ftune.data.tokenize import IGNORE_INDEX, TokenizeStats
 from ftune.data.tools import has_tool_turns
+from ftune.recipe.kto import KTO
 
 # (trained start, trained end, masked start, masked end) markers per output style.
 STYLES = {
@@ -66,6 +67,21 @@ def preview_preference(records: Records, split: str, count: int, echo: Callable[
     echo("note: preference rows train with stage: dpo")
 
 
+def preview_kto(records: Records, split: str, count: int, stage: str, echo: Callable[[str], None]) -> None:
+    rows = getattr(records, split)
+    for index, record in enumerate(rows[:count]):
+        echo(f"-- {split} example {index + 1} ({record.origin}), {'desirable' if record.value['label'] else 'undesirable'} --")
+        for message in record.value["prompt"]:
+            echo(f"{message['role']}: {message['content']}")
+        echo(f"completion: {record.value['completion']}")
+    desirable = sum(r.value["label"] for r in rows)
+    echo(f"{split}: {len(rows):,} KTO rows, {desirable:,} desirable / {len(rows) - desirable:,} undesirable "
+         f"(train {len(records.train):,}, eval {len(records.eval):,})")
+    if stage != KTO:
+        echo(f"note: KTO rows (a completion labelled true/false) train with stage: kto; stage: {stage} refuses them, "
+             "set stage: kto")
+
+
 def run_preview(recipe, *, count: int = 3, split: str = "train", color: bool = False, echo: Callable[[str], None] = print) -> DataSplits | None:
     from ftune.model import load_tokenizer
     from ftune.runtime import quiet_libraries
@@ -78,6 +94,9 @@ def run_preview(recipe, *, count: int = 3, split: str = "train", color: bool = F
         echo(f"note: {note}")
     if any(r.kind == "preference" for r in records.train + records.eval):
         preview_preference(records, split, count, echo)
+        return None
+    if any(r.kind == "kto" for r in records.train + records.eval):
+        preview_kto(records, split, count, recipe.stage, echo)
         return None
     splits = tokenize_splits(records, tokenizer, recipe.data, keep_origins=True)
     style = "ansi" if color else "plain"

@@ -14,10 +14,13 @@ from ftune.recipe.tasks import CLASSIFICATION
 
 # Fields each row format reads; ``columns:`` maps them to a dataset's own column names. The
 # converters live in ftune.data.formats, which checks at import that it covers exactly these.
+# A chat row (alpaca, sharegpt, messages) with a boolean ``kto_tag`` or ``label`` is a KTO row: its last reply labelled
+# desirable (true) or undesirable (false), as LLaMA-Factory's KTO data writes it.
+KTO_LABELS = ("kto_tag", "label")
 FORMAT_FIELDS: dict[str, tuple[str, ...]] = {
-    "alpaca": ("instruction", "input", "output", "system"),
-    "sharegpt": ("conversations", "system", "tools"),
-    "messages": ("messages", "tools"),
+    "alpaca": ("instruction", "input", "output", "system", *KTO_LABELS),
+    "sharegpt": ("conversations", "system", "tools", *KTO_LABELS),
+    "messages": ("messages", "tools", *KTO_LABELS),
     "text": ("text",),
     "classification": ("text", "label"),
     "preference": ("prompt", "chosen", "rejected", "system"),
@@ -84,8 +87,9 @@ class DatasetSource(Strict):
         "function_call/observation turns and a tools column), messages (role/content list, with tool_calls and role "
         "tool), text (raw text, every token trained), classification (text/label), preference (chosen/rejected with "
         "a prompt string or messages, or message lists), sharegpt_preference (conversations + chosen/rejected "
-        "messages), kto and sharegpt_kto (one completion + boolean label/kto_tag; recognised, not trainable); auto "
-        "detects it from the columns.",
+        "messages), kto (prompt/completion + boolean label) and sharegpt_kto (conversations + boolean kto_tag); alpaca, "
+        "sharegpt and messages rows with a boolean label or kto_tag are KTO rows too (stage: kto); auto detects it from "
+        "the columns.",
     )
     tools: list[ToolSchema] | None = Field(
         None,

@@ -155,7 +155,8 @@ class MergeConfig(Strict):
 class Recipe(Strict):
     task: TaskName = Field(CAUSAL_LM, description="What the model learns.")
     stage: StageName = Field(SFT, description="Training stage: pretrain (every token of raw text, packed blocks), sft (responses of chat/instruction data), "
-        "dpo or orpo (preference pairs), reward (a scoring head on pairs), grpo (online RL: sampled completions scored by grpo.rewards).")
+        "dpo or orpo (preference pairs), reward (a scoring head on pairs), grpo (online RL: sampled completions scored by grpo.rewards), "
+        "kto (single completions labelled desirable or undesirable).")
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     method: MethodConfig

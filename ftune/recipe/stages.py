@@ -3,7 +3,8 @@
 ``pretrain`` trains every token of raw text packed into full blocks; ``sft`` trains on responses (what a recipe did before stages existed); ``dpo`` tunes on preference
 pairs against a frozen reference; ``orpo`` tunes on them with no reference (SFT loss on the chosen
 answer plus an odds-ratio penalty on the rejected one); ``reward`` trains a one-output sequence
-classifier (``task: classification``) to score chosen above rejected, for later RLHF. The rules here are checked by ``ftune validate``, so a recipe that
+classifier (``task: classification``) to score chosen above rejected, for later RLHF; ``kto`` tunes on single completions
+labelled desirable or undesirable against a frozen reference (``recipe.kto``). The rules here are checked by ``ftune validate``, so a recipe that
 cannot run is refused before anything loads.
 """
 
@@ -14,12 +15,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from ftune.recipe.grpo import GRPO, GrpoConfig, grpo_problems
+from ftune.recipe.kto import KTO, KTO_KEYS, kto_problems
 from ftune.recipe.method_base import ADAPTER_OFF
 from ftune.recipe.methods import Strict, method_class, with_reference
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION
 
 PRETRAIN, SFT, DPO, ORPO, REWARD = "pretrain", "sft", "dpo", "orpo", "reward"
-StageName = Literal["pretrain", "sft", "dpo", "orpo", "reward", "grpo"]
+StageName = Literal["pretrain", "sft", "dpo", "orpo", "reward", "grpo", "kto"]
 PREFERENCE_STAGES = frozenset({DPO, ORPO, REWARD})  # stages trained on preference pairs
 REWARD_LABELS = ["reward"]  # a reward model's single output, as its class name
 # preference keys that only mean something where a reference model exists
@@ -36,7 +38,7 @@ def liger_stage_blocker(stage: str) -> str | None:
 
 
 class PreferenceConfig(Strict):
-    beta: float = Field(0.1, gt=0, description="dpo: temperature, how far the policy may move from the reference (0.1 typical); "
+    beta: float = Field(0.1, gt=0, description="dpo and kto: temperature, how far the policy may move from the reference (0.1 typical); "
                         "orpo: weight of the odds-ratio term (lambda).")
     loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
         "sigmoid", description="DPO loss: sigmoid (the paper's), ipo, hinge, robust (noisy labels)."
@@ -53,6 +55,14 @@ class PreferenceConfig(Strict):
         description="Refuse the run when more than this share of pairs is damaged (chosen == rejected, an empty side, "
         "or an answer truncation would cut away); damaged pairs are listed with file:line and left out.",
     )
+    desirable_weight: float = Field(
+        1.0, gt=0, description="kto: factor on the loss of desirable completions (label true); raise it when they are the "
+        "fewer, so desirable_weight x desirable rows is about 1 to 1.33 x undesirable_weight x undesirable rows.",
+    )
+    undesirable_weight: float = Field(
+        1.0, gt=0, description="kto: factor on the loss of undesirable completions (label false); lower it when they are "
+        "the more numerous (the same balance as desirable_weight).",
+    )
 
     @field_validator("precompute_reference", mode="before")
     @classmethod
@@ -64,8 +74,12 @@ def stage_problems(recipe) -> list[str]:
     """Why the recipe's stage does not fit its other sections (one fix per line), or []."""
     stage, pref, data, method = recipe.stage, recipe.preference, recipe.data, recipe.method.name
     changed = sorted(name for name, field in PreferenceConfig.model_fields.items() if getattr(pref, name) != field.default)
+    if stage != KTO and (kto_only := [key for key in KTO_KEYS if key in changed]):
+        return [f"preference.{key}: only stage: kto weighs completions (now '{stage}'); set stage: kto or remove it" for key in kto_only]
     if stage != GRPO and recipe.grpo != GrpoConfig():
         return [f"grpo: the section only applies to stage: grpo (now '{stage}'); set stage: grpo or remove it"]
+    if stage == KTO:
+        return kto_problems(recipe, changed)
     if stage == GRPO:
         refused = [f"preference.{name}: stage: grpo does not read the preference section; remove it" for name in changed]
         return refused + grpo_problems(recipe, reference_kind=method_class(method).reference)

@@ -45,7 +45,7 @@ def build_pair_splits(recipe: Recipe, tokenizer) -> PairSplits:
         if other is not None:
             raise FtuneError(
                 f"data.{split}.{other.source}: stage: {recipe.stage} trains on preference pairs (prompt/chosen/rejected), "
-                f"but {other.origin} is a {other.kind} row; give preference data or set stage: sft"
+                f"but {other.origin} is a {other.kind} row; give preference data or set stage: {'kto' if other.kind == 'kto' else 'sft'}"
             )
     pref = recipe.preference
     notes = list(records.notes)
@@ -87,9 +87,9 @@ def drop_reference_adapter(model) -> None:
         model.set_adapter("default")
 
 
-def dpo_spec(model, tokenizer, splits: PairSplits, recipe: Recipe) -> TrainerSpec:
-    from trl import DPOConfig
-
+def frozen_reference(recipe: Recipe) -> tuple:
+    """(reference model or None, what the reference is): a frozen copy of the base where the method changes base weights
+    (None when its log-probs are precomputed instead); None with an adapter, which is switched off to score."""
     from ftune.model import load_base_model
 
     pref = recipe.preference
@@ -100,6 +100,14 @@ def dpo_spec(model, tokenizer, splits: PairSplits, recipe: Recipe) -> TrainerSpe
         ref_model.requires_grad_(False)
     reference = ("precomputed log-probs" if pref.precompute_reference else "a frozen copy of the base") if base_copy \
         else "the base with the adapter switched off"
+    return ref_model, reference
+
+
+def dpo_spec(model, tokenizer, splits: PairSplits, recipe: Recipe) -> TrainerSpec:
+    from trl import DPOConfig
+
+    pref = recipe.preference
+    ref_model, reference = frozen_reference(recipe)
     return TrainerSpec(
         dpo_trainer_class(), *pair_datasets(splits), args_class=DPOConfig,
         options=dict(beta=pref.beta, loss_type=[pref.loss_type], max_length=recipe.data.max_length,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ftune.recipe.grpo import GRPO
-from ftune.recipe.stages import DPO, ORPO, PRETRAIN, REWARD, SFT
-from ftune.training import grpo, preference, pretrain, sft
+from ftune.recipe.stages import DPO, KTO, ORPO, PRETRAIN, REWARD, SFT
+from ftune.training import grpo, kto, preference, pretrain, sft
 
 
 @dataclass(frozen=True)
@@ -37,5 +37,6 @@ STAGES: dict[str, Stage] = {
     DPO: Stage(**_PAIRS, spec=_without_liger(preference.dpo_spec)),
     ORPO: Stage(**_PAIRS, spec=_without_liger(preference.orpo_spec)),
     REWARD: Stage(**_PAIRS, spec=_without_liger(preference.reward_spec)),
+    KTO: Stage(kto.build_kto_splits, kto.describe_kto, _without_liger(kto.kto_spec)),
     GRPO: Stage(grpo.build_prompt_splits, grpo.describe_prompts, _without_liger(grpo.grpo_spec)),
 }

@@ -1,6 +1,7 @@
 """Preference rows in the layouts peers use (LLaMA-Factory's ShareGPT history + chosen/rejected messages, TRL's
-strings, explicit and implicit message lists) become one (prompt, chosen, rejected) triple; KTO rows are
-recognised and refused with the reason; a bad preference row names its file:line and field."""
+strings, explicit and implicit message lists) become one (prompt, chosen, rejected) triple; KTO rows in every layout
+(TRL's, LLaMA-Factory's messages/conversations + label/kto_tag, alpaca + label) one labelled completion; columns no
+format reads are named; a bad preference row names its file:line and field."""
 
 from __future__ import annotations
 
@@ -69,16 +70,58 @@ def test_bad_preference_rows_name_the_line_and_field(tmp_path):
         assert any(expected in problem for problem in info.value.problems), (expected, info.value.problems)
 
 
-@pytest.mark.parametrize("row, label", [
-    ({"prompt": "p", "completion": "c", "label": True}, "label"),
-    ({"conversations": [{"from": "human", "value": "p"}, {"from": "gpt", "value": "c"}], "kto_tag": False}, "kto_tag"),
-])
-def test_kto_rows_are_recognised_and_refused_with_the_reason(tmp_path, row, label):
+KTO_RECORD = {"prompt": PROMPT, "completion": "Hello there!", "label": False}
+USER, REPLY = {"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hello there!"}
+KTO_LAYOUTS = {
+    "trl prompt/completion/label": {"prompt": "Say hi.", "system": "Be kind.", "completion": "Hello there!", "label": False},
+    "sharegpt + kto_tag": {"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hello there!"}],
+                           "system": "Be kind.", "kto_tag": False},
+    "llamafactory messages + label": {"messages": [PROMPT[0], USER, REPLY], "label": False},
+    "messages + kto_tag": {"messages": [PROMPT[0], USER, REPLY], "kto_tag": False},
+    "sharegpt + label": {"conversations": [{"from": "system", "value": "Be kind."}, {"from": "human", "value": "Say hi."},
+                                           {"from": "gpt", "value": "Hello there!"}], "label": False},
+    "alpaca + label": {"instruction": "Say hi.", "input": "", "output": "Hello there!", "system": "Be kind.", "label": False},
+    "alpaca + CSV-style label": {"instruction": "Say hi.", "output": "Hello there!", "system": "Be kind.", "label": "FALSE"},
+}
+KTO_HELD = {"prompt": "q", "completion": "x", "label": True}
+
+
+@pytest.mark.parametrize("layout", KTO_LAYOUTS)
+def test_every_kto_layout_yields_the_same_labelled_completion(tmp_path, layout):
+    [record] = load(tmp_path, [KTO_LAYOUTS[layout]])
+    assert record.kind == "kto" and record.value == KTO_RECORD
+    path = write_jsonl(tmp_path / "kto.jsonl", [KTO_LAYOUTS[layout]])
+    [record] = rows_to_records(read_rows(str(path)), "causal_lm")  # ftune eval --split FILE reads them alike
+    assert record.kind == "kto" and record.value == KTO_RECORD
+
+
+def test_a_mapped_column_labels_chat_rows_and_a_bad_label_names_its_line(tmp_path):
+    rows = [{"messages": [USER, REPLY], "good": True}, {"messages": [USER, REPLY], "good": "maybe"}]
     with pytest.raises(FtuneError) as info:
-        load(tmp_path, [row])
-    [problem] = info.value.problems
-    assert problem.startswith("data.train.0.format: ") and f"holds KTO rows (one completion with a boolean {label})" in problem
-    assert "no ftune stage trains on yet" in problem and "chosen/rejected rows (format: preference)" in problem
-    path = write_jsonl(tmp_path / "kto.jsonl", [row])
-    with pytest.raises(FtuneError, match="--split.format: .* holds KTO rows"):
-        rows_to_records(read_rows(str(path)), "causal_lm")
+        load(tmp_path, rows, format="messages", columns={"kto_tag": "good"})
+    assert info.value.problems[0].split("/")[-1] == "pref.jsonl:2: field 'good' must be true (desirable) or false (undesirable), got 'maybe'"
+    [record] = load(tmp_path, rows[:1], format="messages", columns={"kto_tag": "good"})
+    assert record.kind == "kto" and record.value["label"] is True
+
+
+def test_a_label_on_a_reply_that_is_not_the_last_turn_is_refused(tmp_path):
+    with pytest.raises(FtuneError) as info:
+        load(tmp_path, [{"messages": [USER, REPLY, USER], "label": True}])
+    assert "pref.jsonl:1: field 'label' labels the last reply, but the conversation does not end" in info.value.problems[0]
+
+
+def test_columns_no_format_reads_are_named_in_a_note(tmp_path):
+    rows = [{"messages": [USER, REPLY], "label": "greeting", "score": 0.9, "source": "web"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    held = write_jsonl(tmp_path / "held.jsonl", [{**rows[0], "messages": [USER, {"role": "assistant", "content": "Hi."}]}])
+    records = load_records(DataConfig(train=str(path), eval=str(held)))
+    assert records.train[0].kind == "chat"  # a label of other values labels no completion
+    [note, _] = [n for n in records.notes if "does not read" in n]
+    assert note.startswith(f"data.train.0: {path} has columns 'label', 'score', 'source' that format messages does not read")
+    assert "score: no stage trains on a score" in note and "label holds no true/false value" in note
+
+
+def test_chosen_rejected_columns_under_a_chat_format_are_refused(tmp_path):
+    rows = [{"conversations": [{"from": "human", "value": "p"}, {"from": "gpt", "value": "c"}], "chosen": "a", "rejected": "b"}]
+    with pytest.raises(FtuneError, match="data.train.0.format: .* has chosen/rejected columns, which format sharegpt does not read"):
+        load(tmp_path, rows, format="sharegpt")

@@ -52,6 +52,40 @@ def test_stage_mismatches_are_refused_with_the_fix(recipe_file, extra, method, e
     assert expected in problems(recipe_file(extra, method))
 
 
+def test_kto_takes_its_weights_and_the_reference_of_dpo(recipe_file):
+    recipe = load_recipe(recipe_file("stage: kto\npreference:\n  beta: 0.2\n  desirable_weight: 1.33\n  undesirable_weight: 0.5\n"))
+    assert (recipe.stage, recipe.preference.desirable_weight, recipe.preference.undesirable_weight) == ("kto", 1.33, 0.5)
+    assert load_recipe(recipe_file("stage: kto\npreference:\n  precompute_reference: true\n", method="full")).stage == "kto"
+
+
+@pytest.mark.parametrize("extra, method, expected", [
+    ("preference:\n  desirable_weight: 2.0\n", "lora",
+     "preference.desirable_weight: only stage: kto weighs completions (now 'sft'); set stage: kto or remove it"),
+    ("stage: dpo\npreference:\n  undesirable_weight: 0.5\n", "lora",
+     "preference.undesirable_weight: only stage: kto weighs completions (now 'dpo'); set stage: kto or remove it"),
+    ("stage: kto\npreference:\n  loss_type: ipo\n", "lora", "preference.loss_type: stage: kto trains with the KTO loss"),
+    ("stage: kto\n", "unipelt", "method 'unipelt' cannot train stage: kto"),
+    ("stage: kto\npreference:\n  precompute_reference: true\n", "lora",
+     "preference.precompute_reference: with method 'lora' the reference is the base with the adapter switched off"),
+    ("stage: kto\ntask: classification\n", "lora", "stage: kto tunes a causal LM on completions labelled desirable or "
+     "undesirable; set task: causal_lm"),
+    ("stage: kto\ntraining:\n  batch_size: 1\n", "lora", "training.batch_size: stage: kto estimates its KL term"),
+    ("stage: kto\npreference:\n  max_prompt_length: 2000\n", "lora", "preference.max_prompt_length: 2000 leaves no room"),
+    ("stage: kto\npreference:\n  desirable_weight: 0\n", "lora", "preference.desirable_weight"),
+])
+def test_kto_mismatches_are_refused_naming_the_key(recipe_file, extra, method, expected):
+    assert expected in problems(recipe_file(extra, method))
+
+
+def test_kto_refuses_packing_and_prompt_training(tmp_path):
+    data = tmp_path / "kto.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b", "label": true}\n')
+    path = tmp_path / "k.yaml"
+    path.write_text(f"stage: kto\ndata:\n  train: {data}\n  packing: true\n  train_on_prompt: true\nmethod:\n  name: lora\noutput_dir: out\n")
+    found = problems(path)
+    assert "data.packing: true does not apply to stage: kto" in found and "data.train_on_prompt: stage: kto scores the completions only" in found
+
+
 def test_pretrain_refuses_knobs_that_fight_packed_raw_text(tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text('{"text": "a b c"}\n')

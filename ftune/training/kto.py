@@ -1,0 +1,102 @@
+"""The kto stage: completions labelled desirable or undesirable in, TRL's KTOTrainer over the method.
+
+Its row of ``training.stages`` reads KTO records (``data.preference``: TRL's prompt/completion/label, a chat
+row's last reply with a boolean ``kto_tag`` / ``label``), tokenized once by ftune; the reference model is
+DPO's (``training.preference.frozen_reference``). KTO's KL estimate scores each prompt with the completion of
+the row before it in its batch, so the training rows are shuffled once (seeded) and then read in order.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from ftune.data.preference import check_damage, tokenize_completions
+from ftune.errors import FtuneError
+from ftune.recipe import Recipe
+from ftune.recipe.tasks import CAUSAL_LM
+from ftune.training.preference import drop_reference_adapter, frozen_reference, pair_datasets
+from ftune.training.trainer import TrainerSpec
+
+
+@dataclass
+class KtoSplits:
+    train: list[dict]  # {"prompt_ids", "completion_ids", "label"}
+    eval: list[dict]
+    heldout: list[dict]  # the eval records as JSON rows (RUN/heldout.jsonl)
+    notes: list[str] = field(default_factory=list)
+    label_names: None = None
+
+
+def build_kto_splits(recipe: Recipe, tokenizer) -> KtoSplits:
+    from ftune.data.heldout import heldout_rows
+    from ftune.data.pipeline import load_records
+    from ftune.data.templates import install_chat_template
+
+    install_chat_template(tokenizer, recipe.data)
+    records = load_records(recipe.data, CAUSAL_LM)
+    for split in ("train", "eval"):
+        other = next((r for r in getattr(records, split) if r.kind != "kto"), None)
+        if other is not None:
+            fix = "set stage: dpo (or orpo) for pairs" if other.kind == "preference" else "set stage: sft"
+            raise FtuneError(
+                f"data.{split}.{other.source}: stage: kto trains on completions labelled true/false (prompt/completion/label, or "
+                f"chat rows with a boolean label or kto_tag), but {other.origin} is a {other.kind} row; give KTO rows or {fix}"
+            )
+    pref, notes, splits = recipe.preference, list(records.notes), {}
+    for split in ("train", "eval"):
+        chosen = getattr(records, split)
+        rows = tokenize_completions(tokenizer, chosen, max_length=recipe.data.max_length, max_prompt_length=pref.max_prompt_length)
+        if chosen:
+            note = check_damage(rows, len(chosen), pref.max_damaged_share, f"data.{split}", "KTO rows")
+            notes += [note] if note else []
+        splits[split] = rows.rows
+    random.Random(f"{recipe.training.seed}:kto").shuffle(splits["train"])
+    return KtoSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes)
+
+
+def describe_kto(splits: KtoSplits) -> str:
+    desirable = sum(r["label"] for r in splits.train)
+    tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in splits.train)
+    lines = [f"Data: {len(splits.train):,} train / {len(splits.eval):,} eval KTO rows ({desirable:,} desirable, "
+             f"{len(splits.train) - desirable:,} undesirable), {tokens:,} train tokens"]
+    if splits.train and desirable in (0, len(splits.train)):
+        lines.append(f"  warning: every training completion is {'desirable' if desirable else 'undesirable'}; KTO learns from "
+                     "the contrast, so give both kinds")
+    return "\n".join(lines + [f"  {note}" for note in splits.notes])
+
+
+def mismatched_completions(rows: dict) -> dict:
+    """KTO's KL rows: each prompt with the completion of the row before it in the batch (the first takes the last)."""
+    completions = rows["completion_ids"]
+    return {"KL_completion_ids": completions[-1:] + completions[:-1]}
+
+
+def kto_trainer_class():
+    from trl import KTOTrainer
+
+    class RowKTOTrainer(KTOTrainer):
+        """KTOTrainer over rows ftune already rendered and tokenized (TRL would render them a second time); only KTO's KL
+        rows are added here, batch by batch as TRL builds them."""
+
+        def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
+            if not self.calculate_KL:
+                return dataset
+            return dataset.map(mismatched_completions, batched=True, batch_size=args.per_device_train_batch_size)
+
+    return RowKTOTrainer
+
+
+def kto_spec(model, tokenizer, splits: KtoSplits, recipe: Recipe) -> TrainerSpec:
+    from trl import KTOConfig
+
+    pref = recipe.preference
+    ref_model, reference = frozen_reference(recipe)
+    return TrainerSpec(
+        kto_trainer_class(), *pair_datasets(splits), args_class=KTOConfig,
+        options=dict(beta=pref.beta, desirable_weight=pref.desirable_weight, undesirable_weight=pref.undesirable_weight,
+                     max_length=recipe.data.max_length, precompute_ref_log_probs=pref.precompute_reference),
+        trainer_options={"ref_model": ref_model}, after_build=lambda trainer: drop_reference_adapter(trainer.model),
+        notes=(f"KTO: beta {pref.beta}, weights desirable {pref.desirable_weight} / undesirable {pref.undesirable_weight}, "
+               f"reference = {reference}",),
+    )
