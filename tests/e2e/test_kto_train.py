@@ -100,12 +100,24 @@ def test_llamafactory_kto_rows_train_evaluate_and_merge(kto_recipe):
     ({"method": {"name": "full"}}, "a frozen copy of the base"),
     ({"quantization": {"bits": 4}}, "the base with the adapter switched off"),
 ], ids=["full", "qlora"])
-def test_kto_trains_alpaca_rows_with_full_fine_tuning_and_qlora(kto_recipe, sections, reference):
+def test_kto_trains_alpaca_rows_with_full_fine_tuning_and_qlora(kto_recipe, tiny_llama_dir, sections, reference):
+    import math
+
+    import torch
+    from safetensors.torch import load_file
+
     recipe = kto_recipe("alpaca", training={"max_steps": 3, "learning_rate": 1e-3, "save_steps": 50, "eval_steps": None}, **sections)
     result = invoke_ok("train", recipe)
     assert f"reference = {reference}" in result.output
-    summary = json.loads((recipe.parent / "run" / "summary.json").read_text())
-    assert summary["steps"] == 3 and summary["train_loss"] == pytest.approx(summary["train_loss"])  # finite
+    run = recipe.parent / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 3 and math.isfinite(summary["train_loss"])
+    if (run / "model" / "model.safetensors").is_file():  # full: the saved weights moved away from the base's
+        base, tuned = load_file(str(tiny_llama_dir / "model.safetensors")), load_file(str(run / "model" / "model.safetensors"))
+        assert any(not torch.equal(base[name], tuned[name]) for name in base if name in tuned)
+    else:  # qlora: the adapter's B matrices left zero
+        adapter = load_file(str(run / "model" / "adapter_model.safetensors"))
+        assert any(name.endswith("lora_B.weight") and bool(tensor.abs().sum() > 0) for name, tensor in adapter.items())
 
 
 @pytest.mark.parametrize("layout", ["llamafactory", "alpaca", "trl"])
@@ -120,3 +132,12 @@ def test_stage_sft_refuses_kto_rows_and_preview_names_the_stage(kto_recipe, layo
     assert result.exit_code == 2 and "Traceback" not in result.output
     [line] = [line for line in result.stderr.splitlines() if line.strip()]
     assert "data.train.0: " in line and "kto.jsonl:1 is a KTO row" in line and line.rstrip().endswith("set stage: kto")
+
+
+def test_columns_sft_does_not_read_are_named_at_preview_and_train_time(make_recipe, tmp_path):
+    rows = [{"instruction": f"Say {w}.", "output": w, "score": 0.5 + i / 100, "source": "web"} for i, w in enumerate(WORDS)]
+    recipe = make_recipe(data={"train": str(write_jsonl(tmp_path / "scored.jsonl", rows)), "eval": [], "eval_split": 2},
+                         training={"max_steps": 1, "save_steps": 50})
+    expected = "has columns 'score', 'source' that format alpaca does not read; score: no stage trains on a score"
+    assert expected in invoke_ok("data", "preview", recipe, "-n", "1").output
+    assert expected in invoke_ok("train", recipe).output
