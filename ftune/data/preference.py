@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ftune.data.templates import render
 from ftune.data.turns import MESSAGE_ROLES, SHAREGPT_ROLES, RowError, chat_turns, text_field, with_system
 from ftune.errors import MAX_LISTED_PROBLEMS, FtuneError
 
@@ -114,12 +115,12 @@ class Pairs:
     damaged: list[str] = field(default_factory=list)  # "file:line: why"
 
 
-def render_completions(tokenizer, prompt: list[dict], answers: list[str]) -> list[str]:
-    """[prompt text, then each answer's completion text], each rendered once by the template."""
-    prompt_text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+def render_completions(tokenizer, prompt: list[dict], answers: list[str], tools: list[dict] | None = None) -> list[str]:
+    """[prompt text, then each answer's completion text], each rendered once by the template (with the row's tools)."""
+    prompt_text = render(tokenizer, prompt, add_generation_prompt=True, tools=tools)
     completions = []
     for answer in answers:
-        full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
+        full = render(tokenizer, prompt + [{"role": "assistant", "content": answer}], tools=tools)
         if not full.startswith(prompt_text):
             raise ValueError("the chat template renders the prompt differently once the answer follows; check data.chat_template")
         completions.append(full[len(prompt_text):])
@@ -136,7 +137,7 @@ def tokenize_completions(tokenizer, records, *, max_length: int, max_prompt_leng
     rows = Pairs([])
     for record in records:
         try:
-            texts = render_completions(tokenizer, record.value["prompt"], [record.value["completion"]])
+            texts = render_completions(tokenizer, record.value["prompt"], [record.value["completion"]], record.tools)
         except ValueError as exc:
             rows.damaged.append(f"{record.origin}: {exc}")
             continue

@@ -52,6 +52,9 @@ def build_summary(run: RunDir, eval_metrics: dict, trainer, wall: float, trained
         summary["eval_loss"] = eval_metrics["eval_loss"]
     if "eval_rewards/accuracies" in eval_metrics:  # preference stages: share of held-out pairs ranked right
         summary["eval_preference_accuracy"] = eval_metrics["eval_rewards/accuracies"]
+    if "eval_kl" in eval_metrics:  # kto: the held-out KL estimate, and the desirable minus undesirable mean reward
+        summary["eval_kl"] = eval_metrics["eval_kl"]
+        summary["eval_reward_margin"] = eval_metrics.get("eval_rewards/margins")
     return summary
 
 

@@ -80,11 +80,13 @@ def test_kto_with_lora_moves_the_adapter_and_leaves_the_base_bit_identical(kto_r
 
 
 def test_llamafactory_kto_rows_train_evaluate_and_merge(kto_recipe):
-    recipe = kto_recipe("llamafactory")
+    recipe = kto_recipe("llamafactory", training={"max_steps": 8, "learning_rate": 1e-2, "save_steps": 50, "eval_steps": 8})
     result = invoke_ok("train", recipe)
     assert "18 train / 6 eval KTO rows (9 desirable, 9 undesirable)" in result.output
     assert "reference = the base with the adapter switched off" in result.output
     run = recipe.parent / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["eval_kl"] >= 0 and summary["eval_reward_margin"] > 0
     result = invoke_ok("eval", run, "--base")
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     tuned, base = metrics["tuned"], metrics["base"]
@@ -98,8 +100,9 @@ def test_llamafactory_kto_rows_train_evaluate_and_merge(kto_recipe):
 
 @pytest.mark.parametrize("sections, reference", [
     ({"method": {"name": "full"}}, "a frozen copy of the base"),
+    ({"method": {"name": "full"}, "preference": {"precompute_reference": True}}, "precomputed log-probs"),
     ({"quantization": {"bits": 4}}, "the base with the adapter switched off"),
-], ids=["full", "qlora"])
+], ids=["full", "full-precomputed", "qlora"])
 def test_kto_trains_alpaca_rows_with_full_fine_tuning_and_qlora(kto_recipe, tiny_llama_dir, sections, reference):
     import math
 
