@@ -153,15 +153,16 @@ def unused_columns_note(rows: list[Row], name: str, columns: dict[str, str], *, 
     present: set[str] = set()
     for row in rows:
         present.update(row.fields)
-    label = kto_column(rows, name, columns)
-    read = {columns.get(field, field) for field in FORMAT_FIELDS[name] if field not in KTO_LABELS or field == label}
+    label, chat = kto_column(rows, name, columns), FORMATS[name].kind == "chat"
+    # a chat format reads a label column only where it labels completions (``kto_column``)
+    read = {columns.get(field, field) for field in FORMAT_FIELDS[name] if not chat or field not in KTO_LABELS or field == label}
     unused = sorted(present - read)
     if not unused:
         return None
     note = f"{key}: {shown} has column{'s' if len(unused) > 1 else ''} {', '.join(repr(c) for c in unused)} that format {name} does not read"
     if scores := [c for c in unused if c.lower() in SCORE_COLUMNS]:
         note += f"; {', '.join(scores)}: {SCORE_HINT}"
-    if labels := [c for c in unused if c in KTO_LABELS and FORMATS[name].kind == "chat"]:
+    if labels := [c for c in unused if c in KTO_LABELS and chat]:
         note += f"; {', '.join(labels)} holds no true/false value, so it labels no completion for stage: kto"
     return note
 

@@ -121,6 +121,15 @@ def test_columns_no_format_reads_are_named_in_a_note(tmp_path):
     assert "score: no stage trains on a score" in note and "label holds no true/false value" in note
 
 
+@pytest.mark.parametrize("layout", ["trl prompt/completion/label", "sharegpt + kto_tag", "llamafactory messages + label"])
+def test_a_label_a_format_reads_is_not_named_unused(tmp_path, layout):
+    path = write_jsonl(tmp_path / "kto.jsonl", [KTO_LAYOUTS[layout]])
+    records = load_records(DataConfig(train=str(path), eval=str(write_jsonl(tmp_path / "held.jsonl", [KTO_HELD]))))
+    assert not [note for note in records.notes if "does not read" in note]
+    text = write_jsonl(tmp_path / "sentiment.jsonl", [{"text": "great", "label": "pos"}, {"text": "bad", "label": "neg"}])
+    assert not [note for note in load_records(DataConfig(train=str(text), eval_split=1), "classification").notes if "does not read" in note]
+
+
 def test_chosen_rejected_columns_under_a_chat_format_are_refused(tmp_path):
     rows = [{"conversations": [{"from": "human", "value": "p"}, {"from": "gpt", "value": "c"}], "chosen": "a", "rejected": "b"}]
     with pytest.raises(FtuneError, match="data.train.0.format: .* has chosen/rejected columns, which format sharegpt does not read"):
