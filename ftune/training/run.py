@@ -17,6 +17,7 @@ from ftune.resources import free_memory_mib
 from ftune.methods import save_method_artifact
 from ftune.model import load_tokenizer
 from ftune.recipe import Recipe
+from ftune.recipe.stages import PRETRAIN, SFT
 from ftune.run_dir import RunDir, atomic_dir, checkpoint_step, prepare_run_dir, run_lock, write_json_atomic
 from ftune.runtime import quiet_libraries
 from ftune.training.checkpoints import (
@@ -109,6 +110,9 @@ def run_preprocess(recipe: Recipe, *, echo=print):
     quiet_libraries()
     if not recipe.data.cache:
         raise FtuneError("data.cache: false, so there is no cache to fill; set data.cache: true (the default)")
+    if recipe.stage not in (SFT, PRETRAIN):
+        raise FtuneError(f"stage: {recipe.stage} tokenizes its rows when training starts and keeps no data cache; ftune preprocess "
+                         "fills the cache of stage: sft and pretrain, so run ftune train directly")
     splits = build_datasets(recipe.data, load_tokenizer(recipe.model), recipe.task)
     echo(describe_splits(splits))
     return splits

@@ -144,3 +144,10 @@ def test_columns_sft_does_not_read_are_named_at_preview_and_train_time(make_reci
     expected = "has columns 'score', 'source' that format alpaca does not read; score: no stage trains on a score"
     assert expected in invoke_ok("data", "preview", recipe, "-n", "1").output
     assert expected in invoke_ok("train", recipe).output
+
+
+def test_preprocess_says_a_kto_run_tokenizes_when_training_starts(kto_recipe):
+    from ftune.cli import app
+
+    result = CliRunner().invoke(app, ["preprocess", str(kto_recipe())])
+    assert result.exit_code == 2 and "stage: kto tokenizes its rows when training starts" in result.stderr
