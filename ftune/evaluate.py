@@ -3,7 +3,8 @@
 Causal LM: loss and perplexity on the response tokens, then batched greedy generation scored by
 exact match, token F1 and ROUGE-L; on tool-calling conversations also the share of replies that make
 a well-formed call to a known function, and that make exactly the reference call (name and arguments
-as parsed JSON). Classification: loss, accuracy, macro F1 and the confusion matrix. The held-out
+as parsed JSON). Classification: loss, accuracy, macro F1 and the confusion matrix. A kto run: the KL
+estimate and the desirable / undesirable implicit rewards against the base (``scoring.score_kto``). The held-out
 rows come from ``RUN/heldout.jsonl`` (or ``--split FILE``), tokenized as training tokenized them.
 Results go to RUN/eval/metrics.json and RUN/eval/predictions.jsonl. ``TASK_SCORERS`` maps the
 recipe's task to how it is scored.
