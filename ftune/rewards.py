@@ -103,10 +103,13 @@ def _function_reward(spec, key: str):
 class RewardModel:
     """A ``stage: reward`` run's scoring head, loaded once with ftune's own loader, scoring prompt + reply."""
 
-    def __init__(self, run_dir: str, *, device: str) -> None:
+    def __init__(self, run_dir: str, *, device: str, key: str = "grpo.rewards") -> None:
         from ftune.run_dir import load_run
         from ftune.tuned import load_model
 
+        if not (Path(run_dir).expanduser() / "summary.json").is_file():
+            raise FtuneError(f"{key}.run: {run_dir} holds no finished reward model; train it first (ftune train RECIPE with "
+                             "stage: reward and this output_dir), or fix the path")
         run, self.recipe = load_run(run_dir)
         self.model, self.tokenizer = load_model(run, self.recipe)
         self.model.to(device)
@@ -145,7 +148,7 @@ def build_rewards(rewards: list, *, device: str = "cpu") -> list[Callable]:
         elif spec.kind == "function":
             built.append(_function_reward(spec, key))
         else:
-            built.append(RewardModel(spec.run, device=device))
+            built.append(RewardModel(spec.run, device=device, key=key))
     return built
 
 

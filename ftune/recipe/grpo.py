@@ -92,14 +92,17 @@ class FunctionReward(_Reward):
 
 class ModelReward(_Reward):
     kind: Literal["model"] = Field(description="A learned reward model (a `stage: reward` run directory) scores prompt + completion.")
-    run: str = Field(description="Run directory of a finished `ftune train` with stage: reward.")
+    run: str = Field(description="Run directory of a finished `ftune train` with stage: reward; one that does not exist yet "
+                     "validates (an earlier command of the chain trains it) and is checked again when training starts.")
 
     @field_validator("run")
     @classmethod
     def _reward_run(cls, value: str, info: ValidationInfo) -> str:
+        root = Path(value).expanduser()
         if not checks_paths(info):
             return value
-        root = Path(value).expanduser()
+        if not root.exists():
+            return str(root.resolve())
         recipe = root / "recipe.yaml"
         if not recipe.is_file():
             raise ValueError(f"'{value}' is not an ftune run directory (no recipe.yaml); train a reward model with stage: reward")

@@ -89,6 +89,7 @@ def grpo_spec(model, tokenizer, splits: PromptSplits, recipe: Recipe) -> Trainer
     grpo, train = recipe.grpo, recipe.training
     check_vllm(grpo.use_vllm)
     rewards = build_rewards(grpo.rewards, device=str(PartialState().device))
+    held = splits.eval[: recipe.evaluation.max_samples or None]  # every eval prompt costs a group of sampled completions
     # Eval draws its groups from batches of training.batch_size completions, so its group is the largest that fits.
     eval_generations = math.gcd(train.batch_size, grpo.num_generations)
     options = dict(num_generations=grpo.num_generations, num_generations_eval=eval_generations, max_completion_length=grpo.max_new_tokens,
@@ -98,7 +99,7 @@ def grpo_spec(model, tokenizer, splits: PromptSplits, recipe: Recipe) -> Trainer
         "the base with the adapter switched off" if hasattr(model, "peft_config") else "a frozen copy of the base")
     names = ", ".join(f"{getattr(f, '__name__', 'reward')} x{r.weight:g}" for f, r in zip(rewards, grpo.rewards))
     return TrainerSpec(
-        GRPOTrainer, Dataset.from_list(splits.train), Dataset.from_list(splits.eval) if splits.eval else None,
+        GRPOTrainer, Dataset.from_list(splits.train), Dataset.from_list(held) if held else None,
         args_class=GRPOConfig, options=options, trainer_options={"reward_funcs": rewards},
         after_build=lambda trainer: drop_reference_adapter(trainer.model),
         notes=(f"GRPO: {grpo.num_generations} completions per prompt, up to {grpo.max_new_tokens} new tokens at temperature "

@@ -69,11 +69,17 @@ def test_grpo_lora_trains_the_adapter_and_leaves_the_base(grpo_recipe, tmp_path,
     assert (run / "merged" / "config.json").is_file()
 
 
-def test_grpo_full_fine_tuning_changes_the_weights(grpo_recipe, tmp_path, tiny_llama_dir):
-    invoke_ok("train", grpo_recipe(method={"name": "full"}, training={"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3,
-                                                                      "save_steps": 50, "logging_steps": 1}))
-    before, after = safetensors_state(tiny_llama_dir / "model.safetensors"), safetensors_state(tmp_path / "run" / "model" / "model.safetensors")
+def test_grpo_chains_from_an_sft_run_and_full_fine_tuning_changes_the_weights(grpo_recipe, tmp_path, tiny_llama_dir, alpaca_files):
+    sft_run = tmp_path / "sft"
+    sft = recipe_dict(tiny_llama_dir, *alpaca_files, sft_run, method={"name": "full"}, training={"max_steps": 1, "save_steps": 50})
+    invoke_ok("train", write_recipe(tmp_path / "sft.yaml", sft))  # full weights: the run directory is the model
+    result = invoke_ok("train", grpo_recipe(model={"name_or_path": str(sft_run)}, method={"name": "full"},
+                                            training={"max_steps": 2, "batch_size": 2, "learning_rate": 1e-3, "save_steps": 50}))
+    assert "reference = a frozen copy of the base" in result.output
+    before, after = safetensors_state(sft_run / "model" / "model.safetensors"), safetensors_state(tmp_path / "run" / "model" / "model.safetensors")
     assert any(not (after[name] == tensor).all() for name, tensor in before.items() if name in after)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert [(step["run"], step["stage"]) for step in manifest["lineage"]] == [(str(sft_run), "sft")]
 
 
 def test_a_failing_reward_function_names_the_prompt(grpo_recipe, tmp_path):
@@ -120,3 +126,10 @@ def test_a_reward_run_directory_scores_the_completions(grpo_recipe, tmp_path, ti
     logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["rewards/reward_model:reward/mean"] for r in logged if "rewards/reward_model:reward/mean" in r]
     assert rewards and all(r != 0 for r in rewards)  # the head's scores, not a placeholder
+
+
+def test_grpo_trains_qlora_on_a_4bit_base(grpo_recipe, tmp_path):
+    result = invoke_ok("train", grpo_recipe(quantization={"bits": 4}, rewards=[{"kind": "function", "function": f"{tmp_path / 'score.py'}:longer"}]))
+    assert "reference = the base with the adapter switched off" in result.output
+    adapter = safetensors_state(tmp_path / "run" / "model" / "adapter_model.safetensors")
+    assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in adapter.items())
