@@ -291,13 +291,13 @@ def save_report(run: RunDir, split: str, results: dict, *, table: tuple[str, ...
 
 
 def format_table(report: EvalReport) -> str:
-    columns = ["tuned"] + (["base", "delta"] if report.base else [])
-    lines = [f"{'metric':<14}" + "".join(f"{c:>12}" for c in columns)]
+    columns, width = ["tuned"] + (["base", "delta"] if report.base else []), max(14, *(len(name) + 2 for name in report.table))
+    lines = [f"{'metric':<{width}}" + "".join(f"{c:>12}" for c in columns)]
     for name in report.table:
         values = [report.tuned[name]]
         if report.base:
             values += [report.base[name], "" if name == "samples" else report.tuned[name] - report.base[name]]
-        lines.append(f"{name:<14}" + "".join(f"{v:>12.4f}" if isinstance(v, float) else f"{v:>12}" for v in values))
+        lines.append(f"{name:<{width}}" + "".join(f"{v:>12.4f}" if isinstance(v, float) else f"{v:>12}" for v in values))
     if "confusion_matrix" in report.tuned:
         lines.append(format_confusion(report.tuned["confusion_matrix"]))
     lines.append(f"total eval wall time {report.wall_time_s:.1f} s")

@@ -181,7 +181,7 @@ def score_rewards(model, tokenizer, records: list, recipe, *, built: list[Callab
     rows = prompt_rows(records)
     if not rows:
         raise FtuneError("the held-out split has no chat or instruction rows with an answer to take prompts from")
-    replies = generate_replies(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=recipe.grpo.max_new_tokens,
+    replies = generate_replies(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=recipe.evaluation.max_new_tokens,
                                batch_size=recipe.evaluation.batch_size)
     built = built if built is not None else build_rewards(recipe.grpo.rewards, device=str(next(model.parameters()).device))
     metrics, scores = score_replies(recipe.grpo.rewards, built, rows, [reply.text for reply in replies])

@@ -35,6 +35,7 @@ def build_prompt_splits(recipe: Recipe, tokenizer) -> PromptSplits:
     from ftune.data.templates import install_chat_template
     from ftune.rewards import prompt_rows
 
+    check_vllm(recipe.grpo.use_vllm)  # before the data and the model load
     install_chat_template(tokenizer, recipe.data)
     records = load_records(recipe.data, CAUSAL_LM)
     notes, splits = list(records.notes), {}
@@ -87,7 +88,6 @@ def grpo_spec(model, tokenizer, splits: PromptSplits, recipe: Recipe) -> Trainer
     from ftune.rewards import build_rewards
 
     grpo, train = recipe.grpo, recipe.training
-    check_vllm(grpo.use_vllm)
     rewards = build_rewards(grpo.rewards, device=str(PartialState().device))
     held = splits.eval[: recipe.evaluation.max_samples or None]  # every eval prompt costs a group of sampled completions
     # Eval draws its groups from batches of training.batch_size completions, so its group is the largest that fits.

@@ -133,3 +133,12 @@ def test_grpo_trains_qlora_on_a_4bit_base(grpo_recipe, tmp_path):
     assert "reference = the base with the adapter switched off" in result.output
     adapter = safetensors_state(tmp_path / "run" / "model" / "adapter_model.safetensors")
     assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in adapter.items())
+
+
+def test_use_vllm_is_refused_on_cpu_before_anything_loads(grpo_recipe, tmp_path):
+    recipe = grpo_recipe(grpo={"num_generations": 2, "use_vllm": True, "rewards": [{"kind": "exact_match"}]})
+    result = CliRunner().invoke(app, ["train", str(recipe)])
+    assert result.exit_code == 2
+    [line] = [l for l in result.output.splitlines() if "grpo.use_vllm" in l]
+    assert "CUDA GPUs only" in line and "set grpo.use_vllm: false" in line
+    assert "Method lora" not in result.output  # refused before the model loaded
