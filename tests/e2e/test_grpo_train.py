@@ -142,3 +142,15 @@ def test_use_vllm_is_refused_on_cpu_before_anything_loads(grpo_recipe, tmp_path)
     [line] = [l for l in result.output.splitlines() if "grpo.use_vllm" in l]
     assert "CUDA GPUs only" in line and "set grpo.use_vllm: false" in line
     assert "Method lora" not in result.output  # refused before the model loaded
+
+
+def test_grpo_trains_on_two_processes(grpo_recipe, tmp_path):
+    from tests.e2e.test_distributed import train_on_two_processes
+
+    recipe = grpo_recipe(training={"max_steps": 2, "batch_size": 2, "learning_rate": 5e-2, "save_steps": 50, "logging_steps": 1})
+    train_on_two_processes(recipe)  # 4 completions a step over the two ranks: two groups of 2
+    run = tmp_path / "run"
+    adapter = safetensors_state(run / "model" / "adapter_model.safetensors")
+    assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in adapter.items())
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "reward" in r] == [1, 2]  # rank 0 alone logs, once a step
