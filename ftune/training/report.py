@@ -55,6 +55,10 @@ def build_summary(run: RunDir, eval_metrics: dict, trainer, wall: float, trained
     if "eval_kl" in eval_metrics:  # kto: the held-out KL estimate, and the desirable minus undesirable mean reward
         summary["eval_kl"] = eval_metrics["eval_kl"]
         summary["eval_reward_margin"] = eval_metrics.get("eval_rewards/margins")
+    if "eval_reward" in eval_metrics:  # grpo: the mean weighted reward of completions sampled for held-out prompts
+        summary["eval_reward"] = eval_metrics["eval_reward"]
+        if "eval_rewards/margins" not in eval_metrics:
+            summary.pop("eval_reward_margin", None)  # grpo's eval_kl is its policy's KL to the reference; it has no margin
     return summary
 
 

@@ -60,6 +60,8 @@ def test_grpo_lora_trains_the_adapter_and_leaves_the_base(grpo_recipe, tmp_path,
     assert "reward=" in result.output and "kl=" in result.output
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["stage"] == "grpo"
+    summary = json.loads((run / "summary.json").read_text())
+    assert "eval_reward" in summary and "eval_reward_margin" not in summary
 
     report = invoke_ok("eval", run)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
