@@ -47,7 +47,8 @@ def test_grpo_takes_weighted_builtin_and_function_rewards(recipe_file, tmp_path)
     ("  max_length: 64\n||grpo:\n  max_new_tokens: 64\n  rewards: [{kind: exact_match}]\n", "lora", "grpo.max_new_tokens: 64 leaves no room"),
     ("grpo:\n  rewards: [{kind: exact_match}]\npreference:\n  beta: 0.3\n", "lora", "preference.beta: stage: grpo does not read"),
     ("  packing: true\n||grpo:\n  rewards: [{kind: exact_match}]\n", "lora", "data.packing: true does not apply to stage: grpo"),
-    ("grpo:\n  rewards: [{kind: exact_match}]\ntask: classification\n", "lora", "set task: causal_lm"),
+    ("grpo:\n  rewards: [{kind: exact_match}]\ntask: classification\n", "lora", "stage: grpo samples completions from a causal LM; set task: causal_lm"),
+    ("  train_on_prompt: true\n||grpo:\n  rewards: [{kind: exact_match}]\n", "lora", "data.train_on_prompt: stage: grpo trains on its own"),
 ])
 def test_grpo_mismatches_are_refused_with_the_fix(recipe_file, extra, method, expected):
     assert expected in problems(recipe_file(extra, method))
