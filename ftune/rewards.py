@@ -149,6 +149,10 @@ def build_rewards(rewards: list, *, device: str = "cpu") -> list[Callable]:
             built.append(_function_reward(spec, key))
         else:
             built.append(RewardModel(spec.run, device=device, key=key))
+    names = [f.__name__ for f in built]
+    for index, function in enumerate(built):
+        if names.count(function.__name__) > 1:  # each reward its own metrics: two regex checks log as regex_0, regex_1
+            function.__name__ = f"{names[index]}_{index}"
     return built
 
 

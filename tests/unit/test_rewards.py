@@ -63,3 +63,8 @@ def test_a_missing_reward_run_is_named_when_training_starts(tmp_path):
     specs = GrpoConfig(rewards=[{"kind": "model", "run": str(tmp_path / "not-yet")}]).rewards
     with pytest.raises(FtuneError, match=r"grpo.rewards.0.run: .*not-yet holds no finished reward model; train it first"):
         build_rewards(specs)
+
+
+def test_rewards_of_one_kind_keep_their_own_names():
+    _, built = rewards_of({"kind": "regex", "pattern": "a"}, {"kind": "exact_match"}, {"kind": "regex", "pattern": "b"})
+    assert [f.__name__ for f in built] == ["regex_0", "exact_match", "regex_2"]
