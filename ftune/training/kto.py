@@ -52,7 +52,21 @@ def build_kto_splits(recipe: Recipe, tokenizer) -> KtoSplits:
             notes += [note] if note else []
         splits[split] = rows.rows
     random.Random(f"{recipe.training.seed}:kto").shuffle(splits["train"])
+    notes += [note] if (note := weight_note(splits["train"], pref.desirable_weight, pref.undesirable_weight)) else []
     return KtoSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes)
+
+
+def weight_note(rows: list[dict], desirable_weight: float, undesirable_weight: float) -> str | None:
+    """Where the weighted desirable rows fall outside 1 to 4/3 times the weighted undesirable ones (the KTO paper's range,
+    eq. 8, which TRL warns about), the weights that bring them back; None when they fit or the kinds are equal in number."""
+    good = sum(r["label"] for r in rows)
+    bad = len(rows) - good
+    if not good or not bad or good == bad or 1 <= (desirable_weight * good) / (undesirable_weight * bad) <= 4 / 3:
+        return None
+    desirable, undesirable = bad * undesirable_weight / good, good * desirable_weight / bad
+    return (f"preference weights: {good} desirable x desirable_weight {desirable_weight:g} against {bad} undesirable x "
+            f"undesirable_weight {undesirable_weight:g} is outside KTO's 1 to 1.33 balance; set preference.desirable_weight "
+            f"to {desirable:.2f}-{desirable * 4 / 3:.2f} or preference.undesirable_weight to {undesirable * 3 / 4:.2f}-{undesirable:.2f}")
 
 
 def describe_kto(splits: KtoSplits) -> str:
@@ -66,23 +80,25 @@ def describe_kto(splits: KtoSplits) -> str:
     return "\n".join(lines + [f"  {note}" for note in splits.notes])
 
 
-def mismatched_completions(rows: dict) -> dict:
-    """KTO's KL rows: each prompt with the completion of the row before it in the batch (the first takes the last)."""
-    completions = rows["completion_ids"]
-    return {"KL_completion_ids": completions[-1:] + completions[:-1]}
+def with_kl_completions(rows: list[dict], batch_size: int) -> list[dict]:
+    """``rows`` with KTO's KL completions, as TRL builds them: within each batch, every prompt takes the completion of
+    the row before it (the first takes the last), so the KL estimate scores prompts against answers to other prompts."""
+    out = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        out += [{**row, "KL_completion_ids": other["completion_ids"]} for row, other in zip(batch, batch[-1:] + batch[:-1])]
+    return out
 
 
 def kto_trainer_class():
     from trl import KTOTrainer
 
     class RowKTOTrainer(KTOTrainer):
-        """KTOTrainer over rows ftune already rendered and tokenized (TRL would render them a second time); only KTO's KL
-        rows are added here, batch by batch as TRL builds them."""
+        """KTOTrainer over rows ftune already rendered, tokenized and gave their KL completions (TRL would render them a
+        second time)."""
 
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-            if not self.calculate_KL:
-                return dataset
-            return dataset.map(mismatched_completions, batched=True, batch_size=args.per_device_train_batch_size)
+            return dataset
 
     return RowKTOTrainer
 
@@ -93,7 +109,8 @@ def kto_spec(model, tokenizer, splits: KtoSplits, recipe: Recipe) -> TrainerSpec
     pref = recipe.preference
     ref_model, reference = frozen_reference(recipe)
     return TrainerSpec(
-        kto_trainer_class(), *pair_datasets(splits), args_class=KTOConfig,
+        kto_trainer_class(), *pair_datasets(splits, lambda rows: with_kl_completions(rows, recipe.training.batch_size)),
+        args_class=KTOConfig,
         options=dict(beta=pref.beta, desirable_weight=pref.desirable_weight, undesirable_weight=pref.undesirable_weight,
                      max_length=recipe.data.max_length, precompute_ref_log_probs=pref.precompute_reference),
         trainer_options={"ref_model": ref_model}, after_build=lambda trainer: drop_reference_adapter(trainer.model),

@@ -151,3 +151,14 @@ def test_preprocess_says_a_kto_run_tokenizes_when_training_starts(kto_recipe):
 
     result = CliRunner().invoke(app, ["preprocess", str(kto_recipe())])
     assert result.exit_code == 2 and "stage: kto tokenizes its rows when training starts" in result.stderr
+
+
+def test_unbalanced_kinds_get_the_weights_that_balance_them():
+    from ftune.training.kto import weight_note, with_kl_completions
+
+    rows = [{"label": True}] * 3 + [{"label": False}] * 9
+    note = weight_note(rows, 1.0, 1.0)
+    assert "set preference.desirable_weight to 3.00-4.00 or preference.undesirable_weight to 0.25-0.33" in note
+    assert weight_note(rows, 3.5, 1.0) is None and weight_note(rows[:6], 1.0, 1.0) is None
+    kl = with_kl_completions([{"completion_ids": [i]} for i in range(5)], 2)
+    assert [r["KL_completion_ids"] for r in kl] == [[1], [0], [3], [2], [4]]  # rotated within each batch, as TRL does
