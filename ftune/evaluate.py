@@ -198,7 +198,7 @@ def run_evaluation(run_dir, *, split: str = "eval", with_base: bool = False, max
         from ftune.scoring import KTO_TABLE, score_kto
         results = score_kto(lambda tuned: load_model(run, recipe, tuned=tuned), records, recipe, with_base=with_base, echo=echo)
         return save_report(run, split, results, table=KTO_TABLE, wall_time_s=time.perf_counter() - clock)
-    scorer = TaskScorer(*reward_scorer(recipe)) if recipe.stage == GRPO else TASK_SCORERS[recipe.task]  # grpo: its rewards
+    scorer = TaskScorer(*reward_scorer(recipe, run)) if recipe.stage == GRPO else TASK_SCORERS[recipe.task]  # grpo: its rewards
     with_base = with_base or recipe.stage == GRPO  # a reward means little without the base's beside it
     results = {}
     for label, tuned in (("tuned", True), ("base", False))[: 2 if with_base else 1]:

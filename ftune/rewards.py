@@ -56,9 +56,11 @@ def _calls_exact(text: str, row: dict) -> float:
     return tool_call_exact(parse_reply_calls(text), json.loads(row["reference_calls"]))
 
 
-def _function_reward(spec, key: str):
+def _function_reward(spec, key: str, copies: Path | None = None):
     path, _, name = spec.function.rpartition(":")
     file = Path(path)
+    if not file.is_file() and copies is not None and (copies / file.name).is_file():
+        file = copies / file.name
     if not file.is_file():
         raise FtuneError(f"{key}.function: file '{path}' does not exist; fix the path")
     module_spec = importlib.util.spec_from_file_location(f"ftune_reward_{file.stem}", file)
@@ -130,8 +132,9 @@ class RewardModel:
         return sequence_scores(self.model, sequences, pad_token_id=self.tokenizer.pad_token_id, batch_size=self.recipe.evaluation.batch_size)
 
 
-def build_rewards(rewards: list, *, device: str = "cpu") -> list[Callable]:
-    """The recipe's ``grpo.rewards`` as callables, in order (their weights are ``[r.weight for r in rewards]``)."""
+def build_rewards(rewards: list, *, device: str = "cpu", copies: Path | None = None) -> list[Callable]:
+    """The recipe's ``grpo.rewards`` as callables, in order (their weights are ``[r.weight for r in rewards]``); a function
+    file that is gone from where the recipe names it is read from ``copies`` (a run's copies) when it is there."""
     built = []
     for index, spec in enumerate(rewards):
         key = f"grpo.rewards.{index}"
@@ -146,7 +149,7 @@ def build_rewards(rewards: list, *, device: str = "cpu") -> list[Callable]:
         elif spec.kind == "tool_call_exact":
             built.append(_text_reward("tool_call_exact", _calls_exact))
         elif spec.kind == "function":
-            built.append(_function_reward(spec, key))
+            built.append(_function_reward(spec, key, copies))
         else:
             built.append(RewardModel(spec.run, device=device, key=key))
     names = [f.__name__ for f in built]
@@ -196,9 +199,10 @@ def score_rewards(model, tokenizer, records: list, recipe, *, built: list[Callab
     return metrics, predictions
 
 
-def reward_scorer(recipe) -> tuple[Callable, tuple[str, ...]]:
+def reward_scorer(recipe, run) -> tuple[Callable, tuple[str, ...]]:
     """How ``ftune eval`` scores a grpo run: (score function as its task scorers take one, metric names to print), the
-    rewards built once for the tuned and the base model."""
-    built = build_rewards(recipe.grpo.rewards)
+    rewards built once for the tuned and the base model; function files missing where the recipe names them are read
+    from the run's copies."""
+    built = build_rewards(recipe.grpo.rewards, copies=run.reward_functions)
     return (lambda model, tokenizer, records, recipe, _labels: score_rewards(model, tokenizer, records, recipe, built=built),
             ("reward", *(f"reward/{f.__name__}" for f in built), "stopped_rate", "samples", "wall_time_s"))

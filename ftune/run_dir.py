@@ -62,6 +62,7 @@ class RunDir:
     strategy = property(lambda self: self.root / "distributed.json")  # the processes and strategy that trained the run
     accelerate_config = property(lambda self: self.root / "accelerate.yaml")
     deepspeed_config = property(lambda self: self.root / "deepspeed.json")
+    reward_functions = property(lambda self: self.root / "rewards")  # grpo: copies of the recipe's reward function files
 
     def has_complete_weights(self) -> bool:
         """Training wrote a whole model (full, freeze, bitfit), not an adapter to apply to a base."""

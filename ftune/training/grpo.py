@@ -27,6 +27,7 @@ class PromptSplits:
     heldout: list[dict]  # the eval records as JSON rows (RUN/heldout.jsonl)
     notes: list[str] = field(default_factory=list)
     label_names: list[str] | None = None
+    reward_files: list[str] = field(default_factory=list)  # the function rewards' files, copied into the run directory
 
 
 def build_prompt_splits(recipe: Recipe, tokenizer) -> PromptSplits:
@@ -54,7 +55,8 @@ def build_prompt_splits(recipe: Recipe, tokenizer) -> PromptSplits:
         splits[split] = kept
     if not splits["train"]:
         raise FtuneError("data.train: no prompt fits data.max_length - grpo.max_new_tokens; raise data.max_length")
-    return PromptSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes)
+    files = [r.function.rpartition(":")[0] for r in recipe.grpo.rewards if r.kind == "function"]
+    return PromptSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes, reward_files=files)
 
 
 def prompt_tokens(tokenizer, prompt: list[dict]) -> int:

@@ -9,7 +9,9 @@ the rest is the same for every stage.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ftune.hardware import Precision, apply_tf32, resolve_precision, resolve_tf32
@@ -137,6 +139,10 @@ def keep_router_loss(model) -> str | None:
 
 
 def save_run_data(run: RunDir, splits) -> None:
-    """What later stages need of the data, so the run directory works without it: class names and held-out rows."""
+    """What later stages need of the data, so the run directory works without it: class names, held-out rows, and
+    grpo's reward functions."""
     save_label_names(run, splits.label_names)
     write_jsonl_atomic(run.heldout, splits.heldout)
+    for source in getattr(splits, "reward_files", ()):  # grpo: the reward functions eval calls, kept with the run
+        run.reward_functions.mkdir(exist_ok=True)
+        shutil.copy2(source, run.reward_functions / Path(source).name)

@@ -63,6 +63,8 @@ def test_grpo_lora_trains_the_adapter_and_leaves_the_base(grpo_recipe, tmp_path,
     summary = json.loads((run / "summary.json").read_text())
     assert "eval_reward" in summary and "eval_reward_margin" not in summary
 
+    assert (run / "rewards" / "score.py").read_text() == LONGER
+    (tmp_path / "score.py").unlink()  # the run directory keeps the reward function eval calls
     report = invoke_ok("eval", run)
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert {"reward", "reward/longer", "reward/numeric_match"} <= metrics["tuned"].keys() and "base" in metrics
