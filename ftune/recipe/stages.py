@@ -4,7 +4,8 @@
 pairs against a frozen reference; ``orpo`` tunes on them with no reference (SFT loss on the chosen
 answer plus an odds-ratio penalty on the rejected one); ``reward`` trains a one-output sequence
 classifier (``task: classification``) to score chosen above rejected, for later RLHF; ``kto`` tunes on single completions
-labelled desirable or undesirable against a frozen reference (``recipe.kto``). The rules here are checked by ``ftune validate``, so a recipe that
+labelled desirable or undesirable against a frozen reference (``recipe.kto``); ``grpo`` samples completions of prompts
+and learns from their rewards (``recipe.grpo``, whose rules are there). The rules here are checked by ``ftune validate``, so a recipe that
 cannot run is refused before anything loads.
 """
 
