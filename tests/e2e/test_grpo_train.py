@@ -158,3 +158,18 @@ def test_grpo_trains_on_two_processes(grpo_recipe, tmp_path):
     assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in adapter.items())
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "reward" in r] == [1, 2]  # rank 0 alone logs, once a step
+
+
+def test_an_interrupted_grpo_run_resumes_from_its_checkpoint(grpo_recipe, tmp_path):
+    import shutil
+
+    recipe = grpo_recipe(training={"max_steps": 2, "batch_size": 2, "learning_rate": 5e-2, "save_steps": 1, "logging_steps": 1})
+    invoke_ok("train", recipe)
+    run = tmp_path / "run"
+    for finished in ("summary.json", "model", "checkpoints/checkpoint-2"):  # as if stopped after the first checkpoint
+        path = run / finished
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = invoke_ok("train", recipe, "--resume")
+    assert "checkpoint-1" in resumed.output and (run / "summary.json").is_file()
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if "reward" in r] == [1, 2]  # step 2 trained again, logged once
