@@ -24,6 +24,7 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from ftune.recipe.method_base import Strict
 from ftune.recipe.paths import checks_paths
+from ftune.recipe.tasks import CAUSAL_LM
 
 GRPO = "grpo"
 
@@ -133,7 +134,7 @@ class GrpoConfig(Strict):
 def grpo_problems(recipe, *, reference_kind) -> list[str]:
     """Why a ``stage: grpo`` recipe cannot run (one fix per line), or []; ``reference_kind`` is the method's reference."""
     grpo, data, train, problems = recipe.grpo, recipe.data, recipe.training, []
-    if recipe.task != "causal_lm":
+    if recipe.task != CAUSAL_LM:
         problems.append("stage: grpo samples completions from a causal LM; set task: causal_lm")
     if not grpo.rewards:
         problems.append("grpo.rewards: stage: grpo needs at least one reward, e.g. - {kind: exact_match}")
