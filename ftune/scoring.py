@@ -185,10 +185,10 @@ def kto_metrics(policy: tuple[list[float], list[float]], reference: tuple[list[f
 def score_kto(load, records: list, recipe, *, with_base: bool, echo=print) -> dict:
     """Eval of a kto run: ``load(tuned)`` gives (model, tokenizer); the base is always scored, as every reward is measured
     against it. Returns {"tuned": (metrics, predictions)} and, with ``with_base``, the base's own ("base": zero rewards)."""
-    from ftune.data.preference import tokenize_completions
+    from ftune.data.preference import tokenize_completions, unpaired
     from ftune.errors import FtuneError
 
-    kept = [r for r in records if r.kind == "kto"]
+    kept = [r for r in unpaired(records) if r.kind == "kto"]  # held-out pairs score as training read them
     if not kept:
         raise FtuneError("--split: no KTO rows (a completion labelled true/false) to score a kto run on")
     scored, rows = {}, []

@@ -15,7 +15,7 @@ file:line and left out; more than ``preference.max_damaged_share`` of them refus
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ftune.data.templates import render
 from ftune.data.turns import MESSAGE_ROLES, SHAREGPT_ROLES, RowError, chat_turns, text_field, with_system
@@ -107,6 +107,19 @@ def kto_record(row: dict) -> dict:
 
 def sharegpt_kto_record(row: dict) -> dict:
     return kto_of_chat(with_system(row, chat_turns(row, "conversations", "from", "value", SHAREGPT_ROLES)), row, "kto_tag")
+
+
+def unpaired(records: list) -> list:
+    """Preference pairs as KTO rows, as TRL unpairs them for KTO: the chosen answer desirable, the rejected one
+    undesirable, both under the pair's prompt and origin; other records unchanged."""
+    out = []
+    for record in records:
+        if record.kind != "preference":
+            out.append(record)
+            continue
+        for answer, label in ((record.value["chosen"], True), (record.value["rejected"], False)):
+            out.append(replace(record, kind="kto", value={"prompt": record.value["prompt"], "completion": answer, "label": label}))
+    return out
 
 
 @dataclass

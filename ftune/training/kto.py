@@ -1,7 +1,8 @@
 """The kto stage: completions labelled desirable or undesirable in, TRL's KTOTrainer over the method.
 
 Its row of ``training.stages`` reads KTO records (``data.preference``: TRL's prompt/completion/label, a chat
-row's last reply with a boolean ``kto_tag`` / ``label``), tokenized once by ftune; the reference model is
+row's last reply with a boolean ``kto_tag`` / ``label``; preference pairs unpaired as TRL unpairs them, chosen
+desirable and rejected undesirable), tokenized once by ftune; the reference model is
 DPO's (``training.preference.frozen_reference``). KTO's KL estimate scores each prompt with the completion of
 the row before it in its batch, so the training rows are shuffled once (seeded) and then read in order.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ftune.data.preference import check_damage, tokenize_completions
+from ftune.data.preference import check_damage, tokenize_completions, unpaired
 from ftune.errors import FtuneError
 from ftune.recipe import Recipe
 from ftune.recipe.tasks import CAUSAL_LM
@@ -35,15 +36,18 @@ def build_kto_splits(recipe: Recipe, tokenizer) -> KtoSplits:
 
     install_chat_template(tokenizer, recipe.data)
     records = load_records(recipe.data, CAUSAL_LM)
+    pairs = sum(r.kind == "preference" for r in records.train + records.eval)
+    records.train, records.eval = unpaired(records.train), unpaired(records.eval)
     for split in ("train", "eval"):
         other = next((r for r in getattr(records, split) if r.kind != "kto"), None)
         if other is not None:
-            fix = "set stage: dpo (or orpo) for pairs" if other.kind == "preference" else "set stage: sft"
             raise FtuneError(
                 f"data.{split}.{other.source}: stage: kto trains on completions labelled true/false (prompt/completion/label, or "
-                f"chat rows with a boolean label or kto_tag), but {other.origin} is a {other.kind} row; give KTO rows or {fix}"
+                f"chat rows with a boolean label or kto_tag), but {other.origin} is a {other.kind} row; give KTO rows or set stage: sft"
             )
     pref, notes, splits = recipe.preference, list(records.notes), {}
+    if pairs:
+        notes.append(f"unpaired {pairs:,} preference pairs into KTO rows: each chosen answer desirable, each rejected one undesirable")
     for split in ("train", "eval"):
         chosen = getattr(records, split)
         rows = tokenize_completions(tokenizer, chosen, max_length=recipe.data.max_length, max_prompt_length=pref.max_prompt_length)

@@ -153,6 +153,21 @@ def test_preprocess_says_a_kto_run_tokenizes_when_training_starts(kto_recipe):
     assert result.exit_code == 2 and "stage: kto tokenizes its rows when training starts" in result.stderr
 
 
+def test_preference_pairs_are_unpaired_for_kto_and_evaluate_as_kto_rows(make_recipe, tmp_path):
+    def pairs(words):
+        return [{"prompt": f"Say {w}.", "chosen": w, "rejected": f"well, maybe {w} or so"} for w in words]
+
+    recipe = make_recipe(stage="kto", data={"train": str(write_jsonl(tmp_path / "pairs.jsonl", pairs(WORDS[:9]))),
+                                            "eval": str(write_jsonl(tmp_path / "held.jsonl", pairs(WORDS[9:]))), "max_length": 64},
+                         training={"max_steps": 2, "save_steps": 50})
+    result = invoke_ok("train", recipe)
+    assert "18 train / 6 eval KTO rows (9 desirable, 9 undesirable)" in result.output
+    assert "unpaired 12 preference pairs into KTO rows: each chosen answer desirable" in result.output
+    run = recipe.parent / "run"
+    invoke_ok("eval", run)
+    assert json.loads((run / "eval" / "metrics.json").read_text())["tuned"]["samples"] == 6
+
+
 def test_unbalanced_kinds_get_the_weights_that_balance_them():
     from ftune.training.kto import weight_note, with_kl_completions
 
