@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from ftune.cli import app
 from tests.conftest import TOKENIZER_DIR, invoke_ok, recipe_dict, write_recipe
+from tests.tolerances import assert_close
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +31,7 @@ def tiny_mixtral_dir(tmp_path_factory):
     return target
 
 
+@pytest.mark.numerical
 def test_training_loss_includes_the_router_load_balancing_loss(tiny_mixtral_dir, tiny_llama_dir):
     from transformers import AutoModelForCausalLM
 
@@ -43,7 +45,8 @@ def test_training_loss_includes_the_router_load_balancing_loss(tiny_mixtral_dir,
         out = model(input_ids=ids, labels=ids)
     assert "0.001 x router load-balancing loss" in note
     assert out.aux_loss is not None and out.aux_loss > 0
-    assert torch.allclose(out.loss, lm_only + model.config.router_aux_loss_coef * out.aux_loss, atol=1e-6)
+    # The same forward gives both losses: only the sum's rounding differs.
+    assert_close(out.loss, lm_only + model.config.router_aux_loss_coef * out.aux_loss, steps=1)
     assert keep_router_loss(AutoModelForCausalLM.from_pretrained(tiny_llama_dir)) is None  # dense models: nothing to add
 
 

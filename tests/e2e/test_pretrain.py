@@ -7,13 +7,15 @@ import json
 import pytest
 
 from tests.conftest import invoke_ok, write_jsonl
+from tests.tolerances import approx, forward_steps
 
 
+@pytest.mark.numerical
 def test_a_packed_block_scores_as_its_documents_one_by_one(tiny_llama_dir):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ftune.pretrain import BlockCollator, Blocks
+    from ftune.training.pretrain import BlockCollator, Blocks
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="sdpa").eval()
     a, b = list(range(5, 17)), list(range(40, 49))  # 12 and 9 tokens
@@ -24,11 +26,11 @@ def test_a_packed_block_scores_as_its_documents_one_by_one(tiny_llama_dir):
         packed = model(**batch).loss.item()
         alone = [model(input_ids=torch.tensor([d]), labels=torch.tensor([d])).loss.item() for d in (a, b)]
     expected = (alone[0] * (len(a) - 1) + alone[1] * (len(b) - 1)) / (len(a) + len(b) - 2)
-    assert packed == pytest.approx(expected, abs=1e-5)
+    assert packed == approx(expected, steps=forward_steps(2))
 
 
 def test_long_documents_continue_in_the_next_block():
-    from ftune.pretrain import Blocks
+    from ftune.training.pretrain import Blocks
 
     blocks = Blocks([{"input_ids": list(range(30))}, {"input_ids": [1, 2, 3]}], max_length=16)
     assert [len(b["input_ids"]) for b in blocks] == [16, 16, 1]

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from tests.conftest import invoke_ok as invoke
 from tests.conftest import recipe_dict, write_jsonl, write_recipe
+from tests.tolerances import approx, assert_close, forward_steps
 
 
 
@@ -60,7 +61,7 @@ def test_moved_run_works_without_its_training_data(method, tmp_path, tiny_llama_
     gguf = moved / "export" / "model-f32.gguf"
     exported = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
     with torch.no_grad():
-        assert (exported(input_ids=torch.tensor([ids])).logits[0] - reference).abs().max().item() < 1e-5
+        assert_close(exported(input_ids=torch.tensor([ids])).logits[0], reference, steps=forward_steps(2) + 1)  # + merging
 
 
 def test_eval_loss_matches_training_eval_with_dropped_long_rows(tmp_path, tiny_llama_dir, alpaca_files):
@@ -76,6 +77,7 @@ def test_eval_loss_matches_training_eval_with_dropped_long_rows(tmp_path, tiny_l
     trained_eval_loss = json.loads((tmp_path / "run" / "summary.json").read_text())["eval_loss"]
     invoke("eval", tmp_path / "run")
     metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())["tuned"]
-    assert metrics["loss"] == pytest.approx(trained_eval_loss, rel=1e-4)
+    # Both score in float32, in other batches: measured 1e-5 apart after a bf16 run, so the Trainer evaluates without autocast.
+    assert metrics["loss"] == approx(trained_eval_loss, steps=forward_steps(2))
     assert metrics["samples"] == 5  # generation still answers every held-out prompt
     assert yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())["data"]["truncation"] == "drop"
