@@ -38,7 +38,7 @@ def test_train_resume_eval_generate_and_merge_refusal(case, make_recipe, tmp_pat
     assert curve[6] < curve[1], curve
 
     recipe_path = make_recipe(method=method, training=TRAINING)
-    monkeypatch.setattr("ftune.training.run.method_callbacks", lambda *args: [CrashAfterCheckpoint(3)])
+    monkeypatch.setattr("ftune.training.trainer.method_callbacks", lambda *args: [CrashAfterCheckpoint(3)])
     with pytest.raises(RuntimeError, match="simulated crash"):
         run_training(load_recipe(recipe_path), echo=lambda *_: None)
     monkeypatch.undo()
