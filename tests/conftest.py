@@ -100,6 +100,16 @@ def make_recipe(tmp_path, tiny_llama_dir, alpaca_files):
     return make
 
 
+def recipe_problems(path) -> str:
+    """The problems ``load_recipe`` refuses ``path`` with, joined by " | " (the test fails if it loads)."""
+    from ftune.errors import FtuneError
+    from ftune.recipe import load_recipe
+
+    with pytest.raises(FtuneError) as info:
+        load_recipe(path)
+    return " | ".join(info.value.problems)
+
+
 def invoke_ok(*args):
     """Run an ftune command in-process; a crash re-raises with its traceback, any other failure shows the output."""
     from typer.testing import CliRunner

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftune.errors import FtuneError
 from ftune.recipe import load_recipe
+from tests.conftest import recipe_problems as problems
 
 
 @pytest.fixture
@@ -24,10 +24,6 @@ def recipe_file(tmp_path):
     return write
 
 
-def problems(path) -> str:
-    with pytest.raises(FtuneError) as info:
-        load_recipe(path)
-    return " | ".join(info.value.problems)
 
 
 def test_grpo_takes_weighted_builtin_and_function_rewards(recipe_file, tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftune.errors import FtuneError
 from ftune.recipe import load_recipe
+from tests.conftest import recipe_problems as problems
 
 
 @pytest.fixture
@@ -21,10 +21,6 @@ def recipe_file(tmp_path):
     return write
 
 
-def problems(path) -> str:
-    with pytest.raises(FtuneError) as info:
-        load_recipe(path)
-    return " | ".join(info.value.problems)
 
 
 def test_stage_defaults_to_sft_and_dpo_takes_the_preference_section(recipe_file):
