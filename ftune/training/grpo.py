@@ -11,42 +11,25 @@ completions, so a step of batch 4 with ``num_generations: 2`` covers two prompts
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 from ftune.errors import FtuneError
 from ftune.recipe import Recipe
-from ftune.recipe.tasks import CAUSAL_LM
 from ftune.training.preference import drop_reference_adapter
+from ftune.training.rows import StageSplits, describe_rows, read_stage_records
 from ftune.training.trainer import TrainerSpec
 
 
-@dataclass
-class PromptSplits:
-    train: list[dict]
-    eval: list[dict]
-    heldout: list[dict]  # the eval records as JSON rows (RUN/heldout.jsonl)
-    notes: list[str] = field(default_factory=list)
-    label_names: list[str] | None = None
-    reward_files: list[str] = field(default_factory=list)  # the function rewards' files, copied into the run directory
-
-
-def build_prompt_splits(recipe: Recipe, tokenizer) -> PromptSplits:
+def build_prompt_splits(recipe: Recipe, tokenizer) -> StageSplits:
     from ftune.data.heldout import heldout_rows
-    from ftune.data.pipeline import load_records
-    from ftune.data.templates import install_chat_template
     from ftune.rewards import prompt_rows
 
     check_vllm(recipe.grpo.use_vllm)  # before the data and the model load
-    install_chat_template(tokenizer, recipe.data)
-    records = load_records(recipe.data, CAUSAL_LM)
+    records = read_stage_records(recipe, tokenizer, kinds=("chat",), trains_on="reads prompts from chat or instruction rows",
+                                 fix=lambda kind: "give chat/alpaca/messages data")
     notes, splits = list(records.notes), {}
     room = recipe.data.max_length - recipe.grpo.max_new_tokens
     for split in ("train", "eval"):
         chosen = getattr(records, split)
-        other = next((r for r in chosen if r.kind != "chat"), None)
-        if other is not None:
-            raise FtuneError(f"data.{split}.{other.source}: stage: grpo reads prompts from chat or instruction rows, but {other.origin} "
-                             f"is a {other.kind} row; give chat/alpaca/messages data")
         rows = prompt_rows(chosen)
         kept = [r for r in rows if prompt_tokens(tokenizer, r["prompt"]) <= room]
         if len(kept) < len(rows):
@@ -56,7 +39,7 @@ def build_prompt_splits(recipe: Recipe, tokenizer) -> PromptSplits:
     if not splits["train"]:
         raise FtuneError("data.train: no prompt fits data.max_length - grpo.max_new_tokens; raise data.max_length")
     files = [r.function.rpartition(":")[0] for r in recipe.grpo.rewards if r.kind == "function"]
-    return PromptSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes, reward_files=files)
+    return StageSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes, reward_files=files)
 
 
 def prompt_tokens(tokenizer, prompt: list[dict]) -> int:
@@ -64,9 +47,9 @@ def prompt_tokens(tokenizer, prompt: list[dict]) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def describe_prompts(splits: PromptSplits) -> str:
-    lines = [f"Data: {len(splits.train):,} train / {len(splits.eval):,} eval prompts (reference = each row's last assistant reply)"]
-    return "\n".join(lines + [f"  {note}" for note in splits.notes])
+def describe_prompts(splits: StageSplits) -> str:
+    return describe_rows(f"Data: {len(splits.train):,} train / {len(splits.eval):,} eval prompts (reference = each row's last "
+                         "assistant reply)", splits.notes)
 
 
 def check_vllm(use_vllm: bool) -> None:
@@ -82,7 +65,7 @@ def check_vllm(use_vllm: bool) -> None:
         raise FtuneError("grpo.use_vllm: the vllm package is not installed; pip install vllm, or set grpo.use_vllm: false")
 
 
-def grpo_spec(model, tokenizer, splits: PromptSplits, recipe: Recipe) -> TrainerSpec:
+def grpo_spec(model, tokenizer, splits: StageSplits, recipe: Recipe) -> TrainerSpec:
     from accelerate import PartialState
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer

@@ -10,41 +10,22 @@ the row before it in its batch, so the training rows are shuffled once (seeded) 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
 
 from ftune.data.preference import check_damage, tokenize_completions, unpaired
-from ftune.errors import FtuneError
 from ftune.recipe import Recipe
-from ftune.recipe.tasks import CAUSAL_LM
 from ftune.training.preference import drop_reference_adapter, frozen_reference, pair_datasets
+from ftune.training.rows import StageSplits, describe_rows, read_stage_records
 from ftune.training.trainer import TrainerSpec
 
 
-@dataclass
-class KtoSplits:
-    train: list[dict]  # {"prompt_ids", "completion_ids", "label"}
-    eval: list[dict]
-    heldout: list[dict]  # the eval records as JSON rows (RUN/heldout.jsonl)
-    notes: list[str] = field(default_factory=list)
-    label_names: None = None
-
-
-def build_kto_splits(recipe: Recipe, tokenizer) -> KtoSplits:
+def build_kto_splits(recipe: Recipe, tokenizer) -> StageSplits:
     from ftune.data.heldout import heldout_rows
-    from ftune.data.pipeline import load_records
-    from ftune.data.templates import install_chat_template
 
-    install_chat_template(tokenizer, recipe.data)
-    records = load_records(recipe.data, CAUSAL_LM)
+    records = read_stage_records(recipe, tokenizer, kinds=("kto", "preference"),
+                                 trains_on="trains on completions labelled true/false (prompt/completion/label, or chat rows with a "
+                                 "boolean label or kto_tag)", fix=lambda kind: "give KTO rows or set stage: sft")
     pairs = sum(r.kind == "preference" for r in records.train + records.eval)
     records.train, records.eval = unpaired(records.train), unpaired(records.eval)
-    for split in ("train", "eval"):
-        other = next((r for r in getattr(records, split) if r.kind != "kto"), None)
-        if other is not None:
-            raise FtuneError(
-                f"data.{split}.{other.source}: stage: kto trains on completions labelled true/false (prompt/completion/label, or "
-                f"chat rows with a boolean label or kto_tag), but {other.origin} is a {other.kind} row; give KTO rows or set stage: sft"
-            )
     pref, notes, splits = recipe.preference, list(records.notes), {}
     if pairs:
         notes.append(f"unpaired {pairs:,} preference pairs into KTO rows: each chosen answer desirable, each rejected one undesirable")
@@ -57,7 +38,7 @@ def build_kto_splits(recipe: Recipe, tokenizer) -> KtoSplits:
         splits[split] = rows.rows
     random.Random(f"{recipe.training.seed}:kto").shuffle(splits["train"])
     notes += [note] if (note := weight_note(splits["train"], pref.desirable_weight, pref.undesirable_weight)) else []
-    return KtoSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes)
+    return StageSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes)
 
 
 def weight_note(rows: list[dict], desirable_weight: float, undesirable_weight: float) -> str | None:
@@ -73,7 +54,7 @@ def weight_note(rows: list[dict], desirable_weight: float, undesirable_weight: f
             f"to {desirable:.2f}-{desirable * 4 / 3:.2f} or preference.undesirable_weight to {undesirable * 3 / 4:.2f}-{undesirable:.2f}")
 
 
-def describe_kto(splits: KtoSplits) -> str:
+def describe_kto(splits: StageSplits) -> str:
     desirable = sum(r["label"] for r in splits.train)
     tokens = sum(len(r["prompt_ids"]) + len(r["completion_ids"]) for r in splits.train)
     lines = [f"Data: {len(splits.train):,} train / {len(splits.eval):,} eval KTO rows ({desirable:,} desirable, "
@@ -81,7 +62,7 @@ def describe_kto(splits: KtoSplits) -> str:
     if splits.train and desirable in (0, len(splits.train)):
         lines.append(f"  warning: every training completion is {'desirable' if desirable else 'undesirable'}; KTO learns from "
                      "the contrast, so give both kinds")
-    return "\n".join(lines + [f"  {note}" for note in splits.notes])
+    return describe_rows(lines[0], lines[1:] + splits.notes)
 
 
 def with_kl_completions(rows: list[dict], batch_size: int) -> list[dict]:
@@ -107,7 +88,7 @@ def kto_trainer_class():
     return RowKTOTrainer
 
 
-def kto_spec(model, tokenizer, splits: KtoSplits, recipe: Recipe) -> TrainerSpec:
+def kto_spec(model, tokenizer, splits: StageSplits, recipe: Recipe) -> TrainerSpec:
     from trl import KTOConfig
 
     pref = recipe.preference

@@ -12,41 +12,22 @@ ORPO needs no reference at all.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 
-from ftune.errors import FtuneError
 from ftune.data.preference import check_damage, tokenize_pairs
 from ftune.recipe import Recipe
 from ftune.recipe.method_base import BASE_COPY
 from ftune.recipe.methods import method_class
 from ftune.recipe.stages import REWARD, REWARD_LABELS
-from ftune.recipe.tasks import CAUSAL_LM
+from ftune.training.rows import StageSplits, describe_rows, read_stage_records
 from ftune.training.trainer import TrainerSpec
 
 
-@dataclass
-class PairSplits:
-    train: list[dict]
-    eval: list[dict]
-    heldout: list[dict]  # the eval records as JSON rows (RUN/heldout.jsonl)
-    notes: list[str] = field(default_factory=list)
-    label_names: list[str] | None = None  # reward: the score head's one output
-
-
-def build_pair_splits(recipe: Recipe, tokenizer) -> PairSplits:
+def build_pair_splits(recipe: Recipe, tokenizer) -> StageSplits:
     from ftune.data.heldout import heldout_rows
-    from ftune.data.pipeline import load_records
-    from ftune.data.templates import install_chat_template
 
-    install_chat_template(tokenizer, recipe.data)
-    records = load_records(recipe.data, CAUSAL_LM)  # pairs are read alike for every stage; a reward head scores them
-    for split in ("train", "eval"):
-        other = next((r for r in getattr(records, split) if r.kind != "preference"), None)
-        if other is not None:
-            raise FtuneError(
-                f"data.{split}.{other.source}: stage: {recipe.stage} trains on preference pairs (prompt/chosen/rejected), "
-                f"but {other.origin} is a {other.kind} row; give preference data or set stage: {'kto' if other.kind == 'kto' else 'sft'}"
-            )
+    # pairs are read alike for every stage; a reward head scores them
+    records = read_stage_records(recipe, tokenizer, kinds=("preference",), trains_on="trains on preference pairs (prompt/chosen/rejected)",
+                                 fix=lambda kind: f"give preference data or set stage: {'kto' if kind == 'kto' else 'sft'}")
     pref = recipe.preference
     notes = list(records.notes)
     splits = {}
@@ -58,13 +39,13 @@ def build_pair_splits(recipe: Recipe, tokenizer) -> PairSplits:
             notes += [note] if note else []
         splits[split] = pairs.rows
     labels = REWARD_LABELS if recipe.stage == REWARD else None
-    return PairSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes, labels)
+    return StageSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes, labels)
 
 
-def describe_pairs(splits: PairSplits) -> str:
+def describe_pairs(splits: StageSplits) -> str:
     tokens = sum(len(r["prompt_ids"]) * 2 + len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in splits.train)
-    lines = [f"Data: {len(splits.train):,} train / {len(splits.eval):,} eval preference pairs, {tokens:,} train tokens"]
-    return "\n".join(lines + [f"  {note}" for note in splits.notes])
+    return describe_rows(f"Data: {len(splits.train):,} train / {len(splits.eval):,} eval preference pairs, {tokens:,} train tokens",
+                         splits.notes)
 
 
 def dpo_trainer_class():
@@ -103,7 +84,7 @@ def frozen_reference(recipe: Recipe) -> tuple:
     return ref_model, reference
 
 
-def dpo_spec(model, tokenizer, splits: PairSplits, recipe: Recipe) -> TrainerSpec:
+def dpo_spec(model, tokenizer, splits: StageSplits, recipe: Recipe) -> TrainerSpec:
     from trl import DPOConfig
 
     pref = recipe.preference
@@ -117,7 +98,7 @@ def dpo_spec(model, tokenizer, splits: PairSplits, recipe: Recipe) -> TrainerSpe
     )
 
 
-def pair_datasets(splits: PairSplits, rows=lambda rows: rows) -> tuple:
+def pair_datasets(splits: StageSplits, rows=lambda rows: rows) -> tuple:
     """The train and eval pairs as datasets (eval None when there is none), each row passed through ``rows`` first."""
     from datasets import Dataset
 
@@ -155,7 +136,7 @@ def reward_rows(rows: list[dict]) -> list[dict]:
     return [{"chosen_ids": r["prompt_ids"] + r["chosen_ids"], "rejected_ids": r["prompt_ids"] + r["rejected_ids"]} for r in rows]
 
 
-def reward_spec(model, tokenizer, splits: PairSplits, recipe: Recipe) -> TrainerSpec:
+def reward_spec(model, tokenizer, splits: StageSplits, recipe: Recipe) -> TrainerSpec:
     from trl import RewardConfig, RewardTrainer
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -166,7 +147,7 @@ def reward_spec(model, tokenizer, splits: PairSplits, recipe: Recipe) -> Trainer
     )
 
 
-def orpo_spec(model, tokenizer, splits: PairSplits, recipe: Recipe) -> TrainerSpec:
+def orpo_spec(model, tokenizer, splits: StageSplits, recipe: Recipe) -> TrainerSpec:
     quiet_experimental()
     from trl.experimental.orpo import ORPOConfig
 

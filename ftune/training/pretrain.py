@@ -103,6 +103,7 @@ def build_block_splits(recipe, tokenizer):
 
 
 def describe_blocks(splits: BlockSplits) -> str:
-    lines = [f"Data: {len(splits.train):,} train / {len(splits.eval):,} eval blocks of up to {splits.train.max_length} tokens, "
-             f"{len(splits.train.ids):,} train tokens (100% trained)"]
-    return "\n".join(lines + [f"  {note}" for note in splits.notes])
+    from ftune.training.rows import describe_rows
+
+    return describe_rows(f"Data: {len(splits.train):,} train / {len(splits.eval):,} eval blocks of up to {splits.train.max_length} "
+                         f"tokens, {len(splits.train.ids):,} train tokens (100% trained)", splits.notes)

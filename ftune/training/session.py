@@ -9,7 +9,6 @@ the rest is the same for every stage.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from ftune.hardware import Precision, apply_tf32, resolve_precision, resolve_tf3
 from ftune.resources import Threads, apply_threads, resolve_threads
 from ftune.model import load_base_model, load_tokenizer
 from ftune.recipe import Recipe
-from ftune.run_dir import RunDir, save_label_names, write_jsonl_atomic
+from ftune.run_dir import RunDir, save_label_names, write_jsonl_atomic, write_text_atomic
 from ftune.training.checkpoints import is_main_process
 from ftune.training.distributed import Strategy, decoder_layer_classes, resolve_strategy, world_size
 from ftune.training.stages import STAGES
@@ -145,4 +144,4 @@ def save_run_data(run: RunDir, splits) -> None:
     write_jsonl_atomic(run.heldout, splits.heldout)
     for source in getattr(splits, "reward_files", ()):  # grpo: the reward functions eval calls, kept with the run
         run.reward_functions.mkdir(exist_ok=True)
-        shutil.copy2(source, run.reward_functions / Path(source).name)
+        write_text_atomic(run.reward_functions / Path(source).name, Path(source).read_text(encoding="utf-8"))
