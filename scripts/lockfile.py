@@ -10,6 +10,7 @@ weights, installed without their own dependencies, and ``requirements/tools.txt`
     python scripts/lockfile.py installed   # this environment holds exactly the locked versions
     python scripts/lockfile.py constraints # the lock as plain pins, for ``pip install -c``
     python scripts/lockfile.py compile     # re-resolve (newest versions in range) with uv; see upgrade-lock.sh
+    python scripts/lockfile.py compile --keep  # lock what pyproject.toml added, every existing pin held where it is
 
 Exit status 1 with one line per problem when a check fails.
 """
@@ -40,7 +41,8 @@ MODELS_LOCK = REQUIREMENTS / "models.txt"
 TOOLS_IN = REQUIREMENTS / "tools.in"
 TOOLS_LOCK = REQUIREMENTS / "tools.txt"
 TORCH_PIN = REQUIREMENTS / "torch.txt"
-LOCKED_EXTRAS = ("dev",)
+# Extras the lock holds (the suite exercises them); the other extras are left to the user.
+LOCKED_EXTRAS = ("dev", "tensorboard", "benchmark")
 # torch's accelerator runtime comes with the torch build the user installs, never from the lock.
 TORCH_RUNTIME = re.compile(r"^(nvidia-.*|cuda-.*|triton|pytorch-triton.*)$")
 # Installed by the environment itself, or by the steps around the lock.
@@ -146,17 +148,43 @@ def uv_compile(uv: str, inputs: list[str], output: Path, extra: list[str]) -> No
     subprocess.run(command, check=True, cwd=ROOT)
 
 
-def compile_lock(uv: str, lock_dir: Path) -> None:
-    """Resolve the newest versions pyproject.toml allows into ``lock_dir`` (lock.txt, models.txt, tools.txt)."""
+def drop_annotation(lock: Path, source: str) -> None:
+    """Remove ``source`` from the lock's "# via" notes (the held pins are no reason a package is locked)."""
+    lines = [line for line in lock.read_text(encoding="utf-8").splitlines() if line.strip() != f"#   {source}"]
+    kept, index = [], 0
+    while index < len(lines):
+        line, notes = lines[index], lines[index + 1 : index + 3] + ["", ""]
+        if line.strip() == "# via" and notes[0].strip().startswith("#   ") and not notes[1].strip().startswith("#   "):
+            kept.append(f"{line} {notes[0].strip().removeprefix('#   ')}")  # one reason left: uv writes it on one line
+            index += 2
+            continue
+        kept.append(line)
+        index += 1
+    lock.write_text("\n".join(kept) + "\n", encoding="utf-8")
+
+
+def compile_lock(uv: str, lock_dir: Path, *, keep: bool = False) -> None:
+    """Resolve the newest versions pyproject.toml allows into ``lock_dir`` (lock.txt, models.txt, tools.txt); with
+    ``keep``, only what the lock lacks is resolved and every package it pins stays at its version."""
     lock_dir.mkdir(parents=True, exist_ok=True)
     base = ["pyproject.toml", *[f"--extra={e}" for e in LOCKED_EXTRAS], "-c", str(TORCH_PIN.relative_to(ROOT))]
     with tempfile.TemporaryDirectory() as scratch:
+        if keep:
+            held = Path(scratch) / "held.txt"
+            held.write_text(constraints(), encoding="utf-8")
+            base += ["-c", str(held)]
         first = Path(scratch) / "lock.txt"
         uv_compile(uv, base, first, ["--no-emit-package", "torch"])
         runtime = sorted({p.name for p in read_pins(first) if TORCH_RUNTIME.match(p.name)})
-    excluded = [flag for name in ["torch", *runtime] for flag in ("--no-emit-package", name)]
-    uv_compile(uv, base, lock_dir / "lock.txt", excluded)
+        excluded = [flag for name in ["torch", *runtime] for flag in ("--no-emit-package", name)]
+        uv_compile(uv, base, lock_dir / "lock.txt", excluded)
+        if keep:
+            drop_annotation(lock_dir / "lock.txt", f"-c {held}")
     for source, target in ((MODELS_IN, "models.txt"), (TOOLS_IN, "tools.txt")):
+        if keep:
+            if (REQUIREMENTS / target).resolve() != (lock_dir / target).resolve():
+                shutil.copy(REQUIREMENTS / target, lock_dir / target)
+            continue
         uv_compile(uv, [str(source.relative_to(ROOT)), "--no-deps"], lock_dir / target, [])
 
 
@@ -169,12 +197,13 @@ def main(argv: list[str] | None = None) -> int:
     compile_parser = sub.add_parser("compile", help="re-resolve the lock with uv")
     compile_parser.add_argument("--uv", default=shutil.which("uv") or "uv")
     compile_parser.add_argument("--out", type=Path, default=REQUIREMENTS)
+    compile_parser.add_argument("--keep", action="store_true", help="hold every locked version; resolve only what is new")
     args = parser.parse_args(argv)
     if args.command == "constraints":
         sys.stdout.write(constraints())
         return 0
     if args.command == "compile":
-        compile_lock(args.uv, args.out)
+        compile_lock(args.uv, args.out, keep=args.keep)
         return 0
     problems = sync_problems() if args.command == "check" else installed_problems()
     for problem in problems:
