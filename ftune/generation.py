@@ -24,24 +24,12 @@ def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
     return messages[:last], messages[last]["content"]
 
 
-def prefixes_live_in_the_cache(model) -> bool:
-    """Whether ``model`` is a peft prefix-tuning model (prefix, ptuning_v2, mam): its prefixes are key/value cache entries."""
-    config = getattr(model, "active_peft_config", None)
-    return getattr(config, "peft_type", None) == "PREFIX_TUNING"  # a str enum
-
-
-def generation_options(model, tokenizer, *, max_new_tokens: int, temperature: float = 0.0) -> dict:
+def generation_options(tokenizer, *, max_new_tokens: int, temperature: float = 0.0) -> dict:
     """Greedy unless a temperature is given; stop at the template's end of turn like training taught."""
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     from ftune.data.templates import end_of_turn_ids
 
-    options = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_ids(tokenizer), **sampling)
-    if prefixes_live_in_the_cache(model):
-        # peft's prefixes and transformers' cached decoding disagree after the first new token (the
-        # replies turn to garbage, greedy and all); without the cache each step recomputes the whole
-        # sequence, as in training: slower, and the only way the answers match the trained model.
-        options["use_cache"] = False
-    return options
+    return dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=end_of_turn_ids(tokenizer), **sampling)
 
 
 def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
@@ -52,7 +40,7 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tok
     tokenizer.padding_side = "left"
     device = model_device(model)
     tools = tools or [None] * len(prompts)
-    options = generation_options(model, tokenizer, max_new_tokens=max_new_tokens)
+    options = generation_options(tokenizer, max_new_tokens=max_new_tokens)
     stops = torch.tensor(options["eos_token_id"], device=device)
     replies = []
     for start in range(0, len(prompts), batch_size):

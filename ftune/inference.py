@@ -64,7 +64,7 @@ def stream_reply(model, tokenizer, messages: list[dict], *, max_new_tokens: int,
     batch = tokenizer(text, add_special_tokens=False, return_tensors="pt").to(model_device(model))
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.no_grad():
-        output = model.generate(**batch, streamer=streamer, **generation_options(model, tokenizer, max_new_tokens=max_new_tokens, temperature=temperature))
+        output = model.generate(**batch, streamer=streamer, **generation_options(tokenizer, max_new_tokens=max_new_tokens, temperature=temperature))
     return tokenizer.decode(output[0, batch["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 

@@ -38,6 +38,7 @@ from ftune.internals.checks import (
     orpo_reads_tokenized_rows,
     peft_has_ia3_defaults,
     peft_maps_moe_names,
+    peft_prefix_generation_keeps_the_prompt,
     says,
     sdpa_runs_unpacked_rows,
     takes,
@@ -184,6 +185,17 @@ INTERNALS: tuple[Internal, ...] = (
         why="transformers 5.24 renamed the cache argument; the shimmed forward lets peft find it",
         checks=(says("peft.PeftModelForSequenceClassification._prefix_tuning_forward", '"past_key_values" not in fwd_params',
                      "peft no longer looks for past_key_values in the forward signature (the shim may be unneeded)"),)),
+    Internal(
+        "peft-prefix-generation-cache", "peft",
+        "peft.PeftModelForCausalLM.base_model_prepare_inputs_for_generation: prepare_inputs_for_generation reads its "
+        "past_key_values", "patch", where=("ftune.methods.prompt.hand_the_cache_to_peft",), version="0.21.2",
+        why="transformers 5.24 hands generation's cache over as `cache`; renamed, peft injects the prefixes once instead "
+            "of replacing the prompt's cache with them at every new token",
+        checks=(says("peft.PeftModelForCausalLM.prepare_inputs_for_generation", "self.base_model_prepare_inputs_for_generation(",
+                     "peft's generation step no longer starts from base_model_prepare_inputs_for_generation"),
+                says("peft.PeftModelForCausalLM.prepare_inputs_for_generation", 'model_kwargs.get("past_key_values", None)',
+                     "peft's generation step no longer reads the cache as past_key_values (the rename may be unneeded)"),
+                peft_prefix_generation_keeps_the_prompt)),
     Internal(
         "peft-adalora-allocator", "peft",
         "peft.tuners.adalora.AdaLoraModel.rankallocator.set_total_step, update_and_allocate, AdaLoraLayer.lora_E", "call, read",

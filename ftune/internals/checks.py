@@ -161,6 +161,26 @@ def addmm_matches_peft_lora() -> None:
                 "peft's lora.Linear no longer computes base(x) + lora_B(lora_A(dropout(x))) * scaling")
 
 
+def peft_prefix_generation_keeps_the_prompt() -> None:
+    """Cached greedy decoding of a prefix-tuned tiny model, with ftune's shims, equals a loop of full forwards."""
+    import torch
+    from peft import PrefixTuningConfig, get_peft_model
+
+    from ftune.methods.prompt import expose_cache_argument, hand_the_cache_to_peft
+
+    torch.manual_seed(0)
+    model = get_peft_model(expose_cache_argument(tiny_causal_lm()), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    model = hand_the_cache_to_peft(model).eval()
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.normal_(0, 4)
+        ids = torch.tensor([[3, 7, 11, 5]])
+        cached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+        for _ in range(6):
+            ids = torch.cat([ids, model(input_ids=ids).logits[:, -1:].argmax(-1)], dim=1)
+    require(cached.tolist() == ids.tolist(), "peft's cached generation with prefixes no longer matches full forwards")
+
+
 def dpo_collates_tokenized_pairs() -> None:
     import sys
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from ftune.errors import FtuneError
 from ftune.methods.adapter import apply_bottleneck_adapters
 from ftune.methods.peft_family import PEFT_TASK_TYPES, heads_to_save, save_peft, wrap_with_peft
-from ftune.methods.prompt import check_prefix_reaches_attention, expose_cache_argument, prefix_refusal
+from ftune.methods.prompt import check_prefix_reaches_attention, expose_cache_argument, hand_the_cache_to_peft, prefix_refusal
 
 LAYOUT_NAME = "parallel_adapter_config.json"
 
@@ -51,7 +51,7 @@ def apply_mam(model, config, task: str):
     except FtuneError as err:
         raise FtuneError(prefix_refusal(model, "mam", str(err.__cause__ or err))) from err
     check_prefix_reaches_attention(wrapped, "mam")
-    return wrapped
+    return hand_the_cache_to_peft(wrapped)
 
 
 def save_mam(model, directory: Path) -> None:
@@ -73,4 +73,4 @@ def load_mam(load_base, directory: Path):
     )
     if [name.removesuffix(".adapter") for name in adapters] != layout["wrapped_modules"]:
         raise FtuneError("method: mam: the base model's layers differ from those the adapters were saved from")
-    return PeftModel.from_pretrained(base, directory)
+    return hand_the_cache_to_peft(PeftModel.from_pretrained(base, directory))

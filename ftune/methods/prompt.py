@@ -96,11 +96,40 @@ def check_prefix_reaches_attention(peft_model, method: str) -> None:
         raise FtuneError(prefix_refusal(base, method, "its output ignores the prefixes"))
 
 
+def hand_the_cache_to_peft(peft_model):
+    """Let peft's generation step find transformers' key/value cache, so cached decoding keeps the prompt.
+
+    peft's ``prepare_inputs_for_generation`` reads the cache from the base step's inputs under
+    ``past_key_values``; transformers 5.24 hands it over as ``cache``. peft then sees no cache at every
+    step, injects a fresh prefix-only one, and each new token attends to the prefixes but not to the
+    prompt or the tokens before it. Renaming the key in the base step's inputs lets peft inject the
+    prefixes once, at prefill, and leave the growing cache alone after; the cache-argument shim
+    (``expose_cache_argument``) hands it back to the model under the name its forward takes.
+    Returns ``peft_model``, changed in place.
+    """
+    import functools
+
+    base_prepare = getattr(peft_model, "base_model_prepare_inputs_for_generation", None)
+    if base_prepare is None or getattr(base_prepare, "hands_the_cache_to_peft", False):
+        return peft_model  # not a generating model, or already done
+
+    @functools.wraps(base_prepare)
+    def prepare(*args, **kwargs):
+        inputs = base_prepare(*args, **kwargs)
+        if "cache" in inputs and "past_key_values" not in inputs:
+            inputs["past_key_values"] = inputs.pop("cache")
+        return inputs
+
+    prepare.hands_the_cache_to_peft = True
+    peft_model.base_model_prepare_inputs_for_generation = prepare
+    return peft_model
+
+
 def load_prefix(load_base, directory):
     """Reload a prefix-tuned run: the base gets the same cache-argument shim it was trained with."""
     from ftune.methods.peft_family import load_peft
 
-    return load_peft(lambda: expose_cache_argument(load_base()), directory)
+    return hand_the_cache_to_peft(load_peft(lambda: expose_cache_argument(load_base()), directory))
 
 
 def apply_prefix_method(build):
@@ -113,7 +142,7 @@ def apply_prefix_method(build):
         except FtuneError as err:  # peft found no attention geometry to shape prefixes for
             raise FtuneError(prefix_refusal(model, config.name, str(err.__cause__ or err))) from err
         check_prefix_reaches_attention(wrapped, config.name)
-        return wrapped
+        return hand_the_cache_to_peft(wrapped)
 
     apply.__name__ = f"apply_{build.__name__.removesuffix('_config')}"
     return apply

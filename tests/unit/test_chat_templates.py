@@ -81,7 +81,7 @@ def test_each_family_trains_its_replies_through_the_end_of_turn_and_stops_there(
     # Both replies, each closed by the marker, and nothing of the prompts (some layouts put a space before a reply).
     assert trained.replace(" ", "") == f"red{marker}bluemoon{marker}".replace(" ", ""), trained
     assert stats.missing_eos == 0
-    assert marker_id in generation_options(object(), tokenizer, max_new_tokens=4)["eos_token_id"]
+    assert marker_id in generation_options(tokenizer, max_new_tokens=4)["eos_token_id"]
 
 
 def test_a_layout_whose_markers_the_vocabulary_lacks_is_refused(tokenizer):

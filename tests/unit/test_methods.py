@@ -443,11 +443,12 @@ def test_pissa_on_smollm2_reloads_on_the_original_base(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["prefix", "ptuning_v2", "mam", "unipelt"])
-def test_generated_replies_are_what_the_trained_model_computes(bases, name):
-    # Cached decoding must reproduce a plain greedy loop over full forwards (how the model trained):
-    # with peft's prefixes it did not, past the first new token.
+def test_generated_replies_are_what_the_trained_model_computes(bases, tmp_path, name):
+    # Cached decoding must reproduce a plain greedy loop over full forwards (how the model trained): with peft's
+    # prefixes it did not past the first new token, since peft re-injected a prefix-only cache at every step.
     from transformers import AutoTokenizer
 
+    from ftune.data.templates import end_of_turn_ids
     from ftune.generation import generate_replies
     from tests.conftest import TOKENIZER_DIR
 
@@ -459,20 +460,30 @@ def test_generated_replies_are_what_the_trained_model_computes(bases, name):
         for parameter in model.parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter) * 0.5)
-    model.eval()
+    METHODS[name].save(model, tmp_path)
+    model = METHODS[name].load(loader(bases["llama"], "causal_lm"), tmp_path).eval()  # as eval, generate and chat load it
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    stops = end_of_turn_ids(tokenizer)
     prompts = [[{"role": "user", "content": "moon"}], [{"role": "user", "content": "a longer question, so the first is padded"}]]
 
-    ids = tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
-    with torch.no_grad():
-        for _ in range(6):
-            next_id = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[:, -1].argmax(-1, keepdim=True)
-            if next_id.item() == tokenizer.eos_token_id:
-                break
-            ids = torch.cat([ids, next_id], dim=1)
-    prompt_length = len(tokenizer.apply_chat_template(prompts[0], add_generation_prompt=True, return_dict=True)["input_ids"])
-    expected = tokenizer.decode(ids[0, prompt_length:], skip_special_tokens=True).strip()
+    expected = []
+    for prompt in prompts:
+        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        reply = []
+        with torch.no_grad():
+            while len(reply) < 10 and not (reply and reply[-1] in stops):
+                reply.append(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax().item())
+                ids = torch.cat([ids, torch.tensor([reply[-1:]])], dim=1)
+        expected.append(reply)
 
-    reply = generate_replies(model, tokenizer, prompts, max_new_tokens=6, batch_size=2)[0]
-    assert reply.text == expected
-    assert reply.stopped == (ids.shape[1] - prompt_length < 6)  # the loop above broke on EOS before six tokens
+    fed = []  # input lengths the model saw while generating: the prompt once, then one token a step
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hook = inner.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
+                                                            with_kwargs=True)
+    try:
+        replies = generate_replies(model, tokenizer, prompts, max_new_tokens=10, batch_size=2)
+    finally:
+        hook.remove()
+    assert len(fed) == max(len(reply) for reply in expected) and set(fed[1:]) <= {1}
+    assert [reply.text for reply in replies] == [tokenizer.decode(tokens, skip_special_tokens=True).strip() for tokens in expected]
+    assert [reply.stopped for reply in replies] == [tokens[-1] in stops for tokens in expected]
