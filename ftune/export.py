@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ftune.disk import explained, mib, report_file_size_limit, written_bytes
 from ftune.errors import FtuneError
 from ftune.gguf import DEFAULT_QUANT, UnsupportedExport, as_stored, check_gguf_support, check_quant, special_tokens_added, write_gguf
 from ftune.ollama import LAYOUTS, detect_chat_format, modelfile_path, modelfile_text
@@ -225,6 +227,7 @@ def run_export(run_dir, fmt: str, *, quant: str | None = None, out: str | Path |
         raise FtuneError(f"--verify {verify} runs GGUF files; add --format gguf")
     export_format = FORMATS[fmt]
     run, recipe = load_run(run_dir)
+    report_file_size_limit()
     options = export_format.options(quant, recipe)
     if recipe.task == CLASSIFICATION:
         raise UnsupportedExport(
@@ -236,11 +239,23 @@ def run_export(run_dir, fmt: str, *, quant: str | None = None, out: str | Path |
         source = complete_weights(run, recipe, echo=echo)
         target = Path(out).expanduser().resolve() if out else run.export_dir / export_format.default_name(options)
         echo(f"Exporting {source} as {fmt}{' ' + options['quant'] if 'quant' in options else ''} to {target}...")
-        report = export_format.write(source, target, **options)
-        if verify == "llama.cpp":
-            check_in_llama_cpp(report, run, recipe, source, prompts, echo=echo)
-        write_json_atomic(verification_report(target), report.to_dict())
+        started = time.time()
+        with explained(target, needs=f"the export needs up to {mib(written_bytes(source))} (the source weights' size)",
+                       cleanup=lambda: remove_export(target, since=started)):
+            report = export_format.write(source, target, **options)
+            if verify == "llama.cpp":
+                check_in_llama_cpp(report, run, recipe, source, prompts, echo=echo)
+            write_json_atomic(verification_report(target), report.to_dict())
     return report
+
+
+def remove_export(target: Path, *, since: float) -> None:
+    """After a failed write, remove what this export had already put in place (the weights without their Modelfile
+    or report), so no half set of files passes for an export; an earlier export's files are left alone."""
+    for path in (target, modelfile_path(target) if target.suffix == ".gguf" else None, verification_report(target)):
+        if path is None or not path.exists() or path.stat().st_mtime < since:
+            continue
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink()
 
 
 def check_in_llama_cpp(report: ExportReport, run: RunDir, recipe, source: Path, prompts: int, *, echo=print) -> None:

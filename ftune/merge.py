@@ -3,7 +3,8 @@
 The merged folder is a plain transformers model (safetensors, tokenizer with the training chat
 template, generation config) that loads without peft or ftune. It is built in a staging folder,
 loaded back with plain transformers and compared with the unmerged adapter model on eval prompts;
-only when the logits agree within tolerance is it renamed into place.
+only when the logits agree within tolerance is it renamed into place. A write that fails for lack of
+room (a full disk, a quota, the file-size limit) is one line, and leaves no partial folder behind.
 
 A quantized (QLoRA) run is merged into the base reloaded in full precision by default: folding
 an adapter into 4-bit weights re-quantizes them and shifts logits by ~0.1. ``merge.base:
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ftune.disk import explained, mib, report_file_size_limit
 from ftune.errors import FtuneError
 from ftune.recipe import Recipe, method_class
 from ftune.recipe.schema import QuantizationConfig
@@ -148,11 +150,13 @@ def run_merge(run_dir, *, out: str | Path | None = None, dtype: str | None = Non
     merged model's logits stray beyond tolerance.
     """
     run, recipe = load_run(run_dir)
+    report_file_size_limit()
     with run_lock(run.root, echo=echo):
         return merge_into(run, recipe, out=out, dtype=dtype, echo=echo)
 
 
 def merge_into(run: RunDir, recipe: Recipe, *, out, dtype, echo) -> MergeReport:
+    import torch
     from transformers import AutoTokenizer
 
     from ftune.data.heldout import load_heldout, parity_inputs
@@ -183,8 +187,9 @@ def merge_into(run: RunDir, recipe: Recipe, *, out, dtype, echo) -> MergeReport:
     if recipe.merge.base == "dequantized" and not recipe.merge.tolerance:
         relative = max(relative, QUANTIZED_REFERENCE_TOLERANCE)
     tolerance = relative * logit_scale(reference, inputs)
+    size = sum(p.numel() for p in merged.parameters()) * getattr(torch, dtype).itemsize
     try:
-        with atomic_dir(target) as staging:
+        with explained(target, needs=f"the merged model needs about {mib(size)}"), atomic_dir(target) as staging:
             save_merged(merged, tokenizer, staging, dtype)
             del merged
             candidate = load_plain_model(staging, recipe.task)

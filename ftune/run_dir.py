@@ -15,6 +15,7 @@ Layout::
     RUN/eval/             metrics.json + predictions.jsonl of ftune eval
     RUN/merged/           adapter folded into the base: a plain transformers model folder + parity.json
     RUN/export/           GGUF / safetensors exports of ftune export, each with its verification report
+    RUN/tracking/         experiment trackers' local files (tensorboard/, mlflow/, wandb/) of the recipe's tracking section
 
 This module owns every file name in a run and the one way ftune writes them: into a hidden
 sibling, then renamed into place (``atomic_file`` / ``atomic_dir``), so a crash mid-save never
@@ -36,8 +37,11 @@ from typing import Iterator
 
 import yaml
 
+from ftune import checksums
+from ftune.disk import staged_failure
 from ftune.errors import FtuneError
 from ftune.recipe import Recipe, validate_recipe
+from ftune.redaction import redact
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class RunDir:
     accelerate_config = property(lambda self: self.root / "accelerate.yaml")
     deepspeed_config = property(lambda self: self.root / "deepspeed.json")
     reward_functions = property(lambda self: self.root / "rewards")  # grpo: copies of the recipe's reward function files
+    tracking = property(lambda self: self.root / "tracking")  # TensorBoard events, MLflow file store, W&B offline runs
 
     def has_complete_weights(self) -> bool:
         """Training wrote a whole model (full, freeze, bitfit), not an adapter to apply to a base."""
@@ -100,12 +105,10 @@ def checkpoint_step(checkpoint: Path) -> int:
 
 
 def mark_checkpoint_complete(checkpoint: Path) -> None:
-    """Sync every file of a checkpoint the Trainer just wrote, then mark it complete (the marker goes last)."""
-    for path in checkpoint.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    write_text_atomic(checkpoint / CHECKPOINT_COMPLETE, "complete\n")
+    """Sync every file of a checkpoint the Trainer just wrote, then mark it complete (the marker goes last) with each
+    file's size and checksum, which a resume checks before it trusts the checkpoint."""
+    files = checksums.record(checkpoint, skip=(CHECKPOINT_COMPLETE,), sync=True)
+    write_json_atomic(checkpoint / CHECKPOINT_COMPLETE, {"complete": True, "files": files})
     _sync_dir(checkpoint)
 
 
@@ -186,7 +189,7 @@ def prepare_run_dir(recipe: Recipe, *, overwrite: bool, resume: bool, write: boo
     if resume:
         if not existing:
             raise FtuneError(f"--resume: {run.root} holds no run to continue; run without --resume")
-        if run.recipe.is_file() and run.recipe.read_text(encoding="utf-8") != recipe_yaml(recipe):
+        if run.recipe.is_file() and run.recipe.read_text(encoding="utf-8") != redact(recipe_yaml(recipe)):
             raise FtuneError(
                 f"--resume: the recipe differs from the one {run.root} was started with ({run.recipe}); "
                 "resume with the same recipe, or use --overwrite to start over"
@@ -230,13 +233,19 @@ def atomic_file(target: Path) -> Iterator[Path]:
         with open(staging, "rb") as written:
             os.fsync(written.fileno())
         os.replace(staging, target)
+    except Exception as err:
+        full = staged_failure(err, staging, target)  # measured while the partial file is still there
+        if full is None:
+            raise
+        raise full from err
     finally:
         staging.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` atomically, with the values of secret-looking environment variables masked (ftune.redaction)."""
     with atomic_file(path) as staging:
-        staging.write_text(text, encoding="utf-8")
+        staging.write_text(redact(text), encoding="utf-8")
 
 
 def write_json_atomic(path: Path, data: dict | list) -> None:
@@ -256,11 +265,15 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` only if the block finishes."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes it private
     try:
         yield staging
-    except BaseException:
+    except BaseException as err:
+        full = staged_failure(err, staging, target) if isinstance(err, Exception) else None
         shutil.rmtree(staging, ignore_errors=True)
-        raise
+        if full is None:
+            raise
+        raise full from err
     retired = None
     if target.exists():
         retired = target.with_name(f".{target.name}-old-{os.getpid()}")

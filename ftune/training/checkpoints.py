@@ -3,13 +3,14 @@
 A checkpoint counts once every file in it is synced and its marker is written (the Trainer writes
 checkpoints in place, so a folder alone proves nothing). Resuming picks the newest complete one,
 restores instead of training when training had already finished, logs every step once, and
-reports the training loss over the whole run. A failed write for lack of space or permission is
-one line naming the path and what is needed.
+reports the training loss over the whole run. Each checkpoint's marker records its files' sizes and
+checksums, and a resume skips a checkpoint damaged since it was written. A failed write for lack of
+space (a full disk, a quota, the file-size limit) or permission is one line naming the path and what
+is needed.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -17,9 +18,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ftune import checksums
+from ftune.disk import explained, mib, written_bytes
 from ftune.errors import FtuneError
 from ftune.recipe.distributed import resolved_strategy
-from ftune.run_dir import RunDir, mark_checkpoint_complete, write_json_atomic, write_text_atomic
+from ftune.run_dir import CHECKPOINT_COMPLETE, RunDir, mark_checkpoint_complete, write_json_atomic, write_text_atomic
 
 
 def is_main_process() -> bool:
@@ -28,15 +31,33 @@ def is_main_process() -> bool:
 
 
 def resume_point(run: RunDir, echo) -> Path | None:
-    """The newest complete checkpoint; incomplete ones (a crash mid-save) are named and removed. None
-    when the run was interrupted before its first complete checkpoint: it then starts from step 0."""
+    """The newest complete checkpoint whose files are as they were written; incomplete ones (a crash mid-save) and
+    damaged ones (a file truncated or changed since) are named and removed. None when the run was interrupted before
+    its first sound checkpoint: it then starts from step 0."""
     for broken in run.incomplete_checkpoints():
         if is_main_process():
             echo(f"Skipping {broken.name}: it was not completely written (interrupted while saving); removing it")
             shutil.rmtree(broken, ignore_errors=True)
-    checkpoint = run.last_checkpoint()
+    checkpoint = None
+    for candidate in reversed([p for p in run.checkpoint_folders() if (p / CHECKPOINT_COMPLETE).is_file()]):
+        damage = checkpoint_damage(candidate)
+        if damage is None:
+            checkpoint = candidate
+            break
+        if is_main_process():
+            echo(f"Skipping {candidate.name}: {damage}; removing it and resuming from the previous complete checkpoint")
+            shutil.rmtree(candidate, ignore_errors=True)
     echo(f"Resuming from {checkpoint.name}" if checkpoint else "No complete checkpoint yet; training from step 0")
     return checkpoint
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """The first file of a complete checkpoint that differs from what its marker recorded, named; None if none does."""
+    marker = checkpoint / CHECKPOINT_COMPLETE
+    if marker.read_text(encoding="utf-8", errors="replace").strip() == "complete":
+        return None  # marked before markers recorded their files: nothing to check against
+    recorded = checksums.read_record(marker)
+    return f"{CHECKPOINT_COMPLETE} is damaged" if recorded is None else checksums.damage(checkpoint, recorded)
 
 
 PROCESSES_FILE = "ftune-processes.json"  # in each checkpoint: how many processes wrote it, how they split a step
@@ -118,31 +139,29 @@ def train_or_restore(trainer, checkpoint: Path | None, echo) -> int:
     return trainer.state.global_step - start
 
 
-# Write failures a user fixes by freeing space or fixing permissions, not bugs.
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
-
-
 @contextmanager
 def disk_errors_explained(run: RunDir):
-    """Turn a failed write (full disk, no permission) into one line naming the path, the free space and the need."""
-    try:
+    """Turn a write that failed for lack of room (full disk, quota, file-size limit) or permission into one line naming
+    the path, the room there and what a checkpoint needs; the checkpoint it cut short is removed, the previous stays."""
+    def partial() -> Path:
+        return (run.incomplete_checkpoints() or [run.checkpoints])[-1]
+
+    def remove_partial() -> None:
+        if is_main_process():
+            for broken in run.incomplete_checkpoints():
+                shutil.rmtree(broken, ignore_errors=True)
+
+    with explained(partial, needs=lambda: checkpoint_need(run), then="continue with ftune train --resume", cleanup=remove_partial):
         yield
-    except OSError as err:
-        if err.errno not in DISK_ERRORS:
-            raise
-        path = Path(err.filename) if err.filename else run.checkpoints
-        existing = next(p for p in (path, *path.parents) if p.exists())
-        free = shutil.disk_usage(existing).free
-        raise FtuneError(
-            f"cannot write {path}: {err.strerror or err}; {free / 2**20:,.0f} MiB free there, about {largest_save_mb(run):,.0f} MiB "
-            "needed per checkpoint; free space (or fix permissions) and continue with ftune train --resume"
-        ) from err
 
 
-def largest_save_mb(run: RunDir) -> float:
-    """Size of the biggest complete checkpoint so far (what the next save needs), or of the saved model."""
-    sizes = [sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) for folder in [*run.checkpoint_folders(), run.model] if folder.is_dir()]
-    return max(sizes, default=0) / 2**20
+def checkpoint_need(run: RunDir) -> str:
+    """What the next save needs: the size of the biggest complete checkpoint (or the saved model) and its biggest file."""
+    folders = [p for p in [run.last_checkpoint(), run.model] if p is not None and p.is_dir()]
+    sizes = [[f.stat().st_size for f in folder.rglob("*") if f.is_file()] for folder in folders]
+    if not any(sizes):
+        return f"a checkpoint needs more than the {mib(written_bytes(run.checkpoints))} written"
+    return f"a checkpoint needs about {mib(max(map(sum, sizes)))} (its largest file {mib(max(max(s, default=0) for s in sizes))})"
 
 
 def checkpoint_marker(strategy: str):
@@ -160,6 +179,9 @@ def checkpoint_marker(strategy: str):
                 control.should_log = True
 
         def on_save(self, args, state, control, model=None, **kwargs):
+            from ftune.training.distributed import wait_for_every_rank
+
+            wait_for_every_rank()  # each process has written its part (its RNG state) before rank 0 marks the checkpoint
             if state.is_world_process_zero:
                 checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 record_processes(checkpoint, args, strategy)

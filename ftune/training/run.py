@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from datetime import datetime, timezone
 from pathlib import Path
 
+from ftune.disk import report_file_size_limit
 from ftune.errors import FtuneError
 from ftune.resources import free_memory_mib
 from ftune.methods import save_method_artifact
@@ -27,12 +28,14 @@ from ftune.training.distributed import whole_weights
 from ftune.training.plan import check_fits
 from ftune.training.report import build_manifest, build_summary, save_loss_plot
 from ftune.training.session import Launch, build_session, prepare_hardware
+from ftune.training.tracking import finish_tracking
 
 
 def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False, echo=print) -> RunDir:
     """Train as ``recipe`` says; rank 0 holds the run directory's lock throughout."""
     main = is_main_process()
     echo = echo if main else (lambda *_: None)
+    report_file_size_limit()
     launch = prepare_hardware(recipe, echo=echo)  # before any loading: a refusal costs nothing
     if not force:
         device = "cuda" if launch.cuda else "cpu"
@@ -58,6 +61,11 @@ def close_processes() -> None:
 def train_into(recipe: Recipe, launch: Launch, *, overwrite: bool, resume: bool, echo) -> RunDir:
     started = datetime.now(timezone.utc)
     run = prepare_run_dir(recipe, overwrite=overwrite, resume=resume, write=is_main_process())
+    with disk_errors_explained(run):  # from here on the way on after a failed write is --resume
+        return train_prepared(run, recipe, launch, started, resume=resume, echo=echo)
+
+
+def train_prepared(run: RunDir, recipe: Recipe, launch: Launch, started: datetime, *, resume: bool, echo) -> RunDir:
     checkpoint = resume_point(run, echo) if resume else None
     if checkpoint is not None:
         recipe = keep_rows_per_step(recipe, checkpoint, launch, echo=echo)
@@ -66,18 +74,18 @@ def train_into(recipe: Recipe, launch: Launch, *, overwrite: bool, resume: bool,
     session = build_session(recipe, run, launch, echo=echo)
     trainer = session.trainer
     clock = time.perf_counter()
-    with disk_errors_explained(run):
-        trained_here = train_or_restore(trainer, checkpoint, echo)
-        wall = time.perf_counter() - clock
-        eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
-        with whole_weights(trainer):
-            if not trainer.is_world_process_zero():
-                return run
-            save_artifacts(trainer.model, session.tokenizer, recipe, run)
-        summary = build_summary(run, eval_metrics, trainer, wall, trained_here, session.trainable, session.total)
-        save_loss_plot(run)
-        write_json_atomic(run.manifest, build_manifest(recipe, started, launch=launch, model=trainer.model))
-        write_json_atomic(run.summary, summary)  # last: its presence marks the run complete
+    trained_here = train_or_restore(trainer, checkpoint, echo)
+    wall = time.perf_counter() - clock
+    eval_metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    with whole_weights(trainer):
+        if not trainer.is_world_process_zero():
+            return run
+        save_artifacts(trainer.model, session.tokenizer, recipe, run)
+    summary = build_summary(run, eval_metrics, trainer, wall, trained_here, session.trainable, session.total)
+    save_loss_plot(run)
+    write_json_atomic(run.manifest, build_manifest(recipe, started, launch=launch, model=trainer.model))
+    write_json_atomic(run.summary, summary)  # last: its presence marks the run complete
+    finish_tracking(trainer)  # the trackers get the complete run's files
     echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
     return run

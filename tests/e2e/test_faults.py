@@ -84,9 +84,10 @@ def test_full_disk_is_one_line_and_resume_works_once_space_is_back(recipe, tmp_p
     [line] = result.stderr.strip().splitlines()
     assert "checkpoint-4" in line and "No space left on device" in line and "MiB free there" in line and "--resume" in line
     assert (run / "checkpoints" / "checkpoint-2" / "ftune-complete").is_file()  # the previous checkpoint is intact
+    assert not (run / "checkpoints" / "checkpoint-4").exists()  # the partial one is removed
     assert not (run / ".ftune.lock").exists()
 
     monkeypatch.setattr(transformers.TrainerState, "save_to_json", save)
     result = CliRunner().invoke(app, ["train", str(recipe), "--set", f"output_dir={run}", "--resume"])
     assert result.exit_code == 0, result.output
-    assert "Skipping checkpoint-4" in result.output and (run / "summary.json").is_file()
+    assert "Resuming from checkpoint-2" in result.output and (run / "summary.json").is_file()

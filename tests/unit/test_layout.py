@@ -22,6 +22,7 @@ from tests.conftest import REPO
 FLOORS = {
     # the recipe and what everything may read
     "ftune": 0, "ftune.errors": 0, "ftune.text_files": 0, "ftune.runtime": 0, "ftune.recipe": 0, "ftune.families": 0,
+    "ftune.disk": 0, "ftune.checksums": 0, "ftune.redaction": 0,
     # facts about the run directory and the machine
     "ftune.run_dir": 1, "ftune.hardware": 1, "ftune.resources": 1,
     # mechanisms the stages share
@@ -30,6 +31,9 @@ FLOORS = {
     "ftune.internals": 2, "ftune.rewards": 2,
     # the stages, side by side
     "ftune.training": 3, "ftune.evaluate": 3, "ftune.merge": 3, "ftune.export": 3, "ftune.inference": 3,
+    "ftune.benchmark": 3, "ftune.hub": 3, "ftune.model_card": 3,
+    # task files lm-evaluation-harness loads by path (their loaders import nothing of ftune)
+    "ftune.benchmarks": 0,
     # the command line
     "ftune.cli": 4, "ftune.__main__": 4,
 }
