@@ -11,6 +11,12 @@ must be identical. Prints ``N/N runs identical after K kills`` and exits 1 if an
 ``--inject POINT`` instead runs ``ftune train`` in this process and SIGKILLs it at a deterministic
 point: model_load, between_steps, mid_checkpoint, after_last_step or final_eval (``--at STEP`` picks
 the step where that applies). The test suite installs the same faults in forked processes.
+
+``--disk-fault full_disk`` instead lowers the process's file-size limit (RLIMIT_FSIZE, a real EFBIG from
+the kernel) at a random step to a random size below the largest checkpoint file, expects the one-line
+error (exit 2, no traceback) and resumes without the limit; ``--disk-fault damaged_checkpoint`` kills a
+run after its first checkpoints, truncates or corrupts a random file of the newest one, and expects the
+resume to name that file and continue from the previous one. Both compare the result as above.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's ftune, also when another one is installed
 COMPARED = ("train_loss", "eval_loss", "steps", "epochs", "tokens_seen", "trainable_params", "total_params")
-POINTS = ("model_load", "between_steps", "mid_checkpoint", "after_last_step", "final_eval")
+POINTS = ("model_load", "between_steps", "mid_checkpoint", "after_last_step", "final_eval", "file_size_limit")
 
 
 def die() -> None:
@@ -76,6 +82,8 @@ def install_fault(point: str, step: int) -> None:
         transformers.TrainerState.save_to_json = save_then_maybe_die
     elif point == "final_eval":
         transformers.Trainer.evaluate = lambda self, *args, **kwargs: die()
+    elif point == "file_size_limit":
+        limit_file_size_at(step)
     else:
         raise SystemExit(f"unknown --inject point {point!r}; expected one of {', '.join(POINTS)}")
 
@@ -137,6 +145,121 @@ def run_until_complete(recipe: Path, output_dir: Path, overrides: list[str], rng
         return kills
 
 
+def limit_file_size_at(step: int) -> None:
+    """From the end of ``step`` (at once when ``step`` <= 0), cap this process's files at $FTUNE_FAULT_FILE_SIZE bytes:
+    every write past it fails with EFBIG, as on a full disk, whatever the writer (torch.save, safetensors, Python)."""
+    import resource
+
+    import transformers
+
+    import ftune.training.session as session
+
+    limit = int(os.environ.get("FTUNE_FAULT_FILE_SIZE", 64 * 1024))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill, whatever ftune itself sets
+
+    def lower() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    if step <= 0:
+        lower()
+        return
+    build = session.build_trainer
+
+    class Limit(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                lower()
+
+    def with_limit(*args, **kwargs):
+        trainer = build(*args, **kwargs)
+        trainer.add_callback(Limit())
+        return trainer
+
+    session.build_trainer = with_limit
+
+
+def disk_fault_command(recipe: Path, output_dir: Path, overrides: list[str], point: str, step: int) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), str(recipe), "--inject", point, "--at", str(step),
+            *[a for item in [f"output_dir={output_dir}", *overrides] for a in ("--set", item)]]
+
+
+def logged_steps(run: Path) -> int:
+    return max(json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines())
+
+
+def full_disk_run(recipe: Path, run_dir: Path, overrides: list[str], rng: random.Random, reference_dir: Path) -> list[str]:
+    """Fail a write with EFBIG from a random step on, check the one line, resume without the limit; problems found."""
+    largest = max(p.stat().st_size for p in (reference_dir / "checkpoints").rglob("*") if p.is_file())
+    step, limit = rng.randint(1, logged_steps(reference_dir)), rng.randint(4096, largest - 1)
+    failed = subprocess.run(disk_fault_command(recipe, run_dir, overrides, "file_size_limit", step), cwd=ROOT, text=True,
+                            capture_output=True, env={**os.environ, "FTUNE_FAULT_FILE_SIZE": str(limit)})
+    lines = failed.stderr.strip().splitlines()
+    print(f"  file-size limit {limit} bytes from step {step}: exit {failed.returncode}, {lines[-1] if lines else 'no error line'}", flush=True)
+    if failed.returncode != 2 or len(lines) != 1 or not lines[0].startswith("error: cannot write") or "--resume" not in lines[0]:
+        return [f"expected exit 2 and one error line, got exit {failed.returncode}: {failed.stderr[-2000:]}"]
+    if any(not (p / "ftune-complete").is_file() for p in (run_dir / "checkpoints").glob("checkpoint-*")):
+        return ["a partial checkpoint was left behind"]
+    return resumed(recipe, run_dir, overrides, reference_dir)
+
+
+def damaged_checkpoint_run(recipe: Path, run_dir: Path, overrides: list[str], rng: random.Random, reference_dir: Path) -> list[str]:
+    """Kill a run after a few checkpoints, truncate or corrupt a file of the newest one, resume; problems found."""
+    subprocess.run(disk_fault_command(recipe, run_dir, overrides, "between_steps", rng.randint(2, logged_steps(reference_dir))),
+                   cwd=ROOT, capture_output=True)
+    complete = sorted((p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / "ftune-complete").is_file()),
+                      key=lambda p: int(p.name.split("-")[-1]))
+    if not complete:
+        print("  killed before the first checkpoint; nothing to damage", flush=True)
+        return resumed(recipe, run_dir, overrides, reference_dir)
+    newest = complete[-1]
+    victim = rng.choice(sorted(p for p in newest.rglob("*") if p.is_file() and p.name != "ftune-complete"))
+    data = bytearray(victim.read_bytes())
+    if rng.random() < 0.5 or not data:
+        data, how = data[: rng.randrange(len(data))] if data else bytearray(b"x"), "truncated"
+    else:
+        data[rng.randrange(len(data))] ^= 0xFF
+        how = "corrupted"
+    victim.write_bytes(bytes(data))
+    name = victim.relative_to(newest).as_posix()
+    print(f"  {how} {newest.name}/{name}", flush=True)
+    return resumed(recipe, run_dir, overrides, reference_dir, expect=f"Skipping {newest.name}: {name} is damaged")
+
+
+def resumed(recipe: Path, run_dir: Path, overrides: list[str], reference_dir: Path, *, expect: str | None = None) -> list[str]:
+    done = subprocess.run(train_command(recipe, run_dir, overrides, resume=True), cwd=ROOT, text=True, capture_output=True)
+    if done.returncode != 0:
+        return [f"--resume failed: {done.stderr[-2000:]}"]
+    if expect is not None and expect not in done.stdout:
+        return [f"--resume did not say {expect!r}: {done.stdout[-2000:]}"]
+    return identical(outcome(reference_dir), outcome(run_dir))
+
+
+DISK_FAULTS = {"full_disk": full_disk_run, "damaged_checkpoint": damaged_checkpoint_run}
+
+
+def disk_fault_check(args) -> int:
+    """``--runs`` runs of ``args.disk_fault``, each in a fresh output directory and compared with an uninterrupted run."""
+    rng = random.Random(args.seed)
+    scratch = Path(tempfile.mkdtemp(prefix="ftune-fault-check-"))
+    try:
+        reference_dir = scratch / "reference"
+        subprocess.run(train_command(args.recipe, reference_dir, args.overrides, resume=False), cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        same = 0
+        for index in range(args.runs):
+            run_dir = scratch / f"run-{index}"
+            print(f"run {index}: {args.disk_fault}", flush=True)
+            problems = DISK_FAULTS[args.disk_fault](args.recipe, run_dir, args.overrides, rng, reference_dir)
+            same += not problems
+            print(f"run {index}: {'identical' if not problems else 'DIFFERENT'} after resuming", flush=True)
+            for problem in problems:
+                print(f"run {index}: {problem}", file=sys.stderr)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        print(f"{same}/{args.runs} {args.disk_fault} runs resumed identically")
+        return 0 if same == args.runs else 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", type=Path)
@@ -147,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inject", choices=POINTS, help="run ftune train here and die at this point")
     parser.add_argument("--at", type=int, default=1, help="step for between_steps / mid_checkpoint")
     parser.add_argument("--resume", action="store_true", help="with --inject: pass --resume")
+    parser.add_argument("--disk-fault", choices=tuple(DISK_FAULTS), help="full_disk or damaged_checkpoint runs instead of SIGKILLs")
     args = parser.parse_args(argv)
 
     if args.inject:
@@ -156,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = ["ftune", "train", str(args.recipe), *[a for item in args.overrides for a in ("--set", item)], *(["--resume"] if args.resume else [])]
         cli()
         return 0
+    if args.disk_fault:
+        return disk_fault_check(args)
 
     rng = random.Random(args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="ftune-fault-check-"))
