@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's ftune, also when another one is installed
 COMPARED = ("train_loss", "eval_loss", "steps", "epochs", "tokens_seen", "trainable_params", "total_params")
-POINTS = ("model_load", "between_steps", "mid_checkpoint", "after_last_step", "final_eval", "file_size_limit")
+POINTS = ("model_load", "between_steps", "mid_step", "mid_checkpoint", "after_last_step", "final_eval", "file_size_limit")
 
 
 def die() -> None:
@@ -69,6 +69,27 @@ def install_fault(point: str, step: int) -> None:
             return trainer
 
         session.build_trainer = with_kill
+    elif point == "mid_step":
+        # Inside step ``step``, before its forward: the other processes of a multi-process run wait for this
+        # one's gradients in the step's all-reduce.
+        train_step = transformers.Trainer.training_step
+
+        def step_or_die(self, *args, **kwargs):
+            if self.state.global_step + 1 == step:
+                die()
+            return train_step(self, *args, **kwargs)
+
+        transformers.Trainer.training_step = step_or_die
+    elif point == "mid_checkpoint" and os.environ.get("RANK", "0") != "0":
+        # A rank other than 0 writes only its RNG state into a checkpoint: die before it.
+        save_rng = transformers.Trainer._save_rng_state
+
+        def save_rng_or_die(self, output_dir):
+            if Path(output_dir).name == f"checkpoint-{step}":
+                die()
+            return save_rng(self, output_dir)
+
+        transformers.Trainer._save_rng_state = save_rng_or_die
     elif point == "mid_checkpoint":
         # The Trainer writes trainer_state.json after the weights and optimizer: dying right
         # before it leaves a checkpoint folder that looks plausible but cannot be resumed.
@@ -86,6 +107,41 @@ def install_fault(point: str, step: int) -> None:
         limit_file_size_at(step)
     else:
         raise SystemExit(f"unknown --inject point {point!r}; expected one of {', '.join(POINTS)}")
+
+
+RANK_FAULT = "FTUNE_RANK_FAULT"  # POINT:STEP:RANK, read only by the sitecustomize module rank_fault_environment writes
+RANK_FAULT_HOOK = """\
+\"\"\"Written by scripts/fault_check.py: the process whose RANK is the last field of FTUNE_RANK_FAULT installs that fault.\"\"\"
+import os
+
+point, step, rank = os.environ.get("FTUNE_RANK_FAULT", "::").split(":")
+if os.environ.get("RANK") == rank:
+    import importlib.util
+    import signal
+    import time
+
+    spec = importlib.util.spec_from_file_location("fault_check", {script!r})
+    fault_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fault_check)
+
+    def die_noted():
+        with open({mark!r}, "w") as note:
+            note.write(repr(time.time()))
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    fault_check.die = die_noted
+    fault_check.install_fault(point, int(step))
+"""
+
+
+def rank_fault_environment(point: str, step: int, rank: int, folder: Path) -> dict:
+    """The environment under which the process of rank ``rank`` of ``ftune train --nproc N`` (or torchrun) SIGKILLs
+    itself at ``point`` (as ``install_fault``) and writes the moment to ``folder/killed``: a ``sitecustomize`` module
+    in ``folder``, put first on PYTHONPATH, installs the fault in that process alone, so ftune carries no test hook."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(RANK_FAULT_HOOK.format(script=str(Path(__file__).resolve()), mark=str(folder / "killed")))
+    path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, RANK_FAULT: f"{point}:{step}:{rank}"}
 
 
 def train_command(recipe: Path, output_dir: Path, overrides: list[str], *, resume: bool) -> list[str]:

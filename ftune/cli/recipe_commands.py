@@ -60,11 +60,14 @@ def train(
     if (nproc > 1 or nnodes > 1) and not launched_by_torch():
         child = ["train", str(recipe), *[f"--set={item}" for item in overrides], *(["--overwrite"] if overwrite else []),
                  *(["--resume"] if resume else []), *(["--force"] if force else [])]
-        code = launch(child, nproc=nproc, nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
+        code = launch(child, output_dir=Path(resolved.output_dir).expanduser().resolve(), nproc=nproc, nnodes=nnodes,
+                      node_rank=node_rank, master_addr=master_addr, master_port=master_port)
         raise typer.Exit(code)
+    from ftune.training.distributed import rank_process
     from ftune.training.run import is_main_process, run_training
 
-    run = run_training(resolved, overwrite=overwrite, resume=resume, force=force, echo=typer.echo)
+    with rank_process():
+        run = run_training(resolved, overwrite=overwrite, resume=resume, force=force, echo=typer.echo)
     if is_main_process():
         typer.echo(f"Run directory: {run.root}")
 

@@ -4,11 +4,18 @@ accelerate and DeepSpeed config files written into the run directory.
 Nothing here shards anything itself: accelerate (FSDP2) and DeepSpeed do, configured through the Trainer's own
 arguments. The files written beside the run describe exactly what was passed, so the run can be relaunched from the
 run directory alone (``accelerate launch --config_file RUN/accelerate.yaml -m ftune train RUN/recipe.yaml``).
+
+When one process fails the run ends: a collective waits at most ``collective_timeout_s`` for a process that neither
+answers nor ends, and a process whose collective failed because another one is gone ends quietly with ``PEER_LOST``,
+leaving one line for the launcher (``training.launch``), which names the process that failed first.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,6 +26,85 @@ from ftune.recipe.distributed import DistributedConfig, describe_strategy, resol
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+TIMEOUT_VARIABLE = "FTUNE_COLLECTIVE_TIMEOUT"
+# Long enough for rank 0 to write a large checkpoint while the others wait at the next collective, short enough that a
+# process which stops answering (a frozen node) ends the run in minutes, not torch's 30; a process that ends is noticed
+# at once (the launcher watches its children, and gloo and NCCL see the closed connections).
+COLLECTIVE_TIMEOUT_S = 600
+PEER_LOST = 3  # exit code of a process that stopped because another process of the run failed
+
+
+def collective_timeout_s() -> int:
+    """Seconds a collective waits for the other processes: ``FTUNE_COLLECTIVE_TIMEOUT``, else ``COLLECTIVE_TIMEOUT_S``."""
+    raw = os.environ.get(TIMEOUT_VARIABLE, "").strip()
+    if not raw:
+        return COLLECTIVE_TIMEOUT_S
+    if not raw.isdigit() or int(raw) < 1:
+        raise FtuneError(f"{TIMEOUT_VARIABLE}={raw!r}: expected a whole number of seconds, e.g. 1800")
+    return int(raw)
+
+
+def wait_for_every_rank() -> None:
+    """A barrier over the run's processes; nothing in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is this process losing another one of the run: a closed connection or a timed-out collective
+    (torch's distributed errors, and gloo's, which reach Python as a RuntimeError naming gloo's transport)."""
+    import torch.distributed as dist
+
+    text = str(error)
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and ("gloo/" in text or "by peer" in text))
+
+
+def record_for_launcher(message: str) -> None:
+    """Leave this process's one-line failure where torch's elastic launcher reads it (its error file)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump({"message": message, "timestamp": int(time.time())}, handle)
+
+
+def start_process_group() -> None:
+    """Join this launch's CPU processes into one gloo group with ftune's collective timeout (the Trainer passes
+    ``ddp_timeout`` on for CUDA and DeepSpeed only; accelerate then takes the group as it finds it)."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if world_size() > 1 and not dist.is_initialized() and not torch.cuda.is_available():
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=collective_timeout_s()))
+
+
+@contextmanager
+def rank_process():
+    """Around one process of a multi-process run: it joins the group with ftune's collective timeout; a failure caused
+    by another process ending ends this one quietly with ``PEER_LOST`` (the launcher names the process that failed
+    first, and a traceback per survivor would bury it); any other crash keeps its traceback and leaves its one line for
+    the launcher. A user error prints its own line."""
+    if world_size() <= 1:
+        yield
+        return
+    try:
+        start_process_group()
+        yield
+    except FtuneError:
+        raise
+    except Exception as error:
+        # gloo opens its messages with the source line that raised them
+        first_line = re.sub(r"^\[[^\]]*\]\s*", "", (str(error).strip().splitlines() or [""])[0])
+        if lost_peer(error):
+            record_for_launcher(f"lost contact with another process of the run ({first_line})")
+            raise SystemExit(PEER_LOST) from None
+        record_for_launcher(f"{type(error).__name__}: {first_line}")
+        raise
 
 
 @dataclass(frozen=True)
@@ -48,15 +134,16 @@ def resolve_strategy(section: DistributedConfig, *, world: int | None = None, cu
         note = "" if requested in ("auto", "ddp") else f" (distributed.strategy: {requested} has nothing to shard over one process)"
         return Strategy("single", world, "single process" + note)
     description = describe_strategy(section.model_copy(update={"strategy": name}))
+    timeout = {"ddp_timeout": collective_timeout_s()}
     if name == "ddp":
-        return Strategy(name, world, description)
+        return Strategy(name, world, description, timeout)
     if name == "fsdp":
-        return Strategy(name, world, description, {"fsdp": True, "fsdp_config": fsdp_config(section, wrap_classes, gradient_checkpointing)})
+        return Strategy(name, world, description, {**timeout, "fsdp": True, "fsdp_config": fsdp_config(section, wrap_classes, gradient_checkpointing)})
     if not cuda:
         raise FtuneError("distributed.strategy: deepspeed needs CUDA GPUs and this machine has none; use strategy: fsdp "
                          "(runs on CPU with the gloo backend) or ddp")
     config = deepspeed_config(section, precision=precision)
-    return Strategy(name, world, description, {"deepspeed": config}, deepspeed=config)
+    return Strategy(name, world, description, {**timeout, "deepspeed": config}, deepspeed=config)
 
 
 def fsdp_config(section: DistributedConfig, wrap_classes: list[str] | None, gradient_checkpointing: bool) -> dict:
