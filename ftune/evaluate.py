@@ -290,13 +290,18 @@ def save_report(run: RunDir, split: str, results: dict, *, table: tuple[str, ...
     return EvalReport(results["tuned"][0], results["base"][0] if "base" in results else None, run.eval_metrics, table, wall_time_s)
 
 
+def compared(name: str) -> bool:
+    """Whether the table shows a metric's delta: not for the sample count, nor a benchmark's standard error (``TASK/acc_stderr``)."""
+    return name.rpartition("/")[2] != "samples" and not name.endswith("_stderr")
+
+
 def format_table(report: EvalReport) -> str:
     columns, width = ["tuned"] + (["base", "delta"] if report.base else []), max(14, *(len(name) + 2 for name in report.table))
     lines = [f"{'metric':<{width}}" + "".join(f"{c:>12}" for c in columns)]
     for name in report.table:
         values = [report.tuned[name]]
         if report.base:
-            values += [report.base[name], "" if name == "samples" else report.tuned[name] - report.base[name]]
+            values += [report.base[name], "" if not compared(name) else report.tuned[name] - report.base[name]]
         lines.append(f"{name:<{width}}" + "".join(f"{v:>12.4f}" if isinstance(v, float) else f"{v:>12}" for v in values))
     if "confusion_matrix" in report.tuned:
         lines.append(format_confusion(report.tuned["confusion_matrix"]))

@@ -1,4 +1,4 @@
-"""Commands over a run directory: eval, merge, export, generate and chat."""
+"""Commands over a run directory: eval (and benchmarks), merge, export, push, generate and chat."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from ftune.cli.app import RunArg, ToolsOption, app, user_errors
+from ftune.errors import FtuneError
 from ftune.gguf import DEFAULT_QUANT, GGUF_QUANTS
 
 
@@ -19,12 +20,25 @@ def evaluate(
     base: bool = typer.Option(False, "--base", help="Also score the untuned base model and print the delta."),
     max_samples: Optional[int] = typer.Option(None, "--max-samples", min=1, help="Score at most N examples."),
     minimum: List[str] = typer.Option([], "--min", help="Fail (exit 1) if METRIC falls below VALUE, e.g. --min exact_match=0.5."),
+    benchmark: Optional[str] = typer.Option(
+        None, "--benchmark", help="Score lm-evaluation-harness TASKS instead (comma-separated; the shipped ftune_dates runs "
+        "offline); needs pip install 'ftune\\[benchmark]'. --max-samples limits each task.", show_default=False),
+    merged: bool = typer.Option(False, "--merged", help="With --benchmark: score RUN/merged (ftune merge) instead of the adapter."),
 ) -> None:
-    """Score the tuned model on held-out data (and the base model beside it with --base)."""
+    """Score the tuned model on held-out data or benchmarks (and the base model beside it with --base)."""
     from ftune.evaluate import check_thresholds, format_table, parse_thresholds, run_evaluation
 
     thresholds = parse_thresholds(minimum)
-    report = run_evaluation(run_dir, split=split, with_base=base, max_samples=max_samples, echo=typer.echo)
+    if benchmark is not None:
+        from ftune.benchmark import parse_tasks, run_benchmark
+
+        if split != "eval":
+            raise FtuneError("--split and --benchmark exclude each other: a benchmark brings its own data")
+        report = run_benchmark(run_dir, parse_tasks(benchmark), with_base=base, merged=merged, limit=max_samples, echo=typer.echo)
+    elif merged:
+        raise FtuneError("--merged applies with --benchmark; ftune eval scores the model as trained (after ftune merge, the same)")
+    else:
+        report = run_evaluation(run_dir, split=split, with_base=base, max_samples=max_samples, echo=typer.echo)
     typer.echo(format_table(report))
     typer.echo(f"Metrics: {report.metrics_file}")
     failures = check_thresholds(report.tuned, thresholds)
@@ -96,6 +110,29 @@ def export(
         typer.echo(f"error: {report.path} does not reproduce the model (kept for inspection; do not deploy it)", err=True)
         raise typer.Exit(1)
     typer.echo(f"Exported: {report.path}")
+
+
+@app.command()
+@user_errors
+def push(
+    run_dir: Path = RunArg,
+    repo: str = typer.Option(..., "--repo", help="OWNER/NAME of the Hub model repository; created if missing.", show_default=False),
+    what: Optional[str] = typer.Option(None, "--what", help="adapter, merged or gguf (RUN/export/*.gguf); default the adapter, "
+                                       "or the complete weights of a full fine-tune.", show_default=False),
+    private: bool = typer.Option(False, "--private", help="Create the repository private."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Branch to commit to (created if missing); default main.",
+                                           show_default=False),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the files and the model card; contact nothing."),
+) -> None:
+    """Publish the run on the Hugging Face Hub with a model card written from the run directory (needs hf auth login)."""
+    from ftune.hub import describe_plan, plan_push, upload
+
+    plan = plan_push(run_dir, repo, what)
+    typer.echo(describe_plan(plan, private=private, revision=revision))
+    if dry_run:
+        typer.echo(f"--- {plan.listing()[0][0]} ---\n{plan.card}", nl=False)
+        return
+    typer.echo(f"Pushed: {upload(plan, private=private, revision=revision, echo=typer.echo)}")
 
 
 @app.command()
