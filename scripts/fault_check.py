@@ -9,8 +9,15 @@ reference: the per-step loss curve, the final model/adapter tensors and the summ
 must be identical. Prints ``N/N runs identical after K kills`` and exits 1 if any differs.
 
 ``--inject POINT`` instead runs ``ftune train`` in this process and SIGKILLs it at a deterministic
-point: model_load, between_steps, mid_checkpoint, after_last_step or final_eval (``--at STEP`` picks
-the step where that applies). The test suite installs the same faults in forked processes.
+point: model_load, between_steps, mid_step, mid_checkpoint, after_last_step or final_eval (``--at STEP``
+picks the step where that applies). The test suite installs the same faults in forked processes, and in
+one rank of a multi-process launch through ``rank_fault_environment`` (a generated ``sitecustomize`` that
+reads ``FTUNE_RANK_FAULT=POINT:STEP:RANK``).
+
+``--nproc 2`` instead launches ``ftune train --nproc 2`` and SIGKILLs one random rank per killed launch,
+mid-step (from outside, at a random moment of the training) or mid-save (inside a random coming checkpoint
+save); each killed launch must end non-zero with one line naming that rank, no traceback and the run lock
+released; the resumed run is compared with an uninterrupted two-process run as above.
 
 ``--disk-fault full_disk`` instead lowers the process's file-size limit (RLIMIT_FSIZE, a real EFBIG from
 the kernel) at a random step to a random size below the largest checkpoint file, expects the one-line
@@ -316,6 +323,106 @@ def disk_fault_check(args) -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def rank_pids(launcher: int) -> dict[int, int]:
+    """The processes ``launcher`` started, by their RANK (read from /proc)."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) != launcher:
+                continue
+            environ = (stat.parent / "environ").read_bytes().decode(errors="replace").split("\0")
+            found[int(dict(item.split("=", 1) for item in environ if "=" in item)["RANK"])] = int(stat.parent.name)
+        except (OSError, KeyError, ValueError, IndexError):
+            continue
+    return found
+
+
+def coming_saves(run_dir: Path, reference_dir: Path) -> list[int]:
+    """The checkpoint steps a launch in ``run_dir`` still has to save: the reference's, after the last complete one."""
+    state = json.loads(next((reference_dir / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
+    saves = {*range(state["save_steps"], state["max_steps"] + 1, state["save_steps"]), state["max_steps"]}
+    done = max((int(p.parent.name.split("-")[-1]) for p in run_dir.glob("checkpoints/checkpoint-*/ftune-complete")), default=0)
+    return sorted(step for step in saves if step > done)
+
+
+def rank_kill_launch(args, run_dir: Path, rng: random.Random, window: tuple[float, float], scratch: Path) -> dict:
+    """One ``ftune train --nproc`` launch (``--resume`` once the run exists) in which a random rank may be SIGKILLed:
+    ``step`` from outside at a random moment of the reference's training window, ``save`` inside a random coming
+    checkpoint save. Returns the kind (None: not killed), the rank, the seconds from the kill to the launch's end, and
+    the problems seen: a killed launch must end non-zero with one line naming that rank, no traceback, no lock left."""
+    kills = sum(args.kill_counts.values())
+    kind = rng.choice(("step", "save")) if kills < args.max_kills and (kills == 0 or rng.random() < 0.5) else None
+    rank, saves = rng.randrange(args.nproc), coming_saves(run_dir, args.reference_dir)
+    kind = "step" if kind == "save" and not saves else kind
+    hook = scratch / f"hook-{time.time_ns()}"
+    env = rank_fault_environment("mid_checkpoint", rng.choice(saves), rank, hook) if kind == "save" else dict(os.environ)
+    command = train_command(args.recipe, run_dir, args.overrides, resume=(run_dir / "recipe.yaml").is_file()) + ["--nproc", str(args.nproc)]
+    kill_after, killed_at = rng.uniform(*window), None
+    with tempfile.TemporaryFile("w+") as stderr:
+        started = time.time()
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+        while process.poll() is None:
+            if kind == "step" and killed_at is None and time.time() - started >= kill_after and rank in (pids := rank_pids(process.pid)):
+                os.kill(pids[rank], signal.SIGKILL)
+                killed_at = time.time()
+            time.sleep(0.02)
+        ended = time.time()
+        stderr.seek(0)
+        text = stderr.read()
+    killed_at = float((hook / "killed").read_text()) if (hook / "killed").is_file() else killed_at
+    if killed_at is None:
+        return {"kind": None, "problems": [] if process.returncode == 0 else [f"failed without a kill: {text[-2000:]}"]}
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    problems = [] if process.returncode else ["exit 0 after a kill"]
+    if len(errors) != 1 or not errors[0].startswith(f"error: rank {rank} of {args.nproc} ") or "SIGKILL" not in errors[0]:
+        problems.append(f"expected one line naming rank {rank}, got {errors}")
+    problems += ["a traceback was printed"] * ("Traceback" in text) + ["the run lock was left"] * (run_dir / ".ftune.lock").exists()
+    return {"kind": kind, "rank": rank, "exit_s": ended - killed_at, "problems": problems}
+
+
+def rank_kill_check(args) -> int:
+    """``--runs`` runs of ``--nproc`` processes with ranks SIGKILLed mid-step and mid-save, resumed until complete, each
+    compared with an uninterrupted launch of the same processes."""
+    rng = random.Random(args.seed)
+    scratch = Path(tempfile.mkdtemp(prefix="ftune-fault-check-"))
+    try:
+        args.reference_dir = scratch / "reference"
+        started = time.time()
+        process = subprocess.Popen(train_command(args.recipe, args.reference_dir, args.overrides, resume=False) + ["--nproc", str(args.nproc)],
+                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while not (args.reference_dir / "metrics.jsonl").is_file() and process.poll() is None:
+            time.sleep(0.02)
+        training = time.time() - started
+        if process.wait() != 0:
+            raise SystemExit("the uninterrupted launch failed")
+        window, reference = (training, training + 0.9 * (time.time() - started - training)), outcome(args.reference_dir)
+        args.kill_counts, exits, same, clean = {"step": 0, "save": 0}, [], 0, 0
+        for index in range(args.runs):
+            run_dir, problems, kinds = scratch / f"run-{index}", [], []
+            while True:
+                launch = rank_kill_launch(args, run_dir, rng, window, scratch)
+                problems += launch["problems"]
+                if launch["kind"] is None:
+                    break
+                args.kill_counts[launch["kind"]] += 1
+                exits.append(launch["exit_s"])
+                clean += not launch["problems"]
+                kinds.append(f"{launch['kind']} on rank {launch['rank']}, ended {launch['exit_s']:.1f} s later")
+            problems += identical(reference, outcome(run_dir)) if (run_dir / "summary.json").is_file() else ["never completed"]
+            same += not problems
+            print(f"run {index}: {'identical' if not problems else 'DIFFERENT'} after {len(kinds)} kill(s): {'; '.join(kinds)}", flush=True)
+            for problem in problems:
+                print(f"run {index}: {problem}", file=sys.stderr)
+            shutil.rmtree(run_dir, ignore_errors=True)
+        kills = sum(args.kill_counts.values())
+        print(f"{same}/{args.runs} runs of {args.nproc} processes identical after {kills} kills ({args.kill_counts['step']} mid-step, "
+              f"{args.kill_counts['save']} mid-save); {clean}/{kills} killed launches ended with one line naming the rank, "
+              f"no traceback and the lock released; slowest end after a kill {max(exits, default=0):.1f} s")
+        return 0 if same == args.runs and clean == kills else 1
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", type=Path)
@@ -327,6 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--at", type=int, default=1, help="step for between_steps / mid_checkpoint")
     parser.add_argument("--resume", action="store_true", help="with --inject: pass --resume")
     parser.add_argument("--disk-fault", choices=tuple(DISK_FAULTS), help="full_disk or damaged_checkpoint runs instead of SIGKILLs")
+    parser.add_argument("--nproc", type=int, default=1, help="with 2 or more: launch that many processes and SIGKILL one rank")
     args = parser.parse_args(argv)
 
     if args.inject:
@@ -338,6 +446,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.disk_fault:
         return disk_fault_check(args)
+    if args.nproc > 1:
+        return rank_kill_check(args)
 
     rng = random.Random(args.seed)
     scratch = Path(tempfile.mkdtemp(prefix="ftune-fault-check-"))
