@@ -34,7 +34,8 @@ def generation_options(tokenizer, *, max_new_tokens: int, temperature: float = 0
 
 def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tokens: int, batch_size: int,
                      tools: list[list[dict] | None] | None = None) -> list[Reply]:
-    """Greedy replies for each prompt conversation, batched with left padding; ``tools`` are per-prompt schemas."""
+    """Greedy replies for each prompt conversation (or prompt text the chat template rendered already), batched with
+    left padding; ``tools`` are per-prompt schemas."""
     import torch
 
     tokenizer.padding_side = "left"
@@ -44,8 +45,8 @@ def generate_replies(model, tokenizer, prompts: list[list[dict]], *, max_new_tok
     stops = torch.tensor(options["eos_token_id"], device=device)
     replies = []
     for start in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(p, tools=t or None, tokenize=False, add_generation_prompt=True)
-                 for p, t in zip(prompts[start : start + batch_size], tools[start : start + batch_size])]
+        texts = [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tools=t or None, tokenize=False, add_generation_prompt=True)
+                 for p, t in zip(prompts[start : start + batch_size], tools[start : start + batch_size])]  # str: rendered already
         batch = tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt").to(device)
         with torch.no_grad():
             output = model.generate(**batch, **options)

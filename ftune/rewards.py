@@ -18,21 +18,32 @@ from ftune.errors import FtuneError
 from ftune.metrics import exact_match, numeric_match, regex_match, tool_call_exact, valid_json
 
 
-def prompt_rows(records: list) -> list[dict]:
+def prompt_rows(records: list, tokenizer=None) -> list[dict]:
     """One row per chat record that has an assistant turn: the conversation before its last assistant turn
-    (``prompt``), that turn's text (``reference``) and its tool calls as JSON (``reference_calls``)."""
+    (``prompt``), that turn's text (``reference``) and its tool calls as JSON (``reference_calls``).
+
+    Where any row carries tool schemas or tool turns before its answer and a ``tokenizer`` is given, every ``prompt``
+    is that conversation rendered by the chat template with the row's own tools and calls, and
+    ``conversation`` keeps its role/content turns: TRL renders conversational prompts with one tool list for the whole
+    trainer, and the rows become an Arrow table, which wants one shape for every message (no tool_calls fields)."""
     from ftune.data.tools import reference_calls
 
-    rows = []
+    rows, full = [], []
     for record in records:
         if record.kind != "chat" or not any(m["role"] == "assistant" for m in record.value):
             continue
         last = max(i for i, m in enumerate(record.value) if m["role"] == "assistant")
-        # role and content only: the rows become an Arrow table, which wants one shape for every message
         prompt = [{"role": m["role"], "content": m.get("content") or ""} for m in record.value[:last]]
         answer = record.value[last]
         rows.append({"prompt": prompt, "reference": answer.get("content") or "",
                      "reference_calls": json.dumps(reference_calls(answer), ensure_ascii=False), "origin": record.origin})
+        full.append((record.value[:last], record.tools))
+    if tokenizer is not None and any(tools or any(m.get("tool_calls") or m["role"] == "tool" for m in turns) for turns, tools in full):
+        from ftune.data.templates import check_tool_template, render
+
+        check_tool_template(tokenizer)  # a template that drops the schemas is refused, as for SFT
+        for row, (turns, tools) in zip(rows, full):
+            row["conversation"], row["prompt"] = row["prompt"], render(tokenizer, turns, add_generation_prompt=True, tools=tools)
     return rows
 
 
@@ -124,6 +135,8 @@ class RewardModel:
         from ftune.scoring import sequence_scores
 
         sequences = []
+        # rendered text prompts (rows with tools) come with their turns in the ``conversation`` column
+        prompts = [c if isinstance(p, str) else p for p, c in zip(prompts, columns.get("conversation") or prompts)]
         for prompt, completion in zip(prompts, completions):
             reply = reply_text(completion)
             # scored as reward training scored a chosen answer: prompt and answer rendered by the template once
@@ -168,7 +181,7 @@ def score_replies(rewards: list, built: list[Callable], rows: list[dict], replie
     """Mean of each reward and of the weighted total over ``replies`` to ``rows`` (eval's numbers), and the scores."""
     prompts = [row["prompt"] for row in rows]
     completions = [[{"role": "assistant", "content": reply}] for reply in replies]
-    columns = {key: [row[key] for row in rows] for key in ("reference", "reference_calls", "origin")}
+    columns = {key: [row[key] for row in rows] for key in ("reference", "reference_calls", "origin", "conversation") if key in rows[0]}
     scores = [list(function(prompts, completions, **columns)) for function in built]
     total = weighted_total(scores, [r.weight for r in rewards])
     n = max(len(replies), 1)
@@ -185,14 +198,15 @@ def score_rewards(model, tokenizer, records: list, recipe, *, built: list[Callab
     from ftune.generation import generate_replies
 
     clock = time.perf_counter()
-    rows = prompt_rows(records)
+    rows = prompt_rows(records, tokenizer)
     if not rows:
         raise FtuneError("the held-out split has no chat or instruction rows with an answer to take prompts from")
     replies = generate_replies(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=recipe.evaluation.max_new_tokens,
                                batch_size=recipe.evaluation.batch_size)
     built = built if built is not None else build_rewards(recipe.grpo.rewards, device=str(next(model.parameters()).device))
     metrics, scores = score_replies(recipe.grpo.rewards, built, rows, [reply.text for reply in replies])
-    predictions = [{"prompt": row["prompt"][-1]["content"] if row["prompt"] else "", "reference": row["reference"], "prediction": reply.text,
+    turns = [row.get("conversation", row["prompt"]) for row in rows]
+    predictions = [{"prompt": turns[i][-1]["content"] if turns[i] else "", "reference": row["reference"], "prediction": reply.text,
                     "stopped": reply.stopped, **{f"reward/{f.__name__}": s[i] for f, s in zip(built, scores)}}
                    for i, (row, reply) in enumerate(zip(rows, replies))]
     metrics.update(stopped_rate=sum(r.stopped for r in replies) / len(replies), samples=len(rows), wall_time_s=time.perf_counter() - clock)

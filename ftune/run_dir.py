@@ -48,7 +48,7 @@ from ftune.redaction import redact
 class RunDir:
     root: Path
 
-    recipe = property(lambda self: self.root / "recipe.yaml")
+    recipe = property(lambda self: self.root / RECIPE_FILE)
     manifest = property(lambda self: self.root / "manifest.json")
     metrics = property(lambda self: self.root / "metrics.jsonl")
     summary = property(lambda self: self.root / "summary.json")
@@ -97,7 +97,9 @@ class RunDir:
         return complete[-1] if complete else None
 
     def is_empty(self) -> bool:
-        return not self.root.exists() or not any(p.name != LOCK_FILE for p in self.root.iterdir())
+        """Nothing here but what a run writes as it starts (its recipe, the lock): a run refused before it trained
+        (bad data, a recipe the model cannot take) leaves nothing to keep, so the fixed recipe starts without --overwrite."""
+        return not self.root.exists() or not any(p.name not in (LOCK_FILE, RECIPE_FILE) for p in self.root.iterdir())
 
 
 def checkpoint_step(checkpoint: Path) -> int:
@@ -213,6 +215,7 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 CHECKPOINT_COMPLETE = "ftune-complete"  # written last into a checkpoint folder
 LOCK_FILE = ".ftune.lock"
+RECIPE_FILE = "recipe.yaml"
 
 
 def verification_report(output: Path) -> Path:

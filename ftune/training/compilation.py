@@ -132,6 +132,12 @@ def compile_callback(model, recipe, *, precision: str = "bf16", liger: bool = Fa
             raise FtuneError(f"training.compile: true, but {blocker}; set training.compile: auto or false")
         echo(f"compile: off (auto: {blocker})")
         return None
+    if recipe.stage == "grpo" and setting is not True:
+        # The figures above time whole SFT steps. A grpo step spends most of its time sampling completions, which runs
+        # the eager layers (no gradients), so only its training forward would speed up: auto cannot tell that it pays.
+        echo("compile: off (auto: a grpo step is mostly sampling, which runs the eager layers; training.compile: true "
+             "compiles its training forward)")
+        return None
 
     class CompileWhenItPays(TrainerCallback):
         def __init__(self) -> None:

@@ -1,7 +1,8 @@
 """The grpo stage: prompts in, completions sampled and scored by the recipe's rewards, TRL's GRPOTrainer over the method.
 
 Its row of ``training.stages`` reads prompts with ``build_prompt_splits`` (the chat/alpaca/messages rows ftune
-reads, cut before their last assistant turn, which is kept as the reference answer) and builds the Trainer with
+reads, cut before their last assistant turn, which is kept as the reference answer; rows with tool schemas are
+rendered with them as text) and builds the Trainer with
 ``grpo_spec``. The rewards are ``ftune.rewards``' callables, weighted by GRPOTrainer. The reference policy: with an
 adapter method the base with the adapter switched off (TRL's "ref" adapter copy is dropped, as for DPO); with
 full fine-tuning, the frozen copy of the base that GRPOTrainer loads itself. ``training.batch_size`` counts
@@ -30,7 +31,8 @@ def build_prompt_splits(recipe: Recipe, tokenizer) -> StageSplits:
     room = recipe.data.max_length - recipe.grpo.max_new_tokens
     for split in ("train", "eval"):
         chosen = getattr(records, split)
-        rows = prompt_rows(chosen)
+        rows = [dict(r, prompt=own_special_tokens(tokenizer, r["prompt"])) if isinstance(r["prompt"], str) else r
+                for r in prompt_rows(chosen, tokenizer)]
         kept = [r for r in rows if prompt_tokens(tokenizer, r["prompt"]) <= room]
         if len(kept) < len(rows):
             notes.append(f"data.{split}: left out {len(rows) - len(kept)} prompts longer than data.max_length - grpo.max_new_tokens "
@@ -42,9 +44,19 @@ def build_prompt_splits(recipe: Recipe, tokenizer) -> StageSplits:
     return StageSplits(splits["train"], splits["eval"], heldout_rows(records.eval), notes, reward_files=files)
 
 
-def prompt_tokens(tokenizer, prompt: list[dict]) -> int:
+def prompt_tokens(tokenizer, prompt: list[dict] | str) -> int:
+    if isinstance(prompt, str):  # rendered with its tools already (``rewards.prompt_rows``); TRL adds special tokens
+        return len(tokenizer(prompt)["input_ids"])
     text = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def own_special_tokens(tokenizer, text: str) -> str:
+    """``text`` without the template's leading BOS where the tokenizer adds its own: GRPOTrainer tokenizes a text
+    prompt with the tokenizer's special tokens, and a second BOS is a sequence the model never saw."""
+    bos = tokenizer.bos_token
+    adds_bos = bos is not None and tokenizer("x")["input_ids"][:1] == [tokenizer.bos_token_id]
+    return text[len(bos):] if adds_bos and text.startswith(bos) else text
 
 
 def describe_prompts(splits: StageSplits) -> str:

@@ -173,3 +173,40 @@ def test_an_interrupted_grpo_run_resumes_from_its_checkpoint(grpo_recipe, tmp_pa
     assert "checkpoint-1" in resumed.output and (run / "summary.json").is_file()
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in logged if "reward" in r] == [1, 2]  # step 2 trained again, logged once
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city.",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+SEES_TOOLS = """import json
+def sees_tools(prompts, completions, **columns):
+    # every prompt is the rendered text with this row's schema; the reward model's turns ride along
+    assert all(isinstance(p, str) and 'get_weather' in p and 'Current weather in a city.' in p for p in prompts), prompts
+    assert all(c[-1]['role'] == 'user' for c in columns['conversation'])
+    with open(__file__ + '.seen', 'a') as seen:
+        seen.write(json.dumps(prompts) + '\\n')
+    return [0.0 for _ in completions]
+"""
+
+
+def test_grpo_prompts_carry_each_rows_tool_schemas_in_training_and_eval(grpo_recipe, tmp_path, tiny_llama_dir):
+    """TRL renders conversational prompts with one tool list for the whole trainer: rows with their own schemas reach
+    the policy rendered with them, in training and in ``ftune eval`` alike, and the tool-call reward scores the calls."""
+    rows = [{"messages": [{"role": "user", "content": f"Weather in {city}?"},
+                          {"role": "assistant", "content": None,
+                           "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]}],
+             "tools": [WEATHER]} for city in ("Paris", "Oslo", "Lima", "Rome")]
+    train, held = write_jsonl(tmp_path / "tools.jsonl", rows[:2]), write_jsonl(tmp_path / "tools-held.jsonl", rows[2:])
+    (tmp_path / "seen.py").write_text(SEES_TOOLS)
+    rewards = [{"kind": "function", "function": f"{tmp_path / 'seen.py'}:sees_tools"}, {"kind": "tool_call_exact"}]
+    plain = grpo_recipe(rewards=rewards, data={"train": str(train), "eval": str(held), "max_length": 256})
+    refused = CliRunner().invoke(app, ["train", str(plain)])  # the tiny model's ChatML drops tool schemas
+    assert refused.exit_code == 2 and "set data.chat_template: chatml-tools" in refused.output and "Traceback" not in refused.output
+    recipe = grpo_recipe(rewards=rewards, data={"train": str(train), "eval": str(held), "max_length": 256, "chat_template": "chatml-tools"})
+    invoke_ok("train", recipe)
+    trained = [json.loads(line) for line in (tmp_path / "seen.py.seen").read_text().splitlines()]
+    assert trained and not any(p.startswith("<s><s>") for batch in trained for p in batch)
+    invoke_ok("eval", tmp_path / "run")
+    metrics = json.loads((tmp_path / "run" / "eval" / "metrics.json").read_text())
+    assert "reward/tool_call_exact" in metrics["tuned"]
+    predictions = [json.loads(line) for line in (tmp_path / "run" / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert {p["prompt"] for p in predictions if p.get("model") == "tuned"} == {"Weather in Lima?", "Weather in Rome?"}
