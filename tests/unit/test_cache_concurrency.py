@@ -15,7 +15,7 @@ from ftune.data.tokenize import TokenizedExamples
 from tests.unit.test_data_cache import build, cache_dir, files  # noqa: F401  (fixtures)
 
 
-def tokenize_together(barrier, files, results) -> None:
+def tokenize_together(barrier, data_files, results) -> None:
     """In a child: tokenize (a cache miss), wait until the other process has too, then both save at once."""
     save = cache.save_cached
 
@@ -24,7 +24,7 @@ def tokenize_together(barrier, files, results) -> None:
         return save(key, splits)
 
     cache.save_cached = save_together
-    splits = build(files)
+    splits = build(data_files)
     results.put((str(splits.cache_path), splits.from_cache, splits.train.input_ids.tolist()))
 
 
