@@ -12,6 +12,7 @@ from ftune.data.pipeline import DataSplits, Records, load_records, tokenize_spli
 from ftune.data.templates import install_chat_template
 from ftune.data.tokenize import IGNORE_INDEX, TokenizeStats
 from ftune.data.tools import has_tool_turns
+from ftune.recipe.grpo import GRPO
 from ftune.recipe.kto import KTO
 
 # (trained start, trained end, masked start, masked end) markers per output style.
@@ -82,6 +83,20 @@ def preview_kto(records: Records, split: str, count: int, stage: str, echo: Call
              "set stage: kto")
 
 
+def preview_prompts(records: Records, tokenizer, split: str, count: int, echo: Callable[[str], None]) -> None:
+    """stage: grpo trains on no answer: each row gives the prompt the policy continues, its answer is the reference."""
+    from ftune.data.templates import render
+    from ftune.rewards import prompt_rows
+
+    rows = {name: prompt_rows(getattr(records, name), tokenizer) for name in ("train", "eval")}
+    for index, row in enumerate(rows[split][:count]):
+        echo(f"-- {split} prompt {index + 1} ({row['origin']}) --")
+        echo(row["prompt"] if isinstance(row["prompt"], str) else render(tokenizer, row["prompt"], add_generation_prompt=True))
+        echo(f"reference: {row['reference'] or row['reference_calls']}")
+    echo(f"{split}: {len(rows[split]):,} prompts (train {len(rows['train']):,}, eval {len(rows['eval']):,}); stage: grpo samples "
+         "grpo.num_generations completions for each and scores them with grpo.rewards against the reference")
+
+
 def run_preview(recipe, *, count: int = 3, split: str = "train", color: bool = False, echo: Callable[[str], None] = print) -> DataSplits | None:
     from ftune.model import load_tokenizer
     from ftune.runtime import quiet_libraries
@@ -97,6 +112,9 @@ def run_preview(recipe, *, count: int = 3, split: str = "train", color: bool = F
         return None
     if any(r.kind == "kto" for r in records.train + records.eval):
         preview_kto(records, split, count, recipe.stage, echo)
+        return None
+    if recipe.stage == GRPO:
+        preview_prompts(records, tokenizer, split, count, echo)
         return None
     splits = tokenize_splits(records, tokenizer, recipe.data, keep_origins=True)
     style = "ansi" if color else "plain"

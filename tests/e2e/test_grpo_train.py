@@ -210,3 +210,10 @@ def test_grpo_prompts_carry_each_rows_tool_schemas_in_training_and_eval(grpo_rec
     assert "reward/tool_call_exact" in metrics["tuned"]
     predictions = [json.loads(line) for line in (tmp_path / "run" / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert {p["prompt"] for p in predictions if p.get("model") == "tuned"} == {"Weather in Lima?", "Weather in Rome?"}
+
+
+def test_data_preview_of_a_grpo_recipe_shows_the_prompts_and_references(grpo_recipe):
+    result = invoke_ok("data", "preview", grpo_recipe(), "--count", "1")
+    assert "-- train prompt 1 (" in result.output and "Add 1 and 2." in result.output and "reference: 3" in result.output
+    assert "train: 2 prompts (train 2, eval 2)" in result.output
+    assert "[[" not in result.output  # no trained-token view: grpo trains on sampled completions, not on the rows
