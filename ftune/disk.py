@@ -154,20 +154,22 @@ def explained(where: Path | Callable[[], Path], *, needs: str | Callable[[], str
     try:
         yield
     except DiskFull as inner:
-        if cleanup is not None:
-            cleanup()
         place = where() if callable(where) else where
         ours = inner.found.path == place or place in inner.found.path.parents  # then this caller knows the need better
-        raise inner.restated(needs=(needs() if callable(needs) else needs) if ours else None, then=then) from inner.__cause__
+        restated = inner.restated(needs=(needs() if callable(needs) else needs) if ours else None, then=then)
+        if cleanup is not None:
+            cleanup()
+        raise restated from inner.__cause__
     except FtuneError:
         raise
     except Exception as err:
         found = shortage(err, where() if callable(where) else where)
         if found is None:
             raise
+        full = DiskFull(found, needs=needs() if callable(needs) else needs, then=then)  # measured before the cleanup
         if cleanup is not None:
             cleanup()
-        raise DiskFull(found, needs=needs() if callable(needs) else needs, then=then) from err
+        raise full from err
 
 
 def written_bytes(path: Path) -> int:

@@ -256,9 +256,10 @@ def full_disk_run(recipe: Path, run_dir: Path, overrides: list[str], rng: random
     step, limit = rng.randint(1, logged_steps(reference_dir)), rng.randint(4096, largest - 1)
     failed = subprocess.run(disk_fault_command(recipe, run_dir, overrides, "file_size_limit", step), cwd=ROOT, text=True,
                             capture_output=True, env={**os.environ, "FTUNE_FAULT_FILE_SIZE": str(limit)})
-    lines = failed.stderr.strip().splitlines()
+    lines = [line for line in failed.stderr.splitlines() if line.startswith("error:")]  # libraries may log warnings too
     print(f"  file-size limit {limit} bytes from step {step}: exit {failed.returncode}, {lines[-1] if lines else 'no error line'}", flush=True)
-    if failed.returncode != 2 or len(lines) != 1 or not lines[0].startswith("error: cannot write") or "--resume" not in lines[0]:
+    if failed.returncode != 2 or len(lines) != 1 or "Traceback" in failed.stderr or not lines[0].startswith("error: cannot write") \
+            or "--resume" not in lines[0]:
         return [f"expected exit 2 and one error line, got exit {failed.returncode}: {failed.stderr[-2000:]}"]
     if any(not (p / "ftune-complete").is_file() for p in (run_dir / "checkpoints").glob("checkpoint-*")):
         return ["a partial checkpoint was left behind"]

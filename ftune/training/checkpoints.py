@@ -160,7 +160,7 @@ def checkpoint_need(run: RunDir) -> str:
     folders = [p for p in [run.last_checkpoint(), run.model] if p is not None and p.is_dir()]
     sizes = [[f.stat().st_size for f in folder.rglob("*") if f.is_file()] for folder in folders]
     if not any(sizes):
-        return f"a checkpoint needs more than the {mib(written_bytes(run.checkpoints))} written"
+        return f"a checkpoint needs more than the {mib(written_bytes(run.checkpoints))} it had written"
     return f"a checkpoint needs about {mib(max(map(sum, sizes)))} (its largest file {mib(max(max(s, default=0) for s in sizes))})"
 
 
