@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable
 
 import typer
@@ -63,4 +64,7 @@ def main_options(
 
 
 def main() -> None:
+    # Local-first: the libraries' usage pings (TRL's trainers send one per trainer built) stay off unless the user
+    # turns them on (HF_HUB_DISABLE_TELEMETRY=0); huggingface_hub reads the variable once, when it is first imported.
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     app(prog_name="ftune")
