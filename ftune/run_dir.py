@@ -67,7 +67,7 @@ class RunDir:
     accelerate_config = property(lambda self: self.root / "accelerate.yaml")
     deepspeed_config = property(lambda self: self.root / "deepspeed.json")
     reward_functions = property(lambda self: self.root / "rewards")  # grpo: copies of the recipe's reward function files
-    tracking = property(lambda self: self.root / "tracking")  # TensorBoard events, MLflow file store, W&B offline runs
+    tracking = property(lambda self: self.root / "tracking")  # TensorBoard events, a local MLflow store, W&B offline runs
 
     def has_complete_weights(self) -> bool:
         """Training wrote a whole model (full, freeze, bitfit), not an adapter to apply to a base."""
