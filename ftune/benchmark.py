@@ -126,14 +126,13 @@ def run_benchmark(run_dir, tasks: list[str], *, with_base: bool = False, merged:
     quiet_libraries()
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # the harness logs each request-building step at INFO
     manager = task_manager(tasks)
+    scored = "merged" if merged else "full" if run.has_complete_weights() else "adapter"
     results = {}
     for label, model, tokenizer in load_scored(run, recipe, merged=merged, with_base=with_base):
-        what = ("the merged model" if merged else "the adapter on its base") if label == "tuned" and not run.has_complete_weights() else f"the {label} model"
-        echo(f"Scoring {what} on {', '.join(tasks)} with lm-evaluation-harness...")
+        echo(f"Scoring the {scored if label == 'tuned' else 'base'} model on {', '.join(tasks)} with lm-evaluation-harness...")
         results[label] = score_model(model, tokenizer, tasks, manager, batch_size=recipe.evaluation.batch_size, limit=limit, num_fewshot=num_fewshot)
         del model
     wall = time.perf_counter() - clock
-    scored = "merged" if merged else "full" if run.has_complete_weights() else "adapter"
     report = {"tasks": tasks, "model": scored, "lm_eval": version("lm_eval"), "limit": limit,
               "num_fewshot": num_fewshot, **results}
     if "base" in results:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import yaml
 
+from ftune.model import BUILTIN_GGUF
 from ftune.recipe import Recipe
 from ftune.recipe.tasks import CAUSAL_LM, TASKS
 from ftune.run_dir import RunDir
@@ -70,7 +71,7 @@ def base_license(name: str) -> str | None:
     """The license of the base model's card (or GGUF metadata), from local files only; None when there is none."""
     from huggingface_hub import ModelCard, try_to_load_from_cache
 
-    from ftune.model import BUILTIN_FOLDERS, BUILTIN_GGUF, builtin_package_dir
+    from ftune.model import BUILTIN_FOLDERS, builtin_package_dir
 
     readme = None
     try:
@@ -167,6 +168,9 @@ def render_card(run: RunDir, recipe: Recipe, *, repo_id: str, artifact: str, fil
              f"{f'[{base}](https://huggingface.co/{base})' if base else '`' + shown(origin) + '`'} with ftune "
              f"(stage `{recipe.stage}`, method `{method['name']}`"
              + (f", {recipe.quantization.bits}-bit base" if recipe.quantization.bits else "") + ").", ""]
+    if origin in BUILTIN_GGUF:  # what the run trained on is not the Hub's float weights
+        lines += [f"The base weights were ftune's built-in `{origin}`: `{BUILTIN_GGUF[origin][1]}` dequantized, which differs "
+                  "from the Hub model by that quantization.", ""]
     lines += ["## Use", "", "```python"] + usage(repo_id, artifact, recipe, files, base) + ["```", ""]
     lines += ["## Method", ""] + table(["setting", "value"], [[k, json.dumps(v) if isinstance(v, (list, dict)) else v]
                                                                 for k, v in method.items()]) + [""]

