@@ -179,8 +179,8 @@ def written_bytes(path: Path) -> int:
 
 
 def staged_failure(err: BaseException, staging: Path, target: Path) -> DiskFull | None:
-    """DiskFull for a write into ``staging`` (about to replace ``target``) that ran out of room, measured before the
-    staging copy is removed: the need is at least what it had written."""
+    """DiskFull (caused by ``err``) for a write into ``staging`` (about to replace ``target``) that ran out of room,
+    measured before the staging copy is removed: the need is more than what it had written."""
     if isinstance(err, FtuneError) and not isinstance(err, DiskFull):
         return None
     found = err.found if isinstance(err, DiskFull) else shortage(err, staging)
@@ -189,5 +189,8 @@ def staged_failure(err: BaseException, staging: Path, target: Path) -> DiskFull 
     if found.path == staging or staging in found.path.parents:  # name what the user asked for, not the hidden copy
         found = replace(found, path=target / found.path.relative_to(staging))
     if isinstance(err, DiskFull):
-        return DiskFull(found, needs=err.needs, then=err.then)
-    return DiskFull(found, needs=f"the write needs more than the {mib(written_bytes(staging))} it had put down", then=AGAIN)
+        full, err = DiskFull(found, needs=err.needs, then=err.then), err.__cause__ or err
+    else:
+        full = DiskFull(found, needs=f"the write needs more than the {mib(written_bytes(staging))} it had put down", then=AGAIN)
+    full.__cause__ = err
+    return full

@@ -236,11 +236,8 @@ def atomic_file(target: Path) -> Iterator[Path]:
         with open(staging, "rb") as written:
             os.fsync(written.fileno())
         os.replace(staging, target)
-    except Exception as err:
-        full = staged_failure(err, staging, target)  # measured while the partial file is still there
-        if full is None:
-            raise
-        raise full from err
+    except Exception as err:  # out of room: DiskFull, measured while the partial file is still there
+        raise staged_failure(err, staging, target) or err
     finally:
         staging.unlink(missing_ok=True)
 
@@ -274,9 +271,7 @@ def atomic_dir(target: Path) -> Iterator[Path]:
     except BaseException as err:
         full = staged_failure(err, staging, target) if isinstance(err, Exception) else None
         shutil.rmtree(staging, ignore_errors=True)
-        if full is None:
-            raise
-        raise full from err
+        raise full or err
     retired = None
     if target.exists():
         retired = target.with_name(f".{target.name}-old-{os.getpid()}")

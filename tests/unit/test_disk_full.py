@@ -120,6 +120,7 @@ def test_a_failed_staged_write_removes_its_partial_copy(tmp_path):
         raise OSError(errno.EDQUOT, "Disk quota exceeded")
     assert f"cannot write {target}: Disk quota exceeded" in info.value.problems[0]
     assert "more than the 0.00095 MiB" in info.value.problems[0]
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.EDQUOT  # --debug shows the cause
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(DiskFull, match="Permission denied; fix its permissions"), atomic_file(tmp_path / "summary.json"):
         raise PermissionError(errno.EACCES, "Permission denied")
