@@ -338,34 +338,45 @@ def rank_pids(launcher: int) -> dict[int, int]:
     return found
 
 
-def coming_saves(run_dir: Path, reference_dir: Path) -> list[int]:
-    """The checkpoint steps a launch in ``run_dir`` still has to save: the reference's, after the last complete one."""
+def progress(run_dir: Path, reference_dir: Path) -> tuple[int, int, list[int]]:
+    """(step of ``run_dir``'s last complete checkpoint, the reference's last step, the checkpoint steps still to save)."""
     state = json.loads(next((reference_dir / "checkpoints").glob("checkpoint-*/trainer_state.json")).read_text())
     saves = {*range(state["save_steps"], state["max_steps"] + 1, state["save_steps"]), state["max_steps"]}
     done = max((int(p.parent.name.split("-")[-1]) for p in run_dir.glob("checkpoints/checkpoint-*/ftune-complete")), default=0)
-    return sorted(step for step in saves if step > done)
+    return done, state["max_steps"], sorted(step for step in saves if step > done)
 
 
-def rank_kill_launch(args, run_dir: Path, rng: random.Random, window: tuple[float, float], scratch: Path) -> dict:
+def training_begun(run_dir: Path, since: float, done: int) -> bool:
+    """Whether a launch started at ``since`` has logged a step past the checkpoint it resumed (``done``)."""
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        return metrics.stat().st_mtime >= since and any(json.loads(line).get("step", 0) > done for line in metrics.read_text().splitlines() if line)
+    except (OSError, ValueError):
+        return False
+
+
+def rank_kill_launch(args, run_dir: Path, rng: random.Random, span: float, scratch: Path, kills: int) -> dict:
     """One ``ftune train --nproc`` launch (``--resume`` once the run exists) in which a random rank may be SIGKILLed:
-    ``step`` from outside at a random moment of the reference's training window, ``save`` inside a random coming
-    checkpoint save. Returns the kind (None: not killed), the rank, the seconds from the kill to the launch's end, and
-    the problems seen: a killed launch must end non-zero with one line naming that rank, no traceback, no lock left."""
-    kills = sum(args.kill_counts.values())
+    ``step`` from outside at a random moment after its training has begun (``span``: the reference's seconds from its
+    first step to its end), ``save`` inside a random coming checkpoint save. Returns the kind (None: not killed), the
+    rank, the seconds from the kill to the launch's end, and the problems seen: a killed launch must end non-zero with
+    one line naming that rank, no traceback, no lock left. ``kills``: the run's kills so far (the first launch is killed)."""
     kind = rng.choice(("step", "save")) if kills < args.max_kills and (kills == 0 or rng.random() < 0.5) else None
-    rank, saves = rng.randrange(args.nproc), coming_saves(run_dir, args.reference_dir)
+    rank, (done, last, saves) = rng.randrange(args.nproc), progress(run_dir, args.reference_dir)
     kind = "step" if kind == "save" and not saves else kind
     hook = scratch / f"hook-{time.time_ns()}"
     env = rank_fault_environment("mid_checkpoint", rng.choice(saves), rank, hook) if kind == "save" else dict(os.environ)
     command = train_command(args.recipe, run_dir, args.overrides, resume=(run_dir / "recipe.yaml").is_file()) + ["--nproc", str(args.nproc)]
-    kill_after, killed_at = rng.uniform(*window), None
+    delay, begun, killed_at = rng.uniform(0, 0.9 * span * (last - done) / last), None, None
     with tempfile.TemporaryFile("w+") as stderr:
         started = time.time()
         process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr, text=True)
         while process.poll() is None:
-            if kind == "step" and killed_at is None and time.time() - started >= kill_after and rank in (pids := rank_pids(process.pid)):
-                os.kill(pids[rank], signal.SIGKILL)
-                killed_at = time.time()
+            if kind == "step" and killed_at is None:
+                begun = begun or (time.time() if training_begun(run_dir, started, done) else None)
+                if begun and time.time() - begun >= delay and rank in (pids := rank_pids(process.pid)):
+                    os.kill(pids[rank], signal.SIGKILL)
+                    killed_at = time.time()
             time.sleep(0.02)
         ended = time.time()
         stderr.seek(0)
@@ -396,16 +407,16 @@ def rank_kill_check(args) -> int:
         training = time.time() - started
         if process.wait() != 0:
             raise SystemExit("the uninterrupted launch failed")
-        window, reference = (training, training + 0.9 * (time.time() - started - training)), outcome(args.reference_dir)
-        args.kill_counts, exits, same, clean = {"step": 0, "save": 0}, [], 0, 0
+        span, reference = time.time() - started - training, outcome(args.reference_dir)
+        counts, exits, same, clean = {"step": 0, "save": 0}, [], 0, 0
         for index in range(args.runs):
             run_dir, problems, kinds = scratch / f"run-{index}", [], []
             while True:
-                launch = rank_kill_launch(args, run_dir, rng, window, scratch)
+                launch = rank_kill_launch(args, run_dir, rng, span, scratch, len(kinds))
                 problems += launch["problems"]
                 if launch["kind"] is None:
                     break
-                args.kill_counts[launch["kind"]] += 1
+                counts[launch["kind"]] += 1
                 exits.append(launch["exit_s"])
                 clean += not launch["problems"]
                 kinds.append(f"{launch['kind']} on rank {launch['rank']}, ended {launch['exit_s']:.1f} s later")
@@ -415,9 +426,9 @@ def rank_kill_check(args) -> int:
             for problem in problems:
                 print(f"run {index}: {problem}", file=sys.stderr)
             shutil.rmtree(run_dir, ignore_errors=True)
-        kills = sum(args.kill_counts.values())
-        print(f"{same}/{args.runs} runs of {args.nproc} processes identical after {kills} kills ({args.kill_counts['step']} mid-step, "
-              f"{args.kill_counts['save']} mid-save); {clean}/{kills} killed launches ended with one line naming the rank, "
+        kills = sum(counts.values())
+        print(f"{same}/{args.runs} runs of {args.nproc} processes identical after {kills} kills ({counts['step']} mid-step, "
+              f"{counts['save']} mid-save); {clean}/{kills} killed launches ended with one line naming the rank, "
               f"no traceback and the lock released; slowest end after a kill {max(exits, default=0):.1f} s")
         return 0 if same == args.runs and clean == kills else 1
     finally:
