@@ -1,11 +1,14 @@
-"""Commands that describe ftune itself: the recipe reference, the methods and the model families."""
+"""Commands that describe ftune itself: the recipe reference and JSON Schema, the methods and the model families."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Optional
 
 import typer
 
-from ftune.cli.app import app
+from ftune.cli.app import app, user_errors
+from ftune.errors import FtuneError
 
 
 @app.command()
@@ -14,6 +17,27 @@ def reference() -> None:
     from ftune.recipe.reference import render_reference
 
     typer.echo(render_reference(), nl=False)
+
+
+@app.command()
+@user_errors
+def schema(
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the schema to this file instead of printing it.",
+                                          show_default=False),
+) -> None:
+    """Print the recipe's JSON Schema, so an editor validates and completes recipes: start a recipe with the line
+    '# yaml-language-server: $schema=PATH' (VS Code's YAML extension and other YAML language servers read it)."""
+    from ftune.recipe.json_schema import render_schema
+
+    if output is None:
+        typer.echo(render_schema(), nl=False)
+        return
+    from ftune.run_dir import write_text_atomic
+
+    if output.is_dir():
+        raise FtuneError(f"--output {output}: is a directory; name a file, e.g. {output / 'recipe.schema.json'}")
+    write_text_atomic(output, render_schema())
+    typer.echo(f"Schema: {output} (point a recipe at it with: # yaml-language-server: $schema={output})")
 
 
 @app.command()

@@ -18,6 +18,7 @@ from ftune.recipe.methods import MethodConfig, Strict, method_class
 from ftune.recipe.paths import HUB_ID, checks_paths, existing_path
 from ftune.recipe.stages import SFT, PreferenceConfig, StageName, liger_stage_blocker, stage_problems
 from ftune.recipe.tasks import CAUSAL_LM, CLASSIFICATION, TaskName
+from ftune.recipe.tracking import TrackingConfig
 
 DType = Literal["auto", "float32", "bfloat16", "float16"]
 BUILTIN_MODELS = ("smollm2-135m-instruct", "all-minilm-l6-v2")
@@ -167,6 +168,7 @@ class Recipe(Strict):
     preference: PreferenceConfig = Field(default_factory=PreferenceConfig)
     grpo: GrpoConfig = Field(default_factory=GrpoConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     output_dir: str = Field(description="Run directory written by ftune train.")
 
     @model_validator(mode="after")

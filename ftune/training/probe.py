@@ -36,6 +36,7 @@ def run_probe(recipe: Recipe, steps: int, *, echo=print) -> ProbeResult:
     from transformers import TrainerCallback
 
     from ftune.resources import current_rss_mib
+    from ftune.recipe.tracking import TrackingConfig
     from ftune.run_dir import prepare_run_dir
     from ftune.runtime import quiet_libraries
     from ftune.training.report import peak_memory_mb
@@ -57,7 +58,7 @@ def run_probe(recipe: Recipe, steps: int, *, echo=print) -> ProbeResult:
     quiet_libraries()
     with tempfile.TemporaryDirectory(prefix="ftune-probe-") as scratch:
         training = recipe.training.model_copy(update={"max_steps": steps, "eval_steps": None})
-        probe = recipe.model_copy(update={"training": training, "output_dir": scratch})
+        probe = recipe.model_copy(update={"training": training, "output_dir": scratch, "tracking": TrackingConfig()})  # reports nowhere
         run = prepare_run_dir(probe, overwrite=True, resume=False)
         baseline = current_rss_mib()
         timer = StepTimer()

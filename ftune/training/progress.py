@@ -16,8 +16,9 @@ SHOWN = ("loss", "eval_loss", "train_loss", "learning_rate", "reward", "reward_s
 
 
 class MetricsCallback(TrainerCallback):
-    def __init__(self, metrics_file: Path, *, echo=print, stream=None) -> None:
+    def __init__(self, metrics_file: Path, *, echo=print, stream=None, sinks: tuple = ()) -> None:
         self.metrics_file = metrics_file
+        self.sinks = sinks  # called with each record written (the experiment trackers)
         self.echo = echo
         self.stream = stream or sys.stdout
         self.interactive = self.stream.isatty()
@@ -41,6 +42,8 @@ class MetricsCallback(TrainerCallback):
         record.pop("num_input_tokens_seen", None)
         with self.metrics_file.open("a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink(record)
         if "loss" in logs:
             self.last_loss = logs["loss"]
         if not self.interactive:

@@ -28,6 +28,7 @@ from ftune.training.distributed import whole_weights
 from ftune.training.plan import check_fits
 from ftune.training.report import build_manifest, build_summary, save_loss_plot
 from ftune.training.session import Launch, build_session, prepare_hardware
+from ftune.training.tracking import finish_tracking
 
 
 def run_training(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False, echo=print) -> RunDir:
@@ -84,6 +85,7 @@ def train_prepared(run: RunDir, recipe: Recipe, launch: Launch, started: datetim
     save_loss_plot(run)
     write_json_atomic(run.manifest, build_manifest(recipe, started, launch=launch, model=trainer.model))
     write_json_atomic(run.summary, summary)  # last: its presence marks the run complete
+    finish_tracking(trainer)  # the trackers get the complete run's files
     echo(f"train loss {summary['train_loss']:.4f}, eval loss {summary.get('eval_loss', float('nan')):.4f}, "
          f"{summary['tokens_per_second']:.0f} tokens/s, {summary['wall_time_s']:.1f} s")
     return run

@@ -2,8 +2,9 @@
 
 A stage (``training.stages``) says what differs: its Trainer class (transformers' own or a TRL one),
 its arguments class and options, its datasets, collator and loss. Everything else is the same for all
-of them and lives here: the arguments from the recipe, the callbacks (metrics, checkpoint markers, the
-method's own), and the subclass stack, which reads from the inside out:
+of them and lives here: the arguments from the recipe, the callbacks (metrics, the experiment trackers of the
+recipe's ``tracking`` section, checkpoint markers, the method's own), and the subclass stack, which reads from the
+inside out:
 
     stage class (Trainer, or TRL's DPOTrainer / ORPOTrainer / RewardTrainer with ftune's row handling)
       <- ExampleTokensTrainer  stages that batch examples: counts each example's tokens, not a packed row's
@@ -81,7 +82,7 @@ def build_training_arguments(recipe: Recipe, run: RunDir, *, has_eval: bool, pre
         seed=train.seed,
         data_seed=train.seed,
         use_cpu=not cuda,
-        report_to="none",
+        report_to="none",  # the recipe's trackers are ftune's own callback (training.tracking), fed the metrics.jsonl lines
         disable_tqdm=True,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
@@ -98,11 +99,14 @@ def build_trainer(spec: TrainerSpec, model, tokenizer, recipe: Recipe, run: RunD
     from transformers import PrinterCallback
 
     from ftune.training.progress import MetricsCallback
+    from ftune.training.tracking import tracking_callback
 
     for note in spec.notes:
         echo(note)
     args = build_training_arguments(recipe, run, has_eval=spec.eval_dataset is not None, precision=precision, strategy=strategy,
                                     args_class=spec.args_class, **spec.options)
+    tracking = tracking_callback(recipe, run)
+    metrics = MetricsCallback(run.metrics, echo=echo, sinks=(tracking.log,) if tracking else ())
     stage_class = counting_example_tokens(spec.trainer_class) if spec.counts_example_tokens else spec.trainer_class
     trainer = trainer_class_for(stage_class, args)(
         model=model,
@@ -110,8 +114,8 @@ def build_trainer(spec: TrainerSpec, model, tokenizer, recipe: Recipe, run: RunD
         train_dataset=spec.train_dataset,
         eval_dataset=spec.eval_dataset,
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(run.metrics, echo=echo), checkpoint_marker(strategy.name), *method_callbacks(model, recipe.method, run),
-                   *callbacks],
+        callbacks=[metrics, *([tracking] if tracking else []), checkpoint_marker(strategy.name),
+                   *method_callbacks(model, recipe.method, run), *callbacks],
         **({"data_collator": spec.collator} if spec.collator is not None else {}),
         **({"compute_loss_func": spec.loss_func} if spec.loss_func is not None else {}),
         **spec.trainer_options,
