@@ -60,7 +60,7 @@ class TensorBoard:
         from torch.utils.tensorboard.summary import hparams
 
         # A resumed run drops the events logged after its checkpoint, as metrics.jsonl does.
-        self.writer = SummaryWriter(log_dir=str(start.run.tracking / "tensorboard"), purge_step=start.first_step or None)
+        self.writer = SummaryWriter(log_dir=str(start.run.tracking / "tensorboard"), purge_step=start.first_step + 1 if start.first_step else None)
         for summary in hparams(start.params, {"loss": 0.0, "eval_loss": 0.0}):  # the metrics the HParams view shows
             self.writer.file_writer.add_summary(summary)
         self.writer.add_text("recipe", "```yaml\n" + start.recipe_text + "```")

@@ -116,6 +116,30 @@ def test_tensorboard_event_files_hold_every_logged_step_the_recipe_and_the_run_f
     assert events.Tags()["images"] == ["loss_plot"]
 
 
+def test_a_resumed_run_replaces_the_tensorboard_steps_logged_after_its_checkpoint(make_recipe, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import TrainerCallback
+
+    from ftune.training.run import run_training
+
+    class CrashAtLog(TrainerCallback):
+        def on_log(self, args, state, control, **kwargs):
+            if state.global_step == 3:  # logged, but after the last checkpoint (step 2)
+                raise RuntimeError("simulated crash")
+
+    recipe = load_recipe(make_recipe(training={"save_steps": 2}, tracking={"report_to": ["tensorboard"]}))
+    with monkeypatch.context() as patch:
+        patch.setattr("ftune.training.trainer.method_callbacks", lambda *args: [CrashAtLog()])
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run_training(recipe, echo=lambda *_: None)
+    run = run_training(recipe, resume=True, echo=lambda *_: None)
+    events = EventAccumulator(str(run.tracking / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("loss")]
+    assert sorted(steps) == [1, 2, 3, 4]  # step 3 once: the crashed run's copy is purged
+    assert {e.step: e.value for e in events.Scalars("loss")} == pytest.approx({r["step"]: r["loss"] for r in records(run) if "loss" in r})
+
+
 def test_preference_and_reward_metrics_reach_the_trackers_as_the_metrics_file_gets_them(make_recipe, tmp_path):
     """Whatever a stage logs (dpo's rewards/*, grpo's reward and kl) is in the record the trackers are handed."""
     from types import SimpleNamespace
