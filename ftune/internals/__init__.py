@@ -27,6 +27,7 @@ from ftune.internals.checks import (
     dataset_has_fingerprint,
     dpo_collates_tokenized_pairs,
     dynamo_reset_takes_nothing,
+    gated_prefixes_start_at_the_base,
     gguf_table_names_regexes,
     instance_forward_runs,
     kto_collates_kl_rows,
@@ -130,8 +131,10 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "attn-implementation", "transformers", "transformers.PreTrainedConfig._attn_implementation", "read",
         where=("ftune.data.collate.packing_blocker", "ftune.data.collate.build_collator", f"{PACKED}.verify",
-               "ftune.training.report.build_manifest", "ftune.training.session.build_session"), version="5.25.0",
-        why="the attention a loaded model runs decides packing and packed sdpa, and the run records it",
+               "ftune.training.report.build_manifest", "ftune.training.session.build_session",
+               "ftune.methods.prefix_start.insert_gates"), version="5.25.0",
+        why="the attention a loaded model runs decides packing and packed sdpa, and the run records it; gated prefixes "
+            "put it back where their attention cannot take the gates",
         checks=(config_reports_attention,)),
     Internal(
         "no-split-modules", "transformers", "transformers.PreTrainedModel._no_split_modules", "read",
@@ -196,6 +199,16 @@ INTERNALS: tuple[Internal, ...] = (
                 says("peft.PeftModelForCausalLM.prepare_inputs_for_generation", 'model_kwargs.get("past_key_values", None)',
                      "peft's generation step no longer reads the cache as past_key_values (the rename may be unneeded)"),
                 peft_prefix_generation_keeps_the_prompt)),
+    Internal(
+        "peft-prefix-gates", "peft",
+        "peft.PeftModel.get_prompt, called through the instance (its caches are marked); the attention block's cache= "
+        "argument (read by a pre-hook)", "patch",
+        where=("ftune.methods.prefix_start.mark_prefix_caches", "ftune.methods.prefix_start.insert_gates"), version="0.21.2",
+        why="init: gated acts on the prefix columns only, so the gates must know which runs carry peft's prefixes",
+        checks=(says("peft.PeftModelForCausalLM.forward", "self.get_prompt(", "peft's forward no longer builds prefixes through get_prompt"),
+                says("peft.PeftModelForCausalLM.prepare_inputs_for_generation", "self.get_prompt(",
+                     "peft's generation step no longer builds prefixes through get_prompt"),
+                gated_prefixes_start_at_the_base)),
     Internal(
         "peft-adalora-allocator", "peft",
         "peft.tuners.adalora.AdaLoraModel.rankallocator.set_total_step, update_and_allocate, AdaLoraLayer.lora_E", "call, read",

@@ -181,6 +181,26 @@ def peft_prefix_generation_keeps_the_prompt() -> None:
     require(cached.tolist() == ids.tolist(), "peft's cached generation with prefixes no longer matches full forwards")
 
 
+def gated_prefixes_start_at_the_base() -> None:
+    """A fresh prefix-tuned tiny model with closed gates computes what its base computes, and opening them changes that."""
+    import torch
+
+    from ftune.methods import apply_method
+    from ftune.methods.prefix_start import gates_open
+    from ftune.recipe.methods import method_class
+
+    torch.manual_seed(0)
+    base, ids = tiny_causal_lm(), torch.tensor([[3, 7, 11, 5]])
+    with torch.no_grad():
+        plain = base(input_ids=ids).logits
+        model = apply_method(base, method_class("prefix").model_validate({"name": "prefix", "num_virtual_tokens": 2}), "causal_lm")
+        closed = model(input_ids=ids).logits
+        with gates_open(model):
+            opened = model(input_ids=ids).logits
+    require(torch.allclose(closed, plain, atol=1e-5), "closed prefix gates no longer leave the base's output unchanged")
+    require(not torch.allclose(opened, plain, atol=1e-3), "opened prefix gates no longer let the prefixes in")
+
+
 def dpo_collates_tokenized_pairs() -> None:
     import sys
 

@@ -6,8 +6,8 @@ into the base first and handed to peft as ``modules_to_save``. peft then trains 
 into its own adapter file and restores them on load and on a Trainer resume (``load_adapter``), so
 the whole method lives in one peft adapter folder. The only file beside peft's is the adapter
 layout (``parallel_adapter_config.json``), which reloading needs to rebuild the modules peft fills.
-The parallel adapters start at zero and the prefixes are peft's, so the untrained model differs from
-the base only by its prefixes, as with ``method: prefix``.
+The parallel adapters start at zero and the prefixes start as ``init`` says (``prefix_start``), as with
+``method: prefix``: behind closed gates by default, so the untrained model computes what the base computes.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from ftune.errors import FtuneError
 from ftune.methods.adapter import apply_bottleneck_adapters
-from ftune.methods.peft_family import PEFT_TASK_TYPES, heads_to_save, save_peft, wrap_with_peft
-from ftune.methods.prompt import check_prefix_reaches_attention, expose_cache_argument, hand_the_cache_to_peft, prefix_refusal
+from ftune.methods.peft_family import PEFT_TASK_TYPES, heads_to_save, save_peft
+from ftune.methods.prompt import expose_cache_argument, finish_loaded_prefixes, restore_gates, wrap_prefix_model
 
 LAYOUT_NAME = "parallel_adapter_config.json"
 
@@ -46,12 +46,7 @@ def apply_mam(model, config, task: str):
         encoder_hidden_size=config.encoder_hidden_size if config.prefix_projection else None,
         modules_to_save=[*adapters, *(heads_to_save(model, task) or [])],
     )
-    try:
-        wrapped = wrap_with_peft(model, peft_config, "mam")
-    except FtuneError as err:
-        raise FtuneError(prefix_refusal(model, "mam", str(err.__cause__ or err))) from err
-    check_prefix_reaches_attention(wrapped, "mam")
-    return hand_the_cache_to_peft(wrapped)
+    return wrap_prefix_model(model, peft_config, config)
 
 
 def save_mam(model, directory: Path) -> None:
@@ -73,4 +68,4 @@ def load_mam(load_base, directory: Path):
     )
     if [name.removesuffix(".adapter") for name in adapters] != layout["wrapped_modules"]:
         raise FtuneError("method: mam: the base model's layers differ from those the adapters were saved from")
-    return hand_the_cache_to_peft(PeftModel.from_pretrained(base, directory))
+    return finish_loaded_prefixes(PeftModel.from_pretrained(restore_gates(base, directory), directory))

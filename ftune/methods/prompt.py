@@ -4,7 +4,8 @@
 ``prefix`` learns key/value prefixes for every attention layer (optionally through an MLP), and
 ``ptuning_v2`` is prefix tuning without that reparameterisation (P-tuning v2's deep prompts). The
 last two hand their prefixes to the model as a key/value cache, so the model must take one; that is
-checked by asking the model, not by reading argument names, which transformers renames.
+checked by asking the model, not by reading argument names, which transformers renames. Where the
+prefixes start (``init``) is ``prefix_start``'s.
 """
 
 from __future__ import annotations
@@ -126,23 +127,56 @@ def hand_the_cache_to_peft(peft_model):
 
 
 def load_prefix(load_base, directory):
-    """Reload a prefix-tuned run: the base gets the same cache-argument shim it was trained with."""
+    """Reload a prefix-tuned run: the base gets the cache-argument shim and the prefix gates it was trained with."""
     from ftune.methods.peft_family import load_peft
 
-    return hand_the_cache_to_peft(load_peft(lambda: expose_cache_argument(load_base()), directory))
+    return finish_loaded_prefixes(load_peft(lambda: restore_gates(expose_cache_argument(load_base()), directory), directory))
+
+
+def restore_gates(base, directory):
+    from ftune.methods.prefix_start import restore_gates as restore
+
+    restore(base, directory)
+    return base
+
+
+def finish_loaded_prefixes(peft_model):
+    from ftune.methods.prefix_start import mark_prefix_caches
+
+    mark_prefix_caches(peft_model)
+    return hand_the_cache_to_peft(peft_model)
+
+
+def wrap_prefix_model(model, peft_config, config):
+    """Wrap ``model`` (cache argument shimmed) in peft's prefixes, started as ``config.init`` says (see prefix_start),
+    prove the prefixes reach attention and set generation up to keep them in the cache."""
+    from ftune.methods import prefix_start
+    from ftune.methods.peft_family import wrap_with_peft
+
+    gates = prefix_start.insert_gates(model) if config.init == "gated" else []
+    if config.init == "gated" and not gates:
+        prefix_start.warn_fallback(config.name, f"{type(model).__name__}'s attention does not go through transformers' "
+                                                "attention interface, so it cannot take the prefix gates; starting as init: tokens")
+    peft_config.modules_to_save = [*gates, *(peft_config.modules_to_save or [])] or None
+    try:
+        wrapped = wrap_with_peft(model, peft_config, config.name)
+    except FtuneError as err:  # peft found no attention geometry to shape prefixes for
+        raise FtuneError(prefix_refusal(model, config.name, str(err.__cause__ or err))) from err
+    prefix_start.mark_prefix_caches(wrapped)
+    with prefix_start.gates_open(wrapped):  # shut gates would hide the prefixes from the check
+        check_prefix_reaches_attention(wrapped, config.name)
+    if config.init != "random" and not prefix_start.start_from_tokens(wrapped):
+        prefix_start.warn_fallback(config.name, f"{type(model).__name__}'s own keys/values for real tokens could not be read into "
+                                                "peft's prefixes (no key/value cache from the base, or a layout of peft's own); they start random")
+    return hand_the_cache_to_peft(wrapped)
 
 
 def apply_prefix_method(build):
-    """The apply step of a prefix method: shim the cache argument, wrap, then prove the prefixes are used."""
-    from ftune.methods.peft_family import wrap_with_peft
+    """The apply step of a prefix method: shim the cache argument, then wrap (``wrap_prefix_model``)."""
 
     def apply(model, config, task: str):
-        try:
-            wrapped = wrap_with_peft(expose_cache_argument(model), build(config, task, model), config.name)
-        except FtuneError as err:  # peft found no attention geometry to shape prefixes for
-            raise FtuneError(prefix_refusal(model, config.name, str(err.__cause__ or err))) from err
-        check_prefix_reaches_attention(wrapped, config.name)
-        return hand_the_cache_to_peft(wrapped)
+        model = expose_cache_argument(model)
+        return wrap_prefix_model(model, build(config, task, model), config)
 
     apply.__name__ = f"apply_{build.__name__.removesuffix('_config')}"
     return apply

@@ -30,6 +30,16 @@ def virtual_tokens_field():
     return Field(20, gt=0, le=512, description="Learned virtual tokens; they take room in the context.")
 
 
+def prefix_init_field():
+    return Field(
+        "gated",
+        description="How the prefixes start. gated: behind one gate per layer and head that starts closed, so a fresh model "
+        "computes exactly what the base computes, prefixes from the base's own keys/values for real tokens; tokens: those "
+        "keys/values without a gate (a fresh model is the base reading a few extra tokens first); random: peft's random "
+        "prefixes. Models whose attention bypasses transformers' attention interface (BLOOM) start as tokens under gated.",
+    )
+
+
 PAST_KV_NEED = "past_key_values"  # decoder LMs and BERT-style encoders take a key/value cache; DistilBERT does not
 
 
@@ -44,6 +54,7 @@ class PrefixMethod(PromptLearningBase):
     plan_rule: ClassVar[str] = "prefixes"  # exact unless prefix_projection adds its MLP
     name: Literal["prefix"]
     num_virtual_tokens: int = virtual_tokens_field()
+    init: Literal["gated", "tokens", "random"] = prefix_init_field()
     prefix_projection: bool = Field(False, description="Reparameterise the prefixes through a two-layer MLP (more stable, more parameters).")
     encoder_hidden_size: int = Field(512, gt=0, description="Hidden width of that MLP; only with prefix_projection: true.")
 
@@ -104,6 +115,7 @@ class PtuningV2Method(PromptLearningBase):
     plan_rule: ClassVar[str] = "prefixes"
     name: Literal["ptuning_v2"]
     num_virtual_tokens: int = virtual_tokens_field()
+    init: Literal["gated", "tokens", "random"] = prefix_init_field()
 
 
 class AdapterMethod(MethodBase):
@@ -152,6 +164,7 @@ class MamMethod(MethodBase):
     fsdp: ClassVar[bool] = False  # its prefixes are peft's prompt encoder, as with method: prefix
     name: Literal["mam"]
     num_virtual_tokens: int = Field(30, gt=0, le=512, description="Prefix length per layer (the paper's l = 30); takes room in the context.")
+    init: Literal["gated", "tokens", "random"] = prefix_init_field()
     prefix_projection: bool = Field(False, description="Reparameterise the prefixes through a two-layer MLP (peft's prefix projection).")
     encoder_hidden_size: int = Field(512, gt=0, description="Hidden width of that MLP; only with prefix_projection: true.")
     bottleneck: int = Field(64, gt=0, description="Width of the parallel feed-forward adapter (the paper uses 512 on 1024-wide models).")

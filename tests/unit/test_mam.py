@@ -65,7 +65,8 @@ def test_parallel_adapters_sit_beside_every_feed_forward_block_with_the_papers_s
     assert not any(isinstance(layer.self_attn, ParallelAdapterLayer) for layer in model.get_base_model().model.layers)
     prefix = 4 * LAYERS * 2 * 32  # tokens x layers x (key, value) x kv width (2 heads of 16)
     adapters = LAYERS * (HIDDEN * 16 + 16 + 16 * HIDDEN + HIDDEN)
-    assert count_parameters(model)[0] == prefix + adapters
+    gates = LAYERS * 4  # init: gated, one gate per layer and query head
+    assert count_parameters(model)[0] == prefix + adapters + gates
 
 
 def test_the_artifact_is_one_peft_folder_that_holds_the_adapters(tmp_path):

@@ -20,7 +20,8 @@ from tests.tolerances import assert_close, forward_steps
 
 NUM_LABELS = 3
 HEAD = r"modules_to_save|^score\.|^classifier\."  # a classification head, inside or outside a peft wrapper
-MAM = r"prompt_encoder|\.adapter\.modules_to_save\."  # peft's prefixes and the parallel adapters peft saves
+PREFIX = r"prompt_encoder|\.prefix_gate\."  # peft's prefixes and the gates of init: gated (saved by peft)
+MAM = rf"{PREFIX}|\.adapter\.modules_to_save\."  # ... and the parallel adapters peft saves
 UNIPELT = r"\.(lora_A|lora_B|gate|adapter)\.|\.prefix_(keys|values)$"
 
 
@@ -117,11 +118,13 @@ CASES = [
     ("oft", "llama", "causal_lm", None, method("oft", block_size=16), r"oft_"),
     ("boft", "llama", "causal_lm", None, method("boft", block_size=8), r"boft_"),
     ("vera", "llama", "causal_lm", None, method("vera", r=16), r"vera_lambda"),
-    ("prefix", "llama", "causal_lm", None, method("prefix", num_virtual_tokens=4), r"prompt_encoder"),
-    ("prefix-projection", "llama", "causal_lm", None, method("prefix", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32), r"prompt_encoder"),
+    ("prefix", "llama", "causal_lm", None, method("prefix", num_virtual_tokens=4), PREFIX),
+    ("prefix-projection", "llama", "causal_lm", None, method("prefix", num_virtual_tokens=4, prefix_projection=True, encoder_hidden_size=32), PREFIX),
+    ("prefix-tokens", "llama", "causal_lm", None, method("prefix", num_virtual_tokens=4, init="tokens"), r"prompt_encoder"),
+    ("prefix-random", "llama", "causal_lm", None, method("prefix", num_virtual_tokens=4, init="random"), r"prompt_encoder"),
     ("prompt-text", "llama", "causal_lm", None, method("prompt", num_virtual_tokens=4, init="text", init_text="repeat the word"), r"prompt_encoder"),
     ("ptuning-lstm", "llama", "causal_lm", None, method("ptuning", num_virtual_tokens=4, encoder="lstm", encoder_hidden_size=32), r"prompt_encoder"),
-    ("ptuning_v2", "llama", "causal_lm", None, method("ptuning_v2", num_virtual_tokens=4), r"prompt_encoder"),
+    ("ptuning_v2", "llama", "causal_lm", None, method("ptuning_v2", num_virtual_tokens=4), PREFIX),
     ("adapter", "llama", "causal_lm", None, method("adapter", reduction_factor=4), r"\.adapter\."),
     ("adapter-parallel", "llama", "causal_lm", None, method("adapter", reduction_factor=4, style="parallel", scaling=4.0), r"\.adapter\."),
     ("adapter-parallel-ffn", "llama", "causal_lm", None, method("adapter", reduction_factor=4, style="parallel", placement="feed_forward"), r"mlp\.adapter\."),
