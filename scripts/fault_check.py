@@ -268,7 +268,9 @@ def full_disk_run(recipe: Path, run_dir: Path, overrides: list[str], rng: random
 
 def damaged_checkpoint_run(recipe: Path, run_dir: Path, overrides: list[str], rng: random.Random, reference_dir: Path) -> list[str]:
     """Kill a run after a few checkpoints, truncate or corrupt a file of the newest one, resume; problems found."""
-    subprocess.run(disk_fault_command(recipe, run_dir, overrides, "between_steps", rng.randint(2, logged_steps(reference_dir))),
+    newest = max((reference_dir / "checkpoints").glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
+    first_save = json.loads(newest.read_text())["save_steps"]  # killed after it, so there is a checkpoint to damage
+    subprocess.run(disk_fault_command(recipe, run_dir, overrides, "between_steps", rng.randint(first_save + 1, logged_steps(reference_dir))),
                    cwd=ROOT, capture_output=True)
     complete = sorted((p for p in (run_dir / "checkpoints").glob("checkpoint-*") if (p / "ftune-complete").is_file()),
                       key=lambda p: int(p.name.split("-")[-1]))
