@@ -71,6 +71,8 @@ def test_grpo_lora_trains_the_adapter_and_leaves_the_base(grpo_recipe, tmp_path,
     assert "reward" in report.output
     invoke_ok("merge", run)
     assert (run / "merged" / "config.json").is_file()
+    invoke_ok("export", run, "--format", "gguf", "--quant", "f16")  # a grpo run's weights deploy like any other's
+    assert json.loads((run / "export" / "model-f16.gguf.verify.json").read_text())["passed"]
 
 
 def test_grpo_chains_from_an_sft_run_and_full_fine_tuning_changes_the_weights(grpo_recipe, tmp_path, tiny_llama_dir, alpaca_files):

@@ -96,6 +96,8 @@ def test_llamafactory_kto_rows_train_evaluate_and_merge(kto_recipe):
     assert tuned["samples"] == 6
     invoke_ok("merge", run)
     assert (run / "merged" / "config.json").is_file()
+    invoke_ok("export", run, "--format", "gguf", "--quant", "f16")  # a kto run's weights deploy like any other's
+    assert json.loads((run / "export" / "model-f16.gguf.verify.json").read_text())["passed"]
 
 
 @pytest.mark.parametrize("sections, reference", [
