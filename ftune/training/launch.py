@@ -67,7 +67,7 @@ def launch(child_argv: list[str], *, output_dir: Path | None = None, **placement
     except SignalException as stopped:  # the launcher itself was stopped (Ctrl-C, SIGTERM); it stopped the ranks first
         release_lock(output_dir)
         print(f"interrupted by {signal.Signals(stopped.sigval).name}; complete checkpoints are kept (continue with --resume)", file=sys.stderr)
-        return 130
+        return 128 + stopped.sigval
     return 0
 
 
