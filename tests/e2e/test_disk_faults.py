@@ -24,7 +24,8 @@ SECRETS = {"HF_TOKEN": "hf_plantedHubToken0123456789", "WANDB_API_KEY": "planted
 def recipe(tiny_llama_dir, alpaca_files, tmp_path_factory):
     root = tmp_path_factory.mktemp("disk-faults")
     train, held_out = alpaca_files
-    recipe = recipe_dict(tiny_llama_dir, train, held_out, root / "unused", training={"max_steps": STEPS, "save_steps": 2, "save_total_limit": 2})
+    recipe = recipe_dict(tiny_llama_dir, train, held_out, root / "unused", training={"max_steps": STEPS, "save_steps": 2, "save_total_limit": 2},
+                         tracking={"report_to": ["tensorboard"]})  # a tracker's files are scanned for secrets too
     return write_recipe(root / "recipe.yaml", recipe)
 
 
@@ -53,6 +54,7 @@ def test_no_planted_secret_reaches_the_run_directory(reference):
     run, done = reference
     files = [p for p in run.rglob("*") if p.is_file()]
     assert {"recipe.yaml", "manifest.json", "metrics.jsonl", "optimizer.pt", "training_args.bin", "trainer_state.json"} <= {p.name for p in files}
+    assert any(p.name.startswith("events.out.tfevents") for p in files)  # TensorBoard's event files
     for name, value in SECRETS.items():
         assert value not in done.stdout + done.stderr, name
         leaked = [str(p.relative_to(run)) for p in files if value.encode() in p.read_bytes()]
