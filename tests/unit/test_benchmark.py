@@ -4,11 +4,12 @@ the adapter equal to the score of the merged model."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
 
-from tests.conftest import recipe_dict
+from tests.conftest import REPO, recipe_dict
 from ftune.errors import FtuneError
 
 
@@ -55,7 +56,7 @@ def test_without_lm_eval_the_command_names_the_pip_command(lora_run, monkeypatch
     assert result.output.strip() == "error: --benchmark needs lm-evaluation-harness, which is not installed; install it with: pip install 'ftune[benchmark]'"
 
 
-def test_the_local_task_files_are_shipped_and_well_formed():
+def test_the_local_task_is_found_and_its_questions_are_well_formed():
     from ftune.benchmark import LOCAL_TASKS, local_task_names
 
     assert local_task_names() == ["ftune_dates"]
@@ -107,3 +108,42 @@ def test_adapter_and_merged_model_score_the_same_on_the_local_task(lora_run):
         assert merged_scores["tuned"][name] == scores["tuned"][name]
     # The random adapter moves the answers: had it been ignored, both would equal the base.
     assert scores["tuned"] != scores["base"]
+
+
+def harness_command_line(model_dir, *, batch_size: int, out) -> dict:
+    """ftune_dates scored by lm-evaluation-harness's own command line on a model folder: its results for the task."""
+    subprocess.run([sys.executable, "-m", "lm_eval", "run", "--model", "hf", "--model_args", f"pretrained={model_dir}",
+                    "--include_path", str(REPO / "ftune" / "benchmarks"), "--tasks", "ftune_dates", "--batch_size", str(batch_size),
+                    "--device", "cpu", "--output_path", str(out)], check=True, capture_output=True, cwd=out.parent)
+    [results] = out.rglob("results_*.json")
+    return json.loads(results.read_text())["results"]["ftune_dates"]
+
+
+@pytest.mark.slow
+def test_smollm2_adapter_and_merged_scores_agree_and_equal_the_harness_command_line(tmp_path, monkeypatch):
+    """The quickstart run (8 steps): the adapter's score is the merged model's within the harness's stderr, and the
+    merged model's score is what lm-evaluation-harness's command line prints for the same folder and task."""
+    pytest.importorskip("lm_eval")
+    from tests.conftest import invoke_ok
+
+    from ftune.benchmark import benchmark_file
+    from ftune.run_dir import load_run
+
+    monkeypatch.chdir(REPO)  # the recipe names its data relative to the repository
+    run_dir = tmp_path / "run"
+    invoke_ok("train", "recipes/smollm2-135m/lora-quickstart.yaml", "--set", "training.max_steps=8",
+              "--set", "training.save_steps=100", "--set", f"output_dir={run_dir}")
+    invoke_ok("merge", run_dir)
+    invoke_ok("eval", run_dir, "--benchmark", "ftune_dates")
+    adapter = json.loads(benchmark_file(load_run(run_dir)[0]).read_text())["tuned"]
+    invoke_ok("eval", run_dir, "--benchmark", "ftune_dates", "--merged")
+    merged = json.loads(benchmark_file(load_run(run_dir)[0]).read_text())["tuned"]
+    for name in ("ftune_dates/acc", "ftune_dates/acc_norm"):  # a score of 1.0 has stderr 0: the other side's bounds then
+        assert abs(adapter[name] - merged[name]) <= max(adapter[name + "_stderr"], merged[name + "_stderr"])
+    batch_size = load_run(run_dir)[1].evaluation.batch_size
+    harness = harness_command_line(run_dir / "merged", batch_size=batch_size, out=tmp_path / "lm_eval-out")
+    print(f"ftune_dates acc/acc_norm: adapter {adapter['ftune_dates/acc']}/{adapter['ftune_dates/acc_norm']}, merged "
+          f"{merged['ftune_dates/acc']}/{merged['ftune_dates/acc_norm']} (stderr {merged['ftune_dates/acc_stderr']:.4f}), "
+          f"lm_eval command line {harness['acc,none']}/{harness['acc_norm,none']}")
+    assert harness["acc,none"] == pytest.approx(merged["ftune_dates/acc"], abs=1e-9)
+    assert harness["acc_norm,none"] == pytest.approx(merged["ftune_dates/acc_norm"], abs=1e-9)
