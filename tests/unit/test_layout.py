@@ -187,6 +187,8 @@ def test_wheel_ships_the_chat_templates(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert {"ftune/chat_templates/chatml.jinja", "ftune/chat_templates/llama3.jinja", "ftune/chat_templates/alpaca.jinja"} <= set(names)
     assert "ftune/training/session.py" in names  # the training package is packaged, not only the root modules
+    task = "ftune/benchmarks/ftune_dates/ftune_dates"  # the local benchmark task runs from an installed wheel too
+    assert {f"{task}.yaml", f"{task}.jsonl", "ftune/benchmarks/ftune_dates/load.py"} <= set(names)
 
 
 def test_built_in_templates_are_found_as_package_data():
