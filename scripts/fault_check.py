@@ -315,15 +315,20 @@ def disk_fault_check(args) -> int:
             run_dir = scratch / f"run-{index}"
             print(f"run {index}: {args.disk_fault}", flush=True)
             problems = DISK_FAULTS[args.disk_fault](args.recipe, run_dir, args.overrides, rng, reference_dir)
-            same += not problems
-            print(f"run {index}: {'identical' if not problems else 'DIFFERENT'} after resuming", flush=True)
-            for problem in problems:
-                print(f"run {index}: {problem}", file=sys.stderr)
+            same += report_run(index, problems, "after resuming")
             shutil.rmtree(run_dir, ignore_errors=True)
         print(f"{same}/{args.runs} {args.disk_fault} runs resumed identically")
         return 0 if same == args.runs else 1
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def report_run(index: int, problems: list[str], how: str) -> bool:
+    """Print whether run ``index`` ended identical to the reference (and why not); True when it did."""
+    print(f"run {index}: {'identical' if not problems else 'DIFFERENT'} {how}", flush=True)
+    for problem in problems:
+        print(f"run {index}: {problem}", file=sys.stderr)
+    return not problems
 
 
 def rank_pids(launcher: int) -> dict[int, int]:
@@ -423,10 +428,7 @@ def rank_kill_check(args) -> int:
                 clean += not launch["problems"]
                 kinds.append(f"{launch['kind']} on rank {launch['rank']}, ended {launch['exit_s']:.1f} s later")
             problems += identical(reference, outcome(run_dir)) if (run_dir / "summary.json").is_file() else ["never completed"]
-            same += not problems
-            print(f"run {index}: {'identical' if not problems else 'DIFFERENT'} after {len(kinds)} kill(s): {'; '.join(kinds)}", flush=True)
-            for problem in problems:
-                print(f"run {index}: {problem}", file=sys.stderr)
+            same += report_run(index, problems, f"after {len(kinds)} kill(s): {'; '.join(kinds)}")
             shutil.rmtree(run_dir, ignore_errors=True)
         kills = sum(counts.values())
         print(f"{same}/{args.runs} runs of {args.nproc} processes identical after {kills} kills ({counts['step']} mid-step, "
@@ -477,10 +479,7 @@ def main(argv: list[str] | None = None) -> int:
             run_kills = run_until_complete(args.recipe, run_dir, args.overrides, rng, horizon, args.max_kills)
             kills += run_kills
             problems = identical(reference, outcome(run_dir))
-            same += not problems
-            print(f"run {index}: {'identical' if not problems else 'DIFFERENT'} after {run_kills} kill(s)", flush=True)
-            for problem in problems:
-                print(f"run {index}: {problem}", file=sys.stderr)
+            same += report_run(index, problems, f"after {run_kills} kill(s)")
             shutil.rmtree(run_dir, ignore_errors=True)
         print(f"{same}/{args.runs} runs identical after {kills} kills")
         return 0 if same == args.runs else 1
