@@ -60,7 +60,9 @@ def test_adalora_shrinks_ranks_during_training(make_recipe, tmp_path):
 def test_prefix_tuning_trains_virtual_tokens_only(make_recipe, tmp_path):
     run = train(make_recipe(method={"name": "prefix", "num_virtual_tokens": 4}, training={"learning_rate": 1e-1, "max_steps": 8}), tmp_path)
     saved = load_file(run.model / "adapter_model.safetensors")
-    assert list(saved) == ["prompt_embeddings"]
+    gates = sorted(name for name in saved if name.endswith(".prefix_gate.gate"))  # init: gated, one gate per layer
+    assert sorted(saved) == sorted(["prompt_embeddings", *gates]) and len(gates) == 2
+    assert any(saved[name].max() > 0 for name in gates)  # they start closed: training opened some
     curve = losses(run)
     assert curve[-1] < curve[0]
 
