@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Callable
 
@@ -67,4 +68,14 @@ def main() -> None:
     # Local-first: the libraries' usage pings (TRL's trainers send one per trainer built) stay off unless the user
     # turns them on (HF_HUB_DISABLE_TELEMETRY=0); huggingface_hub reads the variable once, when it is first imported.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    # bitsandbytes, imported with transformers, asks the Hub for a 4-bit CPU kernel on AVX512-BF16 CPUs (kernels'
+    # get_kernel, then downloads and runs it): code no one asked for, or a wait on a network that is not there. Pointing
+    # kernels' local override for that repository at nothing makes the lookup fail at once, and bitsandbytes takes its own
+    # CPU path, as wherever that kernel is missing; its notice about it is kept out of the output.
+    os.environ.setdefault("LOCAL_KERNELS", f"{BNB_CPU_KERNEL}=/nonexistent/ftune-uses-no-hub-kernels")
+    for noisy in ("bitsandbytes", "kernels"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     app(prog_name="ftune")
+
+
+BNB_CPU_KERNEL = "kernels-community/quantization-bitsandbytes"
