@@ -7,12 +7,11 @@ llama.cpp's; q/k rows are permuted to llama.cpp's rotary layout where the archit
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
-from ftune.errors import FtuneError
 from ftune.families import FAMILIES
+from ftune.gguf_tokenizer import UnsupportedExport, add_tokenizer
 
 if TYPE_CHECKING:
     import numpy as np
@@ -28,10 +27,6 @@ _ARCHITECTURES = {model_type: (family.gguf, family.permute_qk) for model_type, f
 SUPPORTED_GGUF_ARCHITECTURES = tuple(_ARCHITECTURES)
 
 _FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", **{q: f"MOSTLY_{q.upper()}" for q in GGUF_QUANTS[3:]}}
-
-
-class UnsupportedExport(FtuneError):
-    """The model or the requested options cannot be exported to the requested format."""
 
 
 def check_quant(quant: str) -> None:
@@ -72,17 +67,14 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
 
     config = model.config
     family = FAMILIES[config.model_type]
-    arch_name, permute_qk = _ARCHITECTURES[config.model_type]
-    arch = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    arch_name, arch = gguf_architecture(config)
 
     writer = gguf.GGUFWriter(path, arch_name)
     writer.add_name(name)
     writer.add_file_type(gguf.LlamaFileType[_FILE_TYPES[quant]])
     _hyperparameter_writer(arch)(writer, config)
     writer.add_vocab_size(config.vocab_size)
-    _add_tokenizer(writer, tokenizer, config.vocab_size)
+    add_tokenizer(writer, tokenizer, config.vocab_size)
     if quant.startswith("q"):
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -92,22 +84,15 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue  # llama.cpp reuses token_embd when output.weight is absent
-        mapped = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if mapped is None and "." in hf_name:  # gguf's table lists some BLOOM names without the "transformer." prefix
-            mapped = name_map.get_type_and_name(hf_name.split(".", 1)[1], try_suffixes=(".weight", ".bias"))
-        if mapped is None:
-            raise UnsupportedExport(f"no GGUF tensor name for {hf_name!r} in architecture {arch_name!r}")
-        kind, gguf_name = mapped
+        kind, gguf_name = gguf_name_of(name_map, hf_name, arch_name)
         data = tensor.detach().float().numpy()
-        if permute_qk and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
-            data = _permute_for_rope(data, heads if kind == gguf.MODEL_TENSOR.ATTN_Q else kv_heads)
-        if arch == gguf.MODEL_ARCH.BLOOM and kind == gguf.MODEL_TENSOR.ATTN_QKV:
-            data = _split_bloom_qkv(data, heads)
-        if _stored_transposed(model, hf_name):
+        if (reorder := row_reordering(config, kind)) is not None:
+            data = reorder(data)
+        if stored_transposed(model, hf_name):
             data = data.T.copy()
         if family.unit_offset_norm and hf_name.endswith("norm.weight"):
             data = data + 1
-        data, stored = _encode(data, qtype)
+        data, stored = encode_tensor(data, qtype)
         if tensor.dim() > 1 and stored != qtype:
             fallbacks.append(gguf_name)
         writer.add_tensor(gguf_name, data, raw_dtype=stored)
@@ -122,6 +107,39 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
         return []
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     return [f"{quant} needs rows divisible by {block}; stored as f16 instead: {', '.join(fallbacks)}"]
+
+
+def gguf_architecture(config: Any) -> tuple[str, Any]:
+    """llama.cpp's architecture name for ``config`` and the gguf package's enum member for it."""
+    import gguf
+
+    arch_name = _ARCHITECTURES[config.model_type][0]
+    return arch_name, next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+
+
+def gguf_name_of(name_map: Any, hf_name: str, arch_name: str) -> tuple[Any, str]:
+    """(tensor kind, llama.cpp tensor name) of a Hugging Face parameter name."""
+    mapped = name_map.get_type_and_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if mapped is None and "." in hf_name:  # gguf's table lists some BLOOM names without the "transformer." prefix
+        mapped = name_map.get_type_and_name(hf_name.split(".", 1)[1], try_suffixes=(".weight", ".bias"))
+    if mapped is None:
+        raise UnsupportedExport(f"no GGUF tensor name for {hf_name!r} in architecture {arch_name!r}")
+    return mapped
+
+
+def row_reordering(config: Any, kind: Any):
+    """The reordering of a weight's rows llama.cpp expects for tensors of ``kind`` (None: rows as they are). It is a
+    pure permutation of rows, so a LoRA update B @ A is stored by reordering the rows of B alone."""
+    import gguf
+
+    arch_name, arch = gguf_architecture(config)
+    heads = config.num_attention_heads
+    if _ARCHITECTURES[config.model_type][1] and kind in (gguf.MODEL_TENSOR.ATTN_Q, gguf.MODEL_TENSOR.ATTN_K):
+        n_head = heads if kind == gguf.MODEL_TENSOR.ATTN_Q else getattr(config, "num_key_value_heads", None) or heads
+        return lambda data: _permute_for_rope(data, n_head)
+    if arch == gguf.MODEL_ARCH.BLOOM and kind == gguf.MODEL_TENSOR.ATTN_QKV:
+        return lambda data: _split_bloom_qkv(data, heads)
+    return None
 
 
 def _add_rotary_hyperparameters(writer: Any, config: Any) -> None:
@@ -215,15 +233,15 @@ def as_stored(model: Any, quant: str) -> Any:
     qtype = gguf.GGMLQuantizationType[quant.upper()]
     with torch.no_grad():
         for name, parameter in model.named_parameters():
-            transposed = _stored_transposed(model, name)
+            transposed = stored_transposed(model, name)
             data = parameter.detach().float().numpy()
-            encoded, stored = _encode(data.T.copy() if transposed else data, qtype)
+            encoded, stored = encode_tensor(data.T.copy() if transposed else data, qtype)
             loaded = gguf.quants.dequantize(encoded, stored).reshape(data.T.shape if transposed else data.shape)
             parameter.copy_(torch.from_numpy((loaded.T if transposed else loaded).astype("float32", copy=False)))
     return model
 
 
-def _stored_transposed(model: Any, name: str) -> bool:
+def stored_transposed(model: Any, name: str) -> bool:
     """Whether the file holds this weight transposed: GPT-2's Conv1D layers keep (in, out), llama.cpp wants (out, in)."""
     from transformers.pytorch_utils import Conv1D
 
@@ -231,7 +249,7 @@ def _stored_transposed(model: Any, name: str) -> bool:
     return leaf == "weight" and isinstance(model.get_submodule(owner), Conv1D)
 
 
-def _encode(data: "np.ndarray", qtype: Any) -> tuple["np.ndarray", Any]:
+def encode_tensor(data: "np.ndarray", qtype: Any) -> tuple["np.ndarray", Any]:
     """Quantize one tensor; norms and other 1-D tensors stay f32 as llama.cpp expects."""
     import gguf
 
@@ -243,66 +261,3 @@ def _encode(data: "np.ndarray", qtype: Any) -> tuple["np.ndarray", Any]:
         qtype = types.F16
     return gguf.quants.quantize(data, qtype), qtype
 
-
-def _add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
-    """Byte-level BPE vocabulary, merges, special ids and chat template, under llama.cpp's keys."""
-    import gguf
-
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
-    model = spec.get("model", {})
-    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
-        raise UnsupportedExport("GGUF export supports byte-level BPE tokenizers only (like GPT-2, Llama 3, Qwen2)")
-
-    tokens = {index: token for token, index in model["vocab"].items()}
-    types = dict.fromkeys(tokens, gguf.TokenType.NORMAL)
-    for added in spec.get("added_tokens", []):
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = gguf.TokenType.CONTROL if added["special"] else gguf.TokenType.USER_DEFINED
-    if max(tokens) >= vocab_size:
-        raise UnsupportedExport(f"tokenizer has ids up to {max(tokens)} but the model's vocab_size is {vocab_size}")
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
-    # llama.cpp needs one token per embedding row; rows the tokenizer never emits get placeholders.
-    writer.add_token_list([tokens.get(i, f"[PAD{i}]") for i in range(vocab_size)])
-    writer.add_token_types([types.get(i, gguf.TokenType.UNUSED) for i in range(vocab_size)])
-    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
-
-    for key in ("bos", "eos", "pad", "unk"):
-        if (token_id := getattr(tokenizer, f"{key}_token_id")) is not None:
-            getattr(writer, f"add_{key}_token_id")(token_id)
-    bos, eos = special_tokens_added(tokenizer)
-    writer.add_add_bos_token(bos)
-    writer.add_add_eos_token(eos)
-    if isinstance(tokenizer.chat_template, str):
-        writer.add_chat_template(tokenizer.chat_template)
-
-
-def special_tokens_added(tokenizer: Any) -> tuple[bool, bool]:
-    """Whether encoding puts BOS in front and EOS at the end; the GGUF then tells llama.cpp to do the same."""
-    with_special, plain = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
-    bos = with_special[:1] != plain[:1] and with_special[0] == tokenizer.bos_token_id
-    eos = with_special[-1:] != plain[-1:] and with_special[-1] == tokenizer.eos_token_id
-    return bos, eos
-
-
-def _pre_tokenizer_name(pre_tokenizer: dict | None) -> str:
-    """The ``tokenizer.ggml.pre`` name that makes llama.cpp split text the way this tokenizer does.
-
-    Unrecognised shapes get "default"; the tokenizer round trip check then reports any mismatch.
-    """
-    parts: Sequence[dict] = (pre_tokenizer or {}).get("pretokenizers") or ([pre_tokenizer] if pre_tokenizer else [])
-    shape = [(p["type"], p.get("individual_digits"), p.get("use_regex")) for p in parts]
-    if shape == [("ByteLevel", None, True)]:
-        return "gpt-2"
-    if shape == [("Digits", True, None), ("ByteLevel", None, True)]:
-        return "smollm"
-    if len(parts) == 2 and shape[0][0] == "Split" and shape[1] == ("ByteLevel", None, False):
-        try:  # transformers' private table of llama.cpp's split regexes; if it moves, the round trip check decides
-            from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-        except ImportError:
-            return "default"
-
-        regex = parts[0].get("pattern", {}).get("Regex")
-        return next((name for name, known in GGUF_PRE_TOKENIZER_SPLITS.items() if known == regex), "default")
-    return "default"

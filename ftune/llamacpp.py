@@ -38,7 +38,7 @@ def llama_cpp_available() -> bool:
 
 
 def verify_with_llama_cpp(gguf_file: Path, model_dir: Path, prompts: list[list[dict]], *, quant: str,
-                          max_new_tokens: int, batch_size: int) -> LlamaCppReport:
+                          max_new_tokens: int, batch_size: int, lora: Path | None = None) -> LlamaCppReport:
     import torch
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -55,7 +55,7 @@ def verify_with_llama_cpp(gguf_file: Path, model_dir: Path, prompts: list[list[d
     hf_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
     longest = max(map(len, hf_ids)) + max_new_tokens
     llm = Llama(model_path=str(gguf_file), n_ctx=max(512, longest), n_threads=resolve_threads(None).count,
-                n_batch=512, verbose=False, seed=0)
+                n_batch=512, verbose=False, seed=0, lora_path=str(lora) if lora else None)
     from ftune.data.templates import end_of_turn_ids
 
     stops = set(end_of_turn_ids(tokenizer))

@@ -87,8 +87,11 @@ def _inserted_system(layout: TurnLayout, rendered: str) -> str | None:
     return rendered[len(start):end] if end >= 0 else None
 
 
-def modelfile_text(gguf_name: str, chat: ChatFormat | None, *, system_prompt: str | None) -> str:
-    lines = [f"# ollama create NAME -f {gguf_name.removesuffix('.gguf')}.Modelfile", f"FROM ./{gguf_name}"]
+def modelfile_text(gguf_name: str, chat: ChatFormat | None, *, system_prompt: str | None, adapter: str | None = None) -> str:
+    """The Modelfile of ``gguf_name``; with ``adapter`` (a GGUF LoRA file beside it) the base plus that adapter."""
+    lines = [f"# ollama create NAME -f {(adapter or gguf_name).removesuffix('.gguf')}.Modelfile", f"FROM ./{gguf_name}"]
+    if adapter:
+        lines.append(f"ADAPTER ./{adapter}")
     if chat is not None:
         lines.append(f'TEMPLATE """{chat.template}"""')
         lines += [f'PARAMETER stop "{token}"' for token in chat.stop]

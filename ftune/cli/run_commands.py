@@ -74,14 +74,16 @@ def merge(
 @user_errors
 def export(
     run_dir: Path = RunArg,
-    format: str = typer.Option(..., "--format", help="safetensors or gguf."),
+    format: str = typer.Option(..., "--format", help="safetensors, gguf, or gguf-lora (a LoRA run's adapter as a llama.cpp "
+                               "adapter file, with the base GGUF beside it)."),
     quant: Optional[str] = typer.Option(None, "--quant", help=f"GGUF weight type: {', '.join(GGUF_QUANTS)} (default {DEFAULT_QUANT})."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output file (gguf) or folder (safetensors); default under RUN/export/."),
     verify: Optional[str] = typer.Option(None, "--verify", help="Also run a GGUF in this runtime and compare its replies: llama.cpp "
                                          "(needs pip install 'ftune\\[llamacpp]')."),
     prompts: int = typer.Option(16, "--prompts", min=1, help="Held-out prompts --verify compares replies on."),
 ) -> None:
-    """Write the run's complete weights (merging first if needed) as GGUF or safetensors, verified by reloading."""
+    """Write the run's complete weights (merging first if needed) as GGUF or safetensors, or a LoRA adapter as a GGUF adapter
+    beside its base, verified by reloading."""
     from ftune.export import MergeParityError, run_export
 
     try:
@@ -109,7 +111,7 @@ def export(
     if not report.passed:
         typer.echo(f"error: {report.path} does not reproduce the model (kept for inspection; do not deploy it)", err=True)
         raise typer.Exit(1)
-    typer.echo(f"Exported: {report.path}")
+    typer.echo(f"Exported: {report.path}" + (f" (adapter; base {report.base_gguf})" if report.base_gguf else ""))
 
 
 @app.command()

@@ -162,7 +162,7 @@ INTERNALS: tuple[Internal, ...] = (
     Internal(
         "gguf-pre-tokenizer-splits", "transformers",
         "transformers.integrations.gguf.gguf_tokenizer_mapping.GGUF_PRE_TOKENIZER_SPLITS", "import",
-        where=("ftune.gguf._pre_tokenizer_name",), version="5.25.0",
+        where=("ftune.gguf_tokenizer._pre_tokenizer_name",), version="5.25.0",
         why="names llama.cpp's pre-tokenizer for a Split regex (if it moves, the round-trip check decides)",
         checks=(gguf_table_names_regexes,)),
     Internal(

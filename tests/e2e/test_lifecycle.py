@@ -307,7 +307,7 @@ def test_unmergeable_methods_say_what_to_do_instead(name, tmp_path, tiny_llama_d
 def test_export_and_generate_reject_bad_options(tmp_path, tiny_llama_dir, alpaca_files):
     run = fake_run(tmp_path / "run", tiny_llama_dir, alpaca_files, {"name": "lora"}, {"adapter_config.json": "{}"})
     for args, expected in (
-        (["--format", "onnx"], "--format 'onnx': expected one of safetensors, gguf"),
+        (["--format", "onnx"], "--format 'onnx': expected one of safetensors, gguf, gguf-lora"),
         (["--format", "gguf", "--quant", "q3_0"], "--quant 'q3_0': expected one of f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0"),
         (["--format", "safetensors", "--quant", "f16"], "--quant applies to --format gguf only"),
         (["--format", "safetensors", "--verify", "llama.cpp"], "--verify llama.cpp runs GGUF files; add --format gguf"),

@@ -254,7 +254,10 @@ def test_compare_logits(tiny_dir):
 
 
 def test_formats_dispatch_and_tolerance_table():
-    assert {name: f.write for name, f in FORMATS.items()} == {"safetensors": export_safetensors, "gguf": export_gguf}
+    from ftune.export.writers import export_gguf_lora
+
+    assert {name: f.write for name, f in FORMATS.items()} == {"safetensors": export_safetensors, "gguf": export_gguf,
+                                                              "gguf-lora": export_gguf_lora}
     assert set(LOGIT_TOLERANCE) == {"safetensors", *GGUF_QUANTS}
     assert "llama" in SUPPORTED_GGUF_ARCHITECTURES
 

@@ -28,6 +28,7 @@ FLOORS = {
     # mechanisms the stages share
     "ftune.model": 2, "ftune.methods": 2, "ftune.data": 2, "ftune.scoring": 2, "ftune.generation": 2, "ftune.metrics": 2,
     "ftune.parity": 2, "ftune.tuned": 2, "ftune.packed_attention": 2, "ftune.gguf": 2, "ftune.llamacpp": 2, "ftune.ollama": 2,
+    "ftune.gguf_tokenizer": 2, "ftune.gguf_lora": 2,
     "ftune.internals": 2, "ftune.rewards": 2,
     # the stages, side by side
     "ftune.training": 3, "ftune.evaluate": 3, "ftune.merge": 3, "ftune.export": 3, "ftune.inference": 3,
