@@ -51,7 +51,7 @@ class PrefixMethod(PromptLearningBase):
     needs: ClassVar[str] = PAST_KV_NEED
 
     compile_blocker: ClassVar[str] = PREFIX_COMPILE_BLOCKER
-    plan_rule: ClassVar[str] = "prefixes"  # exact unless prefix_projection adds its MLP
+    plan_rule: ClassVar[str] = "prefixes"  # the prefixes, the MLP of prefix_projection and the gates of init: gated
     name: Literal["prefix"]
     num_virtual_tokens: int = virtual_tokens_field()
     init: Literal["gated", "tokens", "random"] = prefix_init_field()

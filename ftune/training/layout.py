@@ -31,6 +31,7 @@ class Layout:
     layer_norm_params: int  # per layer
     other_params: int  # embeddings, final norm, untied head, pooler
     other_biases: int  # bias vectors outside the layer linears (LayerNorm and pooler biases), for BitFit
+    heads: int = 0  # attention (query) heads per layer: the gated prefix start trains one gate per head and layer
 
     @property
     def linear_params(self) -> int:
@@ -92,7 +93,7 @@ def build_layout(config: dict) -> Layout:
         # The hidden x hidden dense under the classifier: BERT's pooler, RoBERTa's and ELECTRA's head, DistilBERT's pre_classifier.
         other = embeddings + projection + hidden * hidden + hidden
         biases = layers * 2 * hidden + width + (hidden if projection else 0) + hidden  # LayerNorms, projection, dense
-        return Layout("encoder", hidden, intermediate, hidden, layers, vocab, linears, 4 * hidden, other, biases)
+        return Layout("encoder", hidden, intermediate, hidden, layers, vocab, linears, 4 * hidden, other, biases, heads)
     head_dim = config.get("head_dim") or hidden // heads
     kv = config.get("num_key_value_heads") or heads
     family = FAMILIES.get(model_type)
@@ -106,7 +107,7 @@ def build_layout(config: dict) -> Layout:
     )
     tied = config.get("tie_word_embeddings", True)
     other = vocab * hidden * (1 if tied else 2) + hidden  # embeddings (+ untied head), final RMSNorm
-    return Layout("decoder", hidden, intermediate, kv * head_dim, layers, vocab, linears, 2 * hidden, other, 0)
+    return Layout("decoder", hidden, intermediate, kv * head_dim, layers, vocab, linears, 2 * hidden, other, 0, heads)
 
 
 def targeted(layout: Layout, targets) -> list[tuple[str, int, int, bool]]:
@@ -144,6 +145,20 @@ def _rank(method) -> int:
     return getattr(method, "r", None) or getattr(method, "init_r", None) or 8
 
 
+def _prefixes(method, layout: Layout):
+    # peft sizes each layer's key and value prefix by the key/value width (grouped-query models: kv heads x head_dim).
+    width, cache = layout.kv_width, 2 * layout.layers * layout.kv_width
+    shapes = [(method.num_virtual_tokens, width if getattr(method, "prefix_projection", False) else cache)]
+    if getattr(method, "prefix_projection", False):  # peft's MLP: Linear(width, hidden) -> tanh -> Linear(hidden, cache)
+        hidden = method.encoder_hidden_size
+        shapes += [(hidden, width), (hidden, 1), (cache, hidden), (cache, 1)]
+    # ftune.methods.prefix_start's gated start: one gate per attention head and layer (decoders and BERT-style encoders
+    # alike; the architectures whose attention cannot take them, BLOOM, have no layout here).
+    if getattr(method, "init", None) == "gated":
+        shapes.append((layout.layers * layout.heads, 1))
+    return shapes, True
+
+
 def _vera(method, layout: Layout):
     lins = targeted(layout, getattr(method, "target_modules", "all-linear"))
     return [(o + _rank(method), 1) for _, _, o, _ in lins] * layout.layers, True
@@ -156,8 +171,7 @@ TRAINABLE_SHAPES = {
     "biases": lambda method, layout: ([(o, 1) for _, _, o, bias in layout.linears if bias] * layout.layers
                                       + [(layout.other_biases, 1)], True),
     "virtual_tokens": lambda method, layout: ([(method.num_virtual_tokens, layout.hidden)], True),
-    "prefixes": lambda method, layout: ([(method.num_virtual_tokens, 2 * layout.layers * layout.hidden)],
-                                        not getattr(method, "prefix_projection", False)),
+    "prefixes": _prefixes,
     "scaling_vectors": lambda method, layout: ([(o, 1) for _, _, o, _ in targeted(layout, getattr(method, "target_modules", "all-linear"))]
                                                * layout.layers, True),
     "vera": _vera,
