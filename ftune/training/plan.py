@@ -16,6 +16,7 @@ from ftune.hardware import cheap_autocast_16bit
 from ftune.resources import local_ranks
 from ftune.recipe import Recipe, method_class
 from ftune.recipe.schema import OPTIMIZERS
+from ftune.training.chunked_loss import LOSS_CHUNK
 from ftune.training.layout import build_layout, read_model_config, trainable_shapes
 
 MIB = 2**20
@@ -23,6 +24,12 @@ MIB = 2**20
 # width (KV), plus logits per token in units of the vocabulary: calibrated on float32 CPU probes.
 ACTIVATIONS = {"decoder": (14, 5, 4), "encoder": (14, 4, 0)}
 LOGIT_COPIES = 3  # logits, their log-softmax and its gradient are alive together in the loss backward
+# Under 16-bit autocast the head's own 16-bit output and its gradient join the three float32 copies.
+LOGIT_16BIT_COPIES = 2
+# 16-bit autocast: layer activations measured 0.62x the float32 coefficients at 2 bytes (SmolLM2-135M, LoRA r16
+# all-linear, batch 1, 256 and 1024 tokens, bf16 on CPU, peak RSS): the residual stream stays float32 but most saved
+# tensors are GEMM outputs, and the float32 calibration model (h512) kept relatively more per token.
+AUTOCAST_LAYER_ACTIVATIONS = 0.62
 # With a frozen base, peak activations measured 1.27x those of full fine-tuning (Llama, h512, LoRA
 # all-linear r8, float32 CPU): the adapter paths keep their own inputs and outputs alive.
 FROZEN_BASE_ACTIVATIONS = 1.27
@@ -88,16 +95,27 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
     act_bytes = 2 if autocast else 4
     h, i, kv = ACTIVATIONS[layout.kind]
     per_layer = (h * layout.hidden + i * layout.intermediate + kv * layout.kv_width) * act_bytes
-    logits = 0 if recipe.is_classification else LOGIT_COPIES * layout.vocab * 4  # the loss upcasts logits to float32
+    # The loss upcasts logits to float32; past LOSS_CHUNK positions a row's head runs a chunk at a time
+    # (training.chunked_loss), so at most batch x LOSS_CHUNK rows of logits are alive, whatever the length.
+    copies = LOGIT_COPIES * 4 + (LOGIT_16BIT_COPIES * act_bytes if act_bytes == 2 else 0)
+    logits = 0 if recipe.is_classification else copies * layout.vocab
+    logit_rows = train.batch_size * min(recipe.data.max_length, LOSS_CHUNK)
     if train.gradient_checkpointing:
         layers_term = layout.hidden * act_bytes * layout.layers + per_layer  # layer inputs, plus one layer recomputed
     else:
         layers_term = per_layer * layout.layers
-    activations = tokens * (layers_term * (1.0 if in_weights else FROZEN_BASE_ACTIVATIONS) + logits)
+    layers_term *= (1.0 if in_weights else FROZEN_BASE_ACTIVATIONS) * (AUTOCAST_LAYER_ACTIVATIONS if act_bytes == 2 else 1.0)
+    activations = tokens * layers_term + logit_rows * logits
+    weight_copies = 0
+    if act_bytes == 2 and not quant.bits and weights == layout.total_params * 4:
+        # A base stored in float32 under 16-bit autocast: each GEMM saves its 16-bit weight copy for the backward, whatever
+        # the batch; all layers' copies without checkpointing, one layer's with it, and the head's (vocab x hidden) in both.
+        layer_copies = layout.linear_params if not train.gradient_checkpointing else layout.linear_params // layout.layers
+        weight_copies = (layer_copies + layout.vocab * layout.hidden) * act_bytes
     if quant.bits == 4 and device == "cpu":
         # bitsandbytes' CPU path dequantizes each 4-bit weight to float32 and autograd keeps that copy.
         activations += layout.linear_params * 4
-    eval_act = tokens * (2 * layout.hidden * act_bytes + (2 * layout.vocab * 4 if logits else 0))  # no graph kept
+    eval_act = tokens * 2 * layout.hidden * act_bytes + (logit_rows * 2 * layout.vocab * 4 if logits else 0)  # no graph kept
     notes = [f"trainable parameters of method '{recipe.method.name}' are approximate; --probe measures them"] if approximate else []
     if act_bytes == 2:
         notes.append("activations assume 16-bit autocast halves them (the coefficients are calibrated in float32); --probe measures them")
@@ -105,7 +123,7 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
         parameters=layout.total_params,
         trainable=trainable,
         approximate=approximate,
-        weights_mib=weights / MIB,
+        weights_mib=(weights + weight_copies) / MIB,
         trainable_mib=0.0 if in_weights else trainable * master / MIB,
         gradients_mib=trainable * master / MIB,
         optimizer_mib=optimizer / MIB,

@@ -64,18 +64,28 @@ class BlockCollator:
 
 
 def pretrain_spec(model, tokenizer, splits, recipe, *, liger: bool = False):
-    """Full blocks, documents kept apart; every token is a target, so the model's own loss over all positions is it."""
+    """Full blocks, documents kept apart; every token is a target, so the model's own loss over all positions is it
+    (computed a chunk of positions at a time in blocks longer than the loss chunk)."""
     from transformers import Trainer
 
     from ftune.data.collate import packing_blocker
     from ftune.recipe.tasks import CAUSAL_LM
+    from ftune.training.chunked_loss import LOSS_CHUNK, chunking_blocker
+    from ftune.training.label_positions import keeps_labelled_positions, labelled_positions_blocker, loss_at_labelled_positions, \
+        router_aux_loss_coefficient
     from ftune.training.trainer import TrainerSpec
 
     if blocker := packing_blocker(model, CAUSAL_LM):
         raise FtuneError(f"stage: pretrain packs documents into blocks, but {blocker}; use a method and model that support packing")
     loss = ("Loss: Liger's fused linear cross-entropy (the logits are never materialised)",) if liger else ()
-    return TrainerSpec(Trainer, splits.train, splits.eval or None, options={"use_liger_kernel": liger}, collator=BlockCollator(),
-                       counts_example_tokens=True,
+    collator, loss_func = BlockCollator(), None
+    if not liger and recipe.data.max_length > LOSS_CHUNK and chunking_blocker(model) is None and \
+            labelled_positions_blocker(model, recipe.method.name) is None:  # blocks past the chunk: the head a chunk at a time
+        collator = keeps_labelled_positions(collator, LOSS_CHUNK)
+        loss_func = loss_at_labelled_positions(router_aux_loss_coefficient(model), model)
+        loss = (f"Loss: LM head and cross-entropy {LOSS_CHUNK} positions at a time",)
+    return TrainerSpec(Trainer, splits.train, splits.eval or None, options={"use_liger_kernel": liger}, collator=collator,
+                       loss_func=loss_func, counts_example_tokens=True,
                        notes=("Batching: full blocks, documents kept apart (position ids restart per document)", *loss))
 
 

@@ -40,8 +40,12 @@ def sft_spec(model, tokenizer, splits, recipe: Recipe, *, liger: bool = False) -
         if (blocker := labelled_positions_blocker(model, recipe.method.name)) is None:
             config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
             coefficient = getattr(config, "router_aux_loss_coef", 0.0) if getattr(config, "output_router_logits", False) else 0.0
-            collator, loss_func = keeps_labelled_positions(collator), loss_at_labelled_positions(coefficient)
-            loss_note = "Loss: LM head and cross-entropy at the labelled positions only"
+            from ftune.training.chunked_loss import LOSS_CHUNK, chunking_blocker
+
+            chunk = LOSS_CHUNK if chunking_blocker(model) is None else None  # past it, the head runs a chunk at a time
+            collator, loss_func = keeps_labelled_positions(collator, chunk), loss_at_labelled_positions(coefficient, model)
+            loss_note = "Loss: LM head and cross-entropy at the labelled positions only" + (
+                f", {LOSS_CHUNK} positions at a time in longer rows" if chunk else "")
         else:
             loss_note = f"Loss: LM head at every position ({blocker})"
     return TrainerSpec(Trainer, splits.train, splits.eval or None, options={"use_liger_kernel": liger}, collator=collator,
