@@ -108,3 +108,27 @@ def assert_same_updates(trained: dict[str, torch.Tensor], reference: dict[str, t
             f"{name}: {outliers} of {off.numel()} entries (at most {allowed}) off by more than {rtol * travel:.3g} + "
             f"{len(lrs)} float32 ulps; the largest by {off.max().item():.3g}")
 
+
+# The frozen base held in bf16 under bf16 autocast (ftune.training.base_dtype) against a float32 base under the same
+# autocast. Autocast casts a float32 linear weight to bf16 with the same round-to-nearest-even as the one-time cast,
+# so every matmul gets bit-identical weights, and norms run in float32 with the same float32 weights. What differs is
+# the embedding: its lookup returns bf16-rounded values (turned back to float32), a relative change of at most
+# eps(bf16) / 2 in the residual stream's first term. From there the perturbation travels through the model: each
+# stage passes it on (first order, relative, as assert_close's steps do) and may add one eps(bf16) where a perturbed
+# value crosses a bf16 rounding boundary of an op that rounds to bf16 (the next matmul's input cast), so after
+# ``steps`` stages it is at most steps * eps(bf16), relative to the compared tensor's scale. No float32 summation
+# order changes (the same kernels run on the same shapes), so the SUM_ROUNDINGS term does not enter.
+def bf16_base_tolerance(*, layers: int, backward: bool = False, scale: float) -> dict[str, float]:
+    """rel/abs (rtol/atol) for a loss or gradient of a bf16-held base against a float32 base, both under bf16 autocast."""
+    rtol = forward_steps(layers, backward=backward) * eps(torch.bfloat16)
+    return {"rtol": rtol, "atol": rtol * scale}
+
+
+def bf16_base_training_tolerance(*, layers: int, loss: float, lr: float, steps: int, gradient_l1: float) -> float:
+    """Absolute tolerance for the loss after ``steps`` AdamW steps of the adapters over a bf16-held base against a
+    float32 base (both under bf16 autocast). The forward at equal weights differs by bf16_base_tolerance; the weights
+    themselves drift apart by at most the two runs' update sizes: an early AdamW step moves an entry by at most lr
+    (m / sqrt(v) <= 1 while the moments are young), so after ``steps`` steps an entry is at most 2 * lr * steps
+    apart, which moves the loss by at most that times the L1 norm of its gradient (first order, the gradient summed
+    over the trained entries, ``gradient_l1``)."""
+    return bf16_base_tolerance(layers=layers, scale=abs(loss))["atol"] + 2 * lr * steps * gradient_l1

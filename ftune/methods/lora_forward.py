@@ -34,7 +34,12 @@ def addmm_lora_linear():
                 return super().forward(x, *args, **kwargs)
             result = self.base_layer(x)
             lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
-            hidden = lora_A(self.lora_dropout[adapter](self._cast_input_dtype(x, lora_A.weight.dtype)))
+            dropout = self.lora_dropout[adapter]
+            if isinstance(dropout, torch.nn.Identity) and torch.is_autocast_enabled(x.device.type) \
+                    and x.dtype == torch.get_autocast_dtype(x.device.type):
+                hidden = lora_A(x)  # peft casts x up to the adapter's float32 and autocast straight back: two exact copies
+            else:
+                hidden = lora_A(dropout(self._cast_input_dtype(x, lora_A.weight.dtype)))
             base = result.reshape(-1, result.shape[-1])
             if base.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
                 base = base.to(hidden.dtype)  # peft's sum promotes the same way (e.g. a bf16 base, fp32 adapter)

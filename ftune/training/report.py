@@ -68,6 +68,7 @@ def build_manifest(recipe: Recipe, started: datetime, *, launch, model=None) -> 
     import torch
 
     from ftune.data import data_fingerprint
+    from ftune.training.base_dtype import describe_base_dtype
     from ftune.model import resolve_model_source
 
     def installed(name: str) -> str | None:
@@ -90,6 +91,7 @@ def build_manifest(recipe: Recipe, started: datetime, *, launch, model=None) -> 
             "used": launch.precision.mode,
             "reason": launch.precision.reason,
             "warning": launch.precision.warning,
+            "frozen_base_dtype": describe_base_dtype(model) if model is not None else None,  # bfloat16: held in bf16 for autocast
         },
         "hardware": {
             "platform": platform.platform(),

@@ -78,6 +78,7 @@ def build_session(recipe: Recipe, run: RunDir, launch: Launch, *, echo=print, ca
     from transformers import set_seed
 
     from ftune.methods import apply_method, count_parameters
+    from ftune.training.base_dtype import hold_frozen_base_in_bf16, holds_base_in_bf16
     from ftune.training.compilation import compile_callback
     from ftune.training.kernels import choose_kernels
 
@@ -103,7 +104,9 @@ def build_session(recipe: Recipe, run: RunDir, launch: Launch, *, echo=print, ca
         callbacks = (*callbacks, compiling)
     strategy = resolve_strategy(recipe.distributed, world=launch.world_size, cuda=launch.cuda, wrap_classes=decoder_layer_classes(model),
                                 precision=launch.precision.mode, gradient_checkpointing=recipe.training.gradient_checkpointing)
-    spec = stage.spec(model, tokenizer, splits, recipe, liger=kernels.liger)
+    spec = stage.spec(model, tokenizer, splits, recipe, liger=kernels.liger)  # may run the model in float32 (packed attention's check)
+    if holds_base_in_bf16(recipe, launch.precision.mode) and hold_frozen_base_in_bf16(model):
+        echo("frozen base dtype: bfloat16 (cast once for bf16 autocast; trained tensors and optimizer state stay float32)")
     trainer = build_trainer(spec, model, tokenizer, recipe, run, precision=launch.precision, strategy=strategy, echo=echo,
                             callbacks=callbacks)
     return Session(trainer, tokenizer, splits, trainable, total, launch, strategy)
