@@ -1,31 +1,45 @@
-"""ftune train against the plain transformers Trainer + peft script, side by side, in one invocation.
+"""ftune train against the plain transformers Trainer + peft and TRL's SFTTrainer, side by side, in one invocation.
 
-Three runs on the same model, data, LoRA settings, precision, batch and optimizer steps, each in its own process
-(so each peak memory is its own):
+Five runs on the same model, rows, LoRA settings, precision, batch, learning rate and optimizer steps, each in its own
+process (so each peak memory is its own):
 
   a. the tutorial script: transformers Trainer + peft, rows padded to max_length
   b. the same with dynamic padding (DataCollatorForSeq2Seq)
   c. ftune train
+  d. TRL SFTTrainer, packing=True (best-fit decreasing packing, padding-free, completion-only loss)
+  e. TRL SFTTrainer, packing=False (dynamic padding, completion-only loss)
 
 a and b train on ftune's own tokenized rows (same tokens, same answer-only labels), so only the batching and the
-loss differ. Every run's held-out loss is computed the same way afterwards (mean over answer tokens).
+loss differ. d and e get the same conversations as prompt/completion messages, which TRL tokenizes with the same chat
+template and trains on the completion only. A TRL packed batch holds ``batch`` sequences of up to max_length tokens,
+each packing several rows, so d sees more rows in the same steps (its own semantics; compare tokens/s). Every run's
+held-out loss is computed the same way afterwards (mean over answer tokens of the eval rows).
+
+Datasets (``--dataset``, default both): quickstart (data/quickstart: one instruction shared by every row, ~70 tokens,
+the recipe's max_length 128) and longtail (data/longtail: prompts that share only the system prompt, long-tailed
+lengths up to ~940 tokens, max_length 1024). One table per dataset.
 
 Real tokens are the examples' own (padding left out; a prompt prefix ftune computes once per batch still counts in
-every example). Computed tokens are the positions each model ran: padding in, a shared prefix once. The machine's GEMM
-peak in the dtype used is measured first, in this invocation; achieved FLOP/s counts 4 x parameters per computed token
-for LoRA (forward, backward through the activations) and 6 x for full fine-tuning, the LM head's share only at the
-positions it ran: every one in a and b, the labelled ones in c (estimated from the share of labelled positions in the
-training rows). Run it on an idle machine.
+every example). Computed tokens are the positions each model ran: padding in, a shared prefix once (padding-free
+packing: computed = real). The machine's GEMM peak in the dtype used is measured first, in this invocation; achieved
+FLOP/s counts 4 x parameters per computed token for LoRA (forward, backward through the activations) and 6 x for full
+fine-tuning, the LM head's share only at the positions it ran: every one in a and b, the labelled ones in c (estimated
+from the share of labelled positions in the training rows), d and e (TRL's fused LM head). Run it on an idle machine.
+
+Variants (``--liger``: Liger kernels in every run, else none in any; ``--attn``: the attention kernel of every run,
+flash_attention_2 with bfloat16 weights) that this machine cannot run are skipped with one line.
 
 Usage::
 
-    python scripts/bench_train.py [--recipe recipes/smollm2-135m/lora-quickstart.yaml] [--steps 20]
+    python scripts/bench_train.py [--dataset quickstart|longtail|both] [--runs abcde] [--steps 20] [--liger]
+                                  [--attn auto|sdpa|flash_attention_2] [--recipe recipes/smollm2-135m/lora-quickstart.yaml]
                                   [--model NAME] [--data TRAIN.jsonl] [--method lora|full] [--set key=value ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -34,19 +48,42 @@ import tempfile
 import time
 from pathlib import Path
 
-RUNS = {"a": "Trainer, padded to max_length", "b": "Trainer, dynamic padding", "c": "ftune train"}
+RUNS = {"a": "Trainer, padded to max_length", "b": "Trainer, dynamic padding", "c": "ftune train",
+        "d": "TRL SFTTrainer, packing=True", "e": "TRL SFTTrainer, packing=False"}
+DATASETS = {
+    "quickstart": [],  # the recipe's own data and max_length
+    "longtail": ["data.train=data/longtail/train.jsonl", "data.eval=data/longtail/eval.jsonl", "data.max_length=1024"],
+}
 
 
 def overrides(args) -> list[str]:
-    sets = [f"training.max_steps={args.steps}", "training.save_steps=100000", "training.logging_steps=5",
-            f"output_dir={args.workdir}/ftune-run", *args.set]
+    # Without --liger every run goes without: ftune's kernels: auto would take Liger on CUDA where the others do not.
+    # Flash attention has no float32 path, so --attn flash_attention_2 loads bfloat16 weights (pair it with
+    # --set model.dtype=bfloat16 on sdpa). A user's --set comes last and wins.
+    sets = [*DATASETS.get(args.dataset, []), f"training.max_steps={args.steps}", "training.save_steps=100000",
+            "training.logging_steps=5", f"output_dir={args.workdir}/ftune-run", f"training.kernels={'liger' if args.liger else 'none'}"]
+    if args.attn:
+        sets.append(f"model.attn_implementation={args.attn}")
+    if args.attn == "flash_attention_2":
+        sets.append("model.dtype=bfloat16")
     if args.model:
         sets.append(f"model.name_or_path={args.model}")
     if args.data:
         sets.append(f"data.train={args.data}")
     if args.method:
         sets.append(f"method.name={args.method}")
-    return sets
+    return sets + args.set
+
+
+def unavailable(args) -> str | None:
+    """Why this machine cannot run the variant asked for, or None."""
+    import torch
+
+    if args.liger and not (importlib.util.find_spec("liger_kernel") and torch.cuda.is_available()):
+        return "skipped --liger: needs the liger-kernel package and a CUDA GPU"
+    if args.attn == "flash_attention_2" and not (importlib.util.find_spec("flash_attn") and torch.cuda.is_available()):
+        return "skipped --attn flash_attention_2: needs the flash-attn package and a CUDA GPU"
+    return None
 
 
 def gemm_peak(dtype_name: str, seconds: float = 2.0) -> float:
@@ -83,10 +120,11 @@ def heldout_loss(model, rows, collate) -> float:
     import torch
 
     model.eval()
+    device = next(model.parameters()).device
     total = count = 0.0
     with torch.no_grad():
         for start in range(0, len(rows), 8):
-            batch = collate(rows[start : start + 8])
+            batch = {key: value.to(device) for key, value in collate(rows[start : start + 8]).items()}
             labels = batch["labels"]
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
             targets = labels[:, 1:]
@@ -132,7 +170,6 @@ def run_one(which: str, args) -> dict:
                 "heldout_loss": heldout_loss(model, eval_rows, dynamic), "memory": memory, **parameter_counts(model)}
 
     import torch
-    from transformers import Trainer, TrainingArguments
 
     from ftune.hardware import resolve_precision
     from ftune.methods import apply_method
@@ -141,33 +178,54 @@ def run_one(which: str, args) -> dict:
     torch.manual_seed(recipe.training.seed)
     model = apply_method(load_base_model(recipe.model, recipe.quantization, task=recipe.task), recipe.method, recipe.task)
     precision = resolve_precision(recipe.training.mixed_precision)
-    padded = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=recipe.data.max_length, label_pad_token_id=-100,
-                                    return_tensors="pt")
     train = recipe.training
-    arguments = TrainingArguments(
+    common = dict(
         output_dir=f"{args.workdir}/trainer-{which}", per_device_train_batch_size=train.batch_size, max_steps=train.max_steps,
         learning_rate=train.learning_rate, lr_scheduler_type=train.lr_scheduler, warmup_steps=train.warmup_ratio,
         optim=train.optimizer, bf16=precision.mode == "bf16", fp16=precision.mode == "fp16", logging_steps=5,
         save_strategy="no", report_to="none", disable_tqdm=True, seed=train.seed, data_seed=train.seed,
-        use_cpu=not torch.cuda.is_available(), include_num_input_tokens_seen="non_padding", remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(), gradient_checkpointing=train.gradient_checkpointing,
+        use_liger_kernel=args.liger,
     )
-    collator = padded if which == "a" else dynamic
-    computed = 0
+    counts = {"tokens": 0, "computed": 0, "head_positions": 0}
 
-    def counting(features):
-        nonlocal computed
-        batch = collator(features)
-        computed += batch["input_ids"].numel()
-        return batch
+    def counting(step):
+        """The trainer's training_step, counting the batches it trains on (a collator would also count the one the
+        dataloader fetches ahead)."""
+        def training_step(model, inputs, *rest, **options):
+            mask = inputs.get("attention_mask")
+            counts["computed"] += inputs["input_ids"].numel()
+            counts["tokens"] += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()  # packed: no padding
+            # TRL's fused LM head projects the labelled positions only; the Trainer's head every position
+            counts["head_positions"] += int((inputs["labels"] != -100).sum()) if which in "de" else inputs["input_ids"].numel()
+            return step(model, inputs, *rest, **options)
+        return training_step
 
-    trainer = Trainer(model=model, args=arguments, train_dataset=as_rows(splits.train), data_collator=counting)
+    if which in "ab":
+        from transformers import Trainer, TrainingArguments
+
+        padded = DataCollatorForSeq2Seq(tokenizer, padding="max_length", max_length=recipe.data.max_length, label_pad_token_id=-100,
+                                        return_tensors="pt")
+        trainer = Trainer(model=model, args=TrainingArguments(**common, remove_unused_columns=False), train_dataset=as_rows(splits.train),
+                          data_collator=padded if which == "a" else dynamic)
+    else:
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        from ftune.data.pipeline import load_records
+
+        # The same conversations ftune trains on, split where ftune's labels start: the last (assistant) turn.
+        conversations = [record.value for record in load_records(recipe.data, recipe.task).train]
+        dataset = Dataset.from_list([{"prompt": messages[:-1], "completion": messages[-1:]} for messages in conversations])
+        config = SFTConfig(**common, packing=which == "d", max_length=recipe.data.max_length, completion_only_loss=True)
+        trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    trainer.training_step = counting(trainer.training_step)
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
     losses = [record["loss"] for record in trainer.state.log_history if "loss" in record]
-    return {"wall": wall, "tokens": trainer.state.num_input_tokens_seen, "computed": computed, "head_positions": computed,
-            "train_loss": losses[-1] if losses else float("nan"), "heldout_loss": heldout_loss(model, eval_rows, dynamic),
-            "memory": peak_memory_mib(), **parameter_counts(model)}
+    return {"wall": wall, **counts, "train_loss": losses[-1] if losses else float("nan"),
+            "heldout_loss": heldout_loss(trainer.model, eval_rows, dynamic), "memory": peak_memory_mib(), **parameter_counts(model)}
 
 
 def parameter_counts(model) -> dict:
@@ -181,63 +239,91 @@ def last_logged_loss(metrics: Path) -> float:
     return losses[-1] if losses else float("nan")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default="recipes/smollm2-135m/lora-quickstart.yaml")
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of every run")
-    parser.add_argument("--model", help="model.name_or_path override")
-    parser.add_argument("--data", help="data.train override")
-    parser.add_argument("--method", help="method.name override (lora or full)")
-    parser.add_argument("--set", action="append", default=[], help="any other recipe override, key=value")
-    parser.add_argument("--one", choices=sorted(RUNS), help=argparse.SUPPRESS)  # a child run
-    parser.add_argument("--workdir", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def child_command(which: str, dataset: str, args) -> list[str]:
+    child = [sys.executable, __file__, "--one", which, "--dataset", dataset, "--workdir", args.workdir, "--recipe", args.recipe,
+             "--steps", str(args.steps), *sum((["--set", item] for item in args.set), [])]
+    for flag in ("model", "data", "method", "attn"):
+        if getattr(args, flag):
+            child += [f"--{flag}", getattr(args, flag)]
+    return child + (["--liger"] if args.liger else [])
 
-    if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args)))
-        return
 
+def table(dataset: str, args, peak: float) -> None:
+    """Run every asked-for run on ``dataset``, each in its own process, and print its table."""
     import torch
 
     from ftune.hardware import resolve_precision
     from ftune.recipe import load_recipe
 
-    with tempfile.TemporaryDirectory() as workdir:
-        args.workdir = workdir
-        recipe = load_recipe(args.recipe, overrides(args))
-        precision = resolve_precision(recipe.training.mixed_precision)
-        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision.mode, "float32")
-        peak = gemm_peak(dtype)
-        results = {}
-        for which in RUNS:
-            child = [sys.executable, __file__, "--one", which, "--workdir", workdir, "--recipe", args.recipe, "--steps", str(args.steps),
-                     *sum((["--set", item] for item in args.set), [])]
-            for flag in ("model", "data", "method"):
-                if getattr(args, flag):
-                    child += [f"--{flag}", getattr(args, flag)]
-            output = subprocess.run(child, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            line = next((line for line in output.stdout.splitlines() if line.startswith("RESULT ")), None)
-            if line is None:
-                sys.exit(f"run {which} failed:\n{output.stderr[-3000:]}")
-            results[which] = json.loads(line[len("RESULT "):])
+    args.dataset = dataset
+    recipe = load_recipe(args.recipe, overrides(args))
+    results = {}
+    for which in args.runs:
+        output = subprocess.run(child_command(which, dataset, args), capture_output=True, text=True,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
+        line = next((line for line in output.stdout.splitlines() if line.startswith("RESULT ")), None)
+        if line is None:
+            sys.exit(f"run {which} on {dataset} failed:\n{output.stderr[-3000:]}")
+        results[which] = json.loads(line[len("RESULT "):])
 
     factor = 6 if recipe.method.name == "full" else 4
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    print(f"{recipe.model.name_or_path}, method {recipe.method.name}, batch {recipe.training.batch_size}, max_length "
-          f"{recipe.data.max_length}, {args.steps} steps, precision {precision.mode}, {device}")
-    print(f"measured GEMM peak ({dtype}): {peak / 1e9:.0f} GFLOP/s")
-    print("| run | real tokens/s | computed tokens/s | wall s | peak memory MiB | final train loss | held-out loss | GFLOP/s | "
+    precision = resolve_precision(recipe.training.mixed_precision)
+    variant = ", ".join(filter(None, [f"attention {args.attn}" if args.attn else "", "liger kernels" if args.liger else ""]))
+    print(f"\n### {args.data or dataset}: {recipe.model.name_or_path}, method {recipe.method.name}, batch {recipe.training.batch_size}, "
+          f"max_length {recipe.data.max_length}, {args.steps} steps, precision {precision.mode}, {device}" + (f", {variant}" if variant else ""))
+    print("\n| run | real tokens/s | computed tokens/s | wall s | peak memory MiB | final train loss | held-out loss | GFLOP/s | "
           "share of peak |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for which, label in RUNS.items():
-        result = results[which]
+    for which, result in results.items():
         speed = result["tokens"] / result["wall"]
         flops = factor * ((result["params"] - result["head"]) * result["computed"] + result["head"] * result["head_positions"]) / result["wall"]
-        print(f"| {which}. {label} | {speed:.0f} | {result['computed'] / result['wall']:.0f} | {result['wall']:.1f} | "
+        print(f"| {which}. {RUNS[which]} | {speed:.0f} | {result['computed'] / result['wall']:.0f} | {result['wall']:.1f} | "
               f"{result['memory']:,.0f} | {result['train_loss']:.4f} | {result['heldout_loss']:.4f} | {flops / 1e9:.0f} | "
               f"{flops / peak:.0%} |")
-    speed = {which: results[which]["tokens"] / results[which]["wall"] for which in RUNS}
-    print(f"ftune vs padded script: {speed['c'] / speed['a']:.2f}x; vs dynamic padding: {speed['c'] / speed['b']:.2f}x")
+    if "c" in results:
+        speed = {which: result["tokens"] / result["wall"] for which, result in results.items()}
+        print("\nftune's real tokens/s against " + "; ".join(f"{which}: {speed['c'] / speed[which]:.2f}x" for which in speed if which != "c"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=[*DATASETS, "both"], default="both", help="benchmark rows (default both, one table each)")
+    parser.add_argument("--runs", default="".join(RUNS), help=f"which runs, e.g. acd (default {''.join(RUNS)})")
+    parser.add_argument("--steps", type=int, default=20, help="optimizer steps of every run")
+    parser.add_argument("--liger", action="store_true", help="Liger kernels in every run (skipped without liger-kernel and CUDA)")
+    parser.add_argument("--attn", choices=["auto", "sdpa", "eager", "flash_attention_2"],
+                        help="attention kernel of every run (flash_attention_2 is skipped without flash-attn and CUDA)")
+    parser.add_argument("--recipe", default="recipes/smollm2-135m/lora-quickstart.yaml")
+    parser.add_argument("--model", help="model.name_or_path override")
+    parser.add_argument("--data", help="data.train override (replaces --dataset)")
+    parser.add_argument("--method", help="method.name override (lora or full)")
+    parser.add_argument("--set", action="append", default=[], help="any other recipe override, key=value")
+    parser.add_argument("--one", choices=sorted(RUNS), help=argparse.SUPPRESS)  # a child run
+    parser.add_argument("--workdir", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if set(args.runs) - set(RUNS) or not args.runs:
+        parser.exit(2, f"bench_train.py: --runs: pick letters from {''.join(RUNS)} (got {args.runs!r})\n")
+
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one, args)))
+        return
+    if reason := unavailable(args):
+        print(reason)
+        return
+
+    from ftune.hardware import resolve_precision
+    from ftune.recipe import load_recipe
+
+    datasets = ["quickstart"] if args.data or args.dataset == "quickstart" else ["longtail"] if args.dataset == "longtail" else list(DATASETS)
+    with tempfile.TemporaryDirectory() as workdir:
+        args.workdir = workdir
+        precision = resolve_precision(load_recipe(args.recipe, overrides(args)).training.mixed_precision)
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision.mode, "float32")
+        peak = gemm_peak(dtype)
+        print(f"measured GEMM peak ({dtype}): {peak / 1e9:.0f} GFLOP/s")
+        for dataset in datasets:
+            table(dataset, args, peak)
 
 
 if __name__ == "__main__":
