@@ -17,7 +17,6 @@ from ftune.resources import local_ranks
 from ftune.recipe import Recipe, method_class
 from ftune.recipe.schema import OPTIMIZERS
 from ftune.training.chunked_loss import LOSS_CHUNK
-from ftune.training.base_dtype import expected_precision, holds_base_in_bf16
 from ftune.training.layout import build_layout, read_model_config, trainable_shapes
 
 MIB = 2**20
@@ -27,9 +26,10 @@ ACTIVATIONS = {"decoder": (14, 5, 4), "encoder": (14, 4, 0)}
 LOGIT_COPIES = 3  # logits, their log-softmax and its gradient are alive together in the loss backward
 # Under 16-bit autocast the head's own 16-bit output and its gradient join the three float32 copies.
 LOGIT_16BIT_COPIES = 2
-# 16-bit autocast: layer activations measured 0.62x the float32 coefficients at 2 bytes (SmolLM2-135M, LoRA r16
-# all-linear, batch 1, 256 and 1024 tokens, bf16 on CPU, peak RSS): the residual stream stays float32 but most saved
-# tensors are GEMM outputs, and the float32 calibration model (h512) kept relatively more per token.
+# 16-bit autocast without checkpointing: layer activations measured 0.62x the float32 coefficients at 2 bytes
+# (SmolLM2-135M, LoRA r16 all-linear, batch 1, 256 and 1024 tokens, bf16 on CPU, peak RSS). With checkpointing the
+# saved layer inputs are the float32 residual stream of a float32 base, and with a frozen base the recomputed layer
+# measured as in float32 too (256-2048 tokens; not measured for full fine-tuning, which keeps the 16-bit size).
 AUTOCAST_LAYER_ACTIVATIONS = 0.62
 # With a frozen base, peak activations measured 1.27x those of full fine-tuning (Llama, h512, LoRA
 # all-linear r8, float32 CPU): the adapter paths keep their own inputs and outputs alive.
@@ -72,14 +72,10 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
     layout = build_layout(config)
     train, quant = recipe.training, recipe.quantization
     weight_bytes = 4 if recipe.model.dtype in ("float32",) or (recipe.model.dtype == "auto" and device == "cpu") else 2
-    bf16_base = False
     if quant.bits:
         # bitsandbytes packs the layer linears; embeddings, norms and the head keep weight_bytes.
         packed = quant.bits / 8 + (4 / 64 if quant.bits == 4 else 4 / layout.hidden)  # + absmax per 64-block / per row
         weights = layout.linear_params * packed + layout.other_params * 4  # prepare_model_for_kbit_training upcasts the rest
-    elif bf16_base := weight_bytes == 4 and holds_base_in_bf16(recipe, precision or expected_precision(train.mixed_precision, device)):
-        norms = layout.layers * layout.layer_norm_params  # stay float32 (training.base_dtype); the final norm is in other_params
-        weights = (layout.total_params - norms) * 2 + norms * 4
     else:
         weights = layout.total_params * weight_bytes
     shapes, approximate = trainable_shapes(recipe, layout)
@@ -99,20 +95,23 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
     autocast = cheap_autocast_16bit(train.mixed_precision, device) if precision is None else precision != "no"
     act_bytes = 2 if autocast else 4
     h, i, kv = ACTIVATIONS[layout.kind]
-    per_layer = (h * layout.hidden + i * layout.intermediate + kv * layout.kv_width) * act_bytes
+    stored_32bit = not quant.bits and weights == layout.total_params * 4  # the base's weights (and residual stream) float32
     # The loss upcasts logits to float32; past LOSS_CHUNK positions a row's head runs a chunk at a time
     # (training.chunked_loss), so at most batch x LOSS_CHUNK rows of logits are alive, whatever the length.
     copies = LOGIT_COPIES * 4 + (LOGIT_16BIT_COPIES * act_bytes if act_bytes == 2 else 0)
     logits = 0 if recipe.is_classification else copies * layout.vocab
     logit_rows = train.batch_size * min(recipe.data.max_length, LOSS_CHUNK)
     if train.gradient_checkpointing:
-        layers_term = layout.hidden * act_bytes * layout.layers + per_layer  # layer inputs, plus one layer recomputed
+        saved = 4 if stored_32bit else act_bytes
+        per_layer = (h * layout.hidden + i * layout.intermediate + kv * layout.kv_width) * (act_bytes if in_weights else saved)
+        layers_term = layout.hidden * saved * layout.layers + per_layer  # layer inputs, plus one layer recomputed
     else:
-        layers_term = per_layer * layout.layers
-    layers_term *= (1.0 if in_weights else FROZEN_BASE_ACTIVATIONS) * (AUTOCAST_LAYER_ACTIVATIONS if act_bytes == 2 else 1.0)
+        per_layer = (h * layout.hidden + i * layout.intermediate + kv * layout.kv_width) * act_bytes
+        layers_term = per_layer * layout.layers * (AUTOCAST_LAYER_ACTIVATIONS if act_bytes == 2 else 1.0)
+    layers_term *= 1.0 if in_weights else FROZEN_BASE_ACTIVATIONS
     activations = tokens * layers_term + logit_rows * logits
     weight_copies = 0
-    if act_bytes == 2 and not quant.bits and weights == layout.total_params * 4:
+    if act_bytes == 2 and stored_32bit:
         # A base stored in float32 under 16-bit autocast: each GEMM saves its 16-bit weight copy for the backward, whatever
         # the batch; all layers' copies without checkpointing, one layer's with it, and the head's (vocab x hidden) in both.
         layer_copies = layout.linear_params if not train.gradient_checkpointing else layout.linear_params // layout.layers
@@ -122,8 +121,6 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
         activations += layout.linear_params * 4
     eval_act = tokens * 2 * layout.hidden * act_bytes + (logit_rows * 2 * layout.vocab * 4 if logits else 0)  # no graph kept
     notes = [f"trainable parameters of method '{recipe.method.name}' are approximate; --probe measures them"] if approximate else []
-    if bf16_base:
-        notes.append("weights: the frozen base is held in bf16 for bf16 autocast (norms float32)")
     if act_bytes == 2:
         notes.append("activations assume 16-bit autocast halves them (the coefficients are calibrated in float32); --probe measures them")
     return MemoryPlan(
