@@ -122,7 +122,7 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
     eval_act = tokens * 2 * layout.hidden * act_bytes + (logit_rows * 2 * layout.vocab * 4 if logits else 0)  # no graph kept
     notes = [f"trainable parameters of method '{recipe.method.name}' are approximate; --probe measures them"] if approximate else []
     if act_bytes == 2:
-        notes.append("activations assume 16-bit autocast halves them (the coefficients are calibrated in float32); --probe measures them")
+        notes.append("activations under 16-bit autocast are calibrated on one model (SmolLM2-135M, LoRA, bf16 on CPU); --probe measures them")
     return MemoryPlan(
         parameters=layout.total_params,
         trainable=trainable,
