@@ -31,6 +31,10 @@ LOGIT_16BIT_COPIES = 2
 # saved layer inputs are the float32 residual stream of a float32 base, and with a frozen base the recomputed layer
 # measured as in float32 too (256-2048 tokens; not measured for full fine-tuning, which keeps the 16-bit size).
 AUTOCAST_LAYER_ACTIVATIONS = 0.62
+# Past LOSS_CHUNK the model returns every layer's hidden states for the chunked loss: peak RSS then grew by about two
+# float32 copies of them per token more than below the chunk (SmolLM2-135M, LoRA r16, checkpointed, bf16 on CPU:
+# +364 MiB from 1024 to 2048 tokens, +1,109 MiB from 2048 to 4096).
+HIDDEN_STATES_COPIES = 2
 # With a frozen base, peak activations measured 1.27x those of full fine-tuning (Llama, h512, LoRA
 # all-linear r8, float32 CPU): the adapter paths keep their own inputs and outputs alive.
 FROZEN_BASE_ACTIVATIONS = 1.27
@@ -109,6 +113,8 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
         per_layer = (h * layout.hidden + i * layout.intermediate + kv * layout.kv_width) * act_bytes
         layers_term = per_layer * layout.layers * (AUTOCAST_LAYER_ACTIVATIONS if act_bytes == 2 else 1.0)
     layers_term *= 1.0 if in_weights else FROZEN_BASE_ACTIVATIONS
+    if logits and recipe.data.max_length > LOSS_CHUNK:
+        layers_term += HIDDEN_STATES_COPIES * layout.hidden * (4 if stored_32bit else act_bytes) * (layout.layers + 1)
     activations = tokens * layers_term + logit_rows * logits
     weight_copies = 0
     if act_bytes == 2 and stored_32bit:
