@@ -84,3 +84,17 @@ def test_llama_cpp_replies_like_transformers_on_the_exported_files(quickstart_ru
             assert checked["same_text"] == 1.0, checked
         assert "llama.cpp: same reply as transformers" in result.output
     print("| quant | prompts | same reply | same tokens | stopped |", "| --- | --- | --- | --- | --- |", *rows, sep="\n")
+
+
+def test_gguf_lora_in_llama_cpp_replies_like_the_merged_model(quickstart_run):
+    """Base f16 + adapter f16 in llama.cpp give the merged model's greedy replies on the held-out prompts (the merged
+    f16 file is held to the same replies above, so the two files answer alike)."""
+    pytest.importorskip("llama_cpp", reason="needs the llamacpp extra: pip install 'ftune[llamacpp]'")
+    result = invoke("export", quickstart_run, "--format", "gguf-lora", "--quant", "f16", "--verify", "llama.cpp")
+    report = json.loads((quickstart_run / "export" / "adapter-f16.gguf.verify.json").read_text())
+    assert report["passed"] and report["next_token_agreement"] == 1.0, report
+    checked = report["llama_cpp"]
+    assert checked["prompts"] == 16 and checked["same_text"] == 1.0 and checked["stopped_rate"] == 1.0, checked
+    sizes = {name: (quickstart_run / "export" / name).stat().st_size for name in ("adapter-f16.gguf", "base-f16.gguf")}
+    assert sizes["adapter-f16.gguf"] < sizes["base-f16.gguf"] / 20  # r16 adapters: a few MiB beside a 270 MB base
+    print(f"gguf-lora: {checked['same_text']:.0%} of {checked['prompts']} replies equal; sizes {sizes}; {result.output[-300:]}")
