@@ -12,7 +12,8 @@ adapters and their optimizer state stay float32, so the saved adapter is unchang
 
 It applies only where every forward of the run is inside the Trainer's autocast: methods that freeze the base
 (``trains_base_weights`` False), a float32 base that is not quantized, and the stages that train and evaluate
-through the Trainer's loss (grpo generates outside autocast; TRL's pair and KTO trainers are not covered yet).
+through the Trainer's loss (grpo generates outside autocast; TRL's pair and KTO trainers are not covered yet), and
+not under Liger's fused head on CUDA (``training.session`` checks; not verified with a bf16 head weight).
 Merge, export, eval and generation load their own float32 base and never see this.
 """
 

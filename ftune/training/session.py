@@ -105,7 +105,8 @@ def build_session(recipe: Recipe, run: RunDir, launch: Launch, *, echo=print, ca
     strategy = resolve_strategy(recipe.distributed, world=launch.world_size, cuda=launch.cuda, wrap_classes=decoder_layer_classes(model),
                                 precision=launch.precision.mode, gradient_checkpointing=recipe.training.gradient_checkpointing)
     spec = stage.spec(model, tokenizer, splits, recipe, liger=kernels.liger)  # may run the model in float32 (packed attention's check)
-    if holds_base_in_bf16(recipe, launch.precision.mode) and hold_frozen_base_in_bf16(model):
+    # Not under Liger: its fused head computes gradients against the head's weight in its own kernels (unverified in bf16).
+    if not kernels.liger and holds_base_in_bf16(recipe, launch.precision.mode) and hold_frozen_base_in_bf16(model):
         echo("frozen base dtype: bfloat16 (cast once for bf16 autocast; trained tensors and optimizer state stay float32)")
     trainer = build_trainer(spec, model, tokenizer, recipe, run, precision=launch.precision, strategy=strategy, echo=echo,
                             callbacks=callbacks)
