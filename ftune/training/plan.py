@@ -16,6 +16,7 @@ from ftune.hardware import cheap_autocast_16bit
 from ftune.resources import local_ranks
 from ftune.recipe import Recipe, method_class
 from ftune.recipe.schema import OPTIMIZERS
+from ftune.training.base_dtype import expected_precision, holds_base_in_bf16
 from ftune.training.chunked_loss import LOSS_CHUNK
 from ftune.training.layout import build_layout, read_model_config, trainable_shapes
 
@@ -76,10 +77,14 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
     layout = build_layout(config)
     train, quant = recipe.training, recipe.quantization
     weight_bytes = 4 if recipe.model.dtype in ("float32",) or (recipe.model.dtype == "auto" and device == "cpu") else 2
+    bf16_base = False
     if quant.bits:
         # bitsandbytes packs the layer linears; embeddings, norms and the head keep weight_bytes.
         packed = quant.bits / 8 + (4 / 64 if quant.bits == 4 else 4 / layout.hidden)  # + absmax per 64-block / per row
         weights = layout.linear_params * packed + layout.other_params * 4  # prepare_model_for_kbit_training upcasts the rest
+    elif bf16_base := weight_bytes == 4 and holds_base_in_bf16(recipe, precision or expected_precision(train.mixed_precision, device)):
+        norms = layout.layers * layout.layer_norm_params  # stay float32 (training.base_dtype); the final norm is in other_params
+        weights = (layout.total_params - norms) * 2 + norms * 4
     else:
         weights = layout.total_params * weight_bytes
     shapes, approximate = trainable_shapes(recipe, layout)
@@ -127,6 +132,8 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
         activations += layout.linear_params * 4
     eval_act = tokens * 2 * layout.hidden * act_bytes + (logit_rows * 2 * layout.vocab * 4 if logits else 0)  # no graph kept
     notes = [f"trainable parameters of method '{recipe.method.name}' are approximate; --probe measures them"] if approximate else []
+    if bf16_base:
+        notes.append("weights: the frozen base is held in bf16 for bf16 autocast (norms float32)")
     if act_bytes == 2:
         notes.append("activations under 16-bit autocast are calibrated on one model (SmolLM2-135M, LoRA, bf16 on CPU); --probe measures them")
     return MemoryPlan(

@@ -152,8 +152,8 @@ def test_plan_counts_the_frozen_base_at_two_bytes_only_where_it_is_held_in_bf16(
                               (load_recipe(make_recipe(quantization={"bits": 4})), "bf16")]:
         plan = estimate_memory(recipe, config, precision=precision)
         assert not any("held in bf16" in note for note in plan.notes), (recipe.method.name, precision)
-        if not recipe.quantization.bits:
-            assert plan.weights_mib * 2**20 == layout.total_params * 4
+        if not recipe.quantization.bits:  # float32 weights (plus, under 16-bit autocast, the 16-bit copies autocast makes)
+            assert plan.weights_mib * 2**20 >= layout.total_params * 4
 
 
 def test_only_adapter_methods_on_a_float32_unquantized_base_in_bf16_sft_or_pretraining_hold_it(make_recipe):
