@@ -202,6 +202,8 @@ def saved_name(name: str) -> str:
         name = name.replace(noise, "")
     # peft drops its adapter name and the modules_to_save infix of a wrapped copy (a classifier head, MAM's adapters).
     name = name.replace(".default.", ".").replace(".default", "").replace(".modules_to_save.", ".")
+    # DoRA's magnitude is a module's weight in the model and one tensor named after the module in the save.
+    name = name.replace(".lora_magnitude_vector.weight", ".lora_magnitude_vector")
     return name.removeprefix("base_model.model.")
 
 

@@ -217,3 +217,16 @@ def test_resume_keeps_the_rows_per_step_or_says_which_counts_can(tmp_path):
     for rank in (0, 1):
         (legacy / f"rng_state_{rank}.pth").write_bytes(b"")
     assert resume_accumulation(legacy, recipe, world_size=1, strategy="single") == 2
+
+
+def test_a_dora_save_counts_as_whole(tmp_path, tiny_llama_dir):
+    """peft saves DoRA's magnitude (a module's weight in the model) as one tensor named after the module."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ftune.training.checkpoints import check_saved_weights
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, use_dora=True, target_modules=["q_proj"]))
+    model.save_pretrained(tmp_path)
+    assert any(name.endswith("lora_magnitude_vector.default.weight") for name, _ in model.named_parameters())
+    check_saved_weights(tmp_path, model)
