@@ -55,6 +55,8 @@ CASES = [
     ("boft block 4", {"name": "boft"}, None, "boft.yaml"),
     ("vera r256", {"name": "vera"}, None, "vera.yaml"),
     ("prefix 20 tokens", {"name": "prefix"}, None, "prefix.yaml"),
+    ("prefix 20 tokens + projection", {"name": "prefix", "prefix_projection": True}, None, "prefix.yaml"),
+    ("prefix 20 tokens, init tokens", {"name": "prefix", "init": "tokens"}, None, "prefix.yaml"),
     ("prompt 20 tokens", {"name": "prompt"}, None, "prompt.yaml"),
     ("ptuning 20 tokens (mlp)", {"name": "ptuning"}, None, "ptuning.yaml"),
     ("ptuning_v2 20 tokens", {"name": "ptuning_v2"}, None, "prefix.yaml"),  # no recipe of its own: prefix tuning's rate
