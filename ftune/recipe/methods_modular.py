@@ -55,10 +55,7 @@ class PrefixMethod(PromptLearningBase):
     name: Literal["prefix"]
     num_virtual_tokens: int = virtual_tokens_field()
     init: Literal["gated", "tokens", "random"] = prefix_init_field()
-    # Measured (docs/methods.md, scripts/bench_methods.py --train): on SmolLM2 and the quickstart task, 30 steps at 1e-3,
-    # the MLP reaches 0.81 held-out exact match where direct prefixes reach 0.00 (gated) and 0.50 (init: tokens).
-    prefix_projection: bool = Field(True, description="Reparameterise the prefixes through a two-layer MLP (more stable, more "
-                                    "parameters while training; only the prefixes it produces are saved).")
+    prefix_projection: bool = Field(False, description="Reparameterise the prefixes through a two-layer MLP (more stable, more parameters).")
     encoder_hidden_size: int = Field(512, gt=0, description="Hidden width of that MLP; only with prefix_projection: true.")
 
     @model_validator(mode="after")

@@ -77,7 +77,7 @@ def test_a_wrong_row_order_fails_the_check(lora_run, monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("method, sections", [
-    ({**LORA, "use_rslora": True}, {}),
+    ({**LORA, "use_rslora": True, "alpha": 4}, {}),  # scaling 4 / sqrt(4) = 2, as the others: the merge's parity tolerance assumes it
     ({**LORA, "target_modules": ["q_proj", "v_proj"], "r": 2}, {}),
     ({**LORA, "init": "pissa"}, {}),  # saved relative to the original base, at twice the rank
     (LORA, {"quantization": {"bits": 4}}),  # QLoRA: the adapter applies to the float32 base, as the merge does

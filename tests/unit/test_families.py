@@ -264,7 +264,7 @@ def test_plan_lays_out_every_encoder_the_layout_sets_name(model_type):
 
 
 # Spellings of a model type that name something else: llama.cpp calls the byte-level BPE tokenizer model "gpt2".
-NOT_A_MODEL_TYPE = {("gguf.py", "add_tokenizer_model")}  # (file under ftune/, the call whose arguments may spell one)
+NOT_A_MODEL_TYPE = {("gguf_tokenizer.py", "add_tokenizer_model")}  # (file under ftune/, the call whose arguments may spell one)
 
 
 def model_types_spelled_in(package) -> list[str]:
