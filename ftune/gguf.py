@@ -97,16 +97,21 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quant: str, *, name: str)
             fallbacks.append(gguf_name)
         writer.add_tensor(gguf_name, data, raw_dtype=stored)
 
+    write_out(writer)
+    if not fallbacks:
+        return []
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    return [f"{quant} needs rows divisible by {block}; stored as f16 instead: {', '.join(fallbacks)}"]
+
+
+def write_out(writer: Any) -> None:
+    """Write a filled ``GGUFWriter``'s header, metadata and tensors, and close it whatever happens."""
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     finally:
         writer.close()
-    if not fallbacks:
-        return []
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    return [f"{quant} needs rows divisible by {block}; stored as f16 instead: {', '.join(fallbacks)}"]
 
 
 def gguf_architecture(config: Any) -> tuple[str, Any]:

@@ -17,7 +17,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ftune.gguf import encode_tensor, gguf_architecture, gguf_name_of, row_reordering, stored_transposed
+from ftune.gguf import encode_tensor, gguf_architecture, gguf_name_of, row_reordering, stored_transposed, write_out
 from ftune.gguf_tokenizer import UnsupportedExport
 
 PEFT_PREFIX = "base_model.model."
@@ -108,12 +108,7 @@ def write_lora_gguf(adapter_dir: Path, model_config: Any, path: Path, quant: str
         for suffix, data in ((".lora_a", a), (".lora_b", b)):
             encoded, stored = encode_tensor(data, qtype)
             writer.add_tensor(base_name + suffix, encoded, raw_dtype=stored)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    finally:
-        writer.close()
+    write_out(writer)
     return {"alpha": alpha, "modules": len(pairs), "ranks": sorted({a.shape[0] for a, _, _ in pairs.values()})}
 
 
