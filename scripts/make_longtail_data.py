@@ -20,9 +20,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
+
+from ftune.run_dir import write_jsonl_atomic
 
 SYSTEM = "You are a careful assistant. Follow the request exactly and answer with the result only."
 
@@ -112,12 +113,6 @@ def generate(rng: random.Random, size: int, banned: set[str]) -> list[dict]:
     return rows
 
 
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
@@ -131,8 +126,8 @@ def main() -> None:
     train_rows = generate(random.Random(f"{args.seed}-train"), args.train_size, {row["messages"][1]["content"] for row in eval_rows})
 
     args.out.mkdir(parents=True, exist_ok=True)
-    write_jsonl(args.out / "train.jsonl", train_rows)
-    write_jsonl(args.out / "eval.jsonl", eval_rows)
+    write_jsonl_atomic(args.out / "train.jsonl", train_rows)
+    write_jsonl_atomic(args.out / "eval.jsonl", eval_rows)
     print(f"wrote {len(train_rows)} train rows to {args.out / 'train.jsonl'}")
     print(f"wrote {len(eval_rows)} eval rows to {args.out / 'eval.jsonl'}")
 
