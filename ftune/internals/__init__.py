@@ -193,7 +193,8 @@ INTERNALS: tuple[Internal, ...] = (
         "peft.PeftModelForCausalLM.base_model_prepare_inputs_for_generation: prepare_inputs_for_generation reads its "
         "past_key_values", "patch", where=("ftune.methods.prompt.hand_the_cache_to_peft",), version="0.21.2",
         why="transformers 5.24 hands generation's cache over as `cache`; renamed, peft injects the prefixes once instead "
-            "of replacing the prompt's cache with them at every new token",
+            "of replacing the prompt's cache with them at every new token, and soft prompts (prompt, ptuning) once instead "
+            "of in front of every new token",
         checks=(says("peft.PeftModelForCausalLM.prepare_inputs_for_generation", "self.base_model_prepare_inputs_for_generation(",
                      "peft's generation step no longer starts from base_model_prepare_inputs_for_generation"),
                 says("peft.PeftModelForCausalLM.prepare_inputs_for_generation", 'model_kwargs.get("past_key_values", None)',

@@ -126,6 +126,26 @@ def hand_the_cache_to_peft(peft_model):
     return peft_model
 
 
+def apply_soft_prompt_method(build):
+    """The apply step of prompt and ptuning: peft's virtual tokens, with the cache handed to peft's generation step
+    (``hand_the_cache_to_peft``): without it every generated token is fed behind the virtual tokens again, and cached
+    decoding answers with fragments of the prompt after the first token."""
+    from ftune.methods.peft_family import wrap_with_peft
+
+    def apply(model, config, task: str):
+        return hand_the_cache_to_peft(wrap_with_peft(expose_cache_argument(model), build(config, task, model), config.name))
+
+    apply.__name__ = f"apply_{build.__name__.removesuffix('_config')}"
+    return apply
+
+
+def load_soft_prompt(load_base, directory):
+    """Reload a prompt or ptuning run, set up for cached generation as ``apply_soft_prompt_method`` sets it up."""
+    from ftune.methods.peft_family import load_peft
+
+    return hand_the_cache_to_peft(load_peft(lambda: expose_cache_argument(load_base()), directory))
+
+
 def load_prefix(load_base, directory):
     """Reload a prefix-tuned run: the base gets the cache-argument shim and the prefix gates it was trained with."""
     from ftune.methods.peft_family import load_peft

@@ -445,10 +445,11 @@ def test_pissa_on_smollm2_reloads_on_the_original_base(tmp_path):
     torch.testing.assert_close(logits_of(reloaded, batch), expected, rtol=0, atol=1e-3 * expected.abs().max().item())
 
 
-@pytest.mark.parametrize("name", ["prefix", "ptuning_v2", "mam", "unipelt"])
+@pytest.mark.parametrize("name", ["prefix", "ptuning_v2", "mam", "unipelt", "prompt", "ptuning"])
 def test_generated_replies_are_what_the_trained_model_computes(bases, tmp_path, name):
     # Cached decoding must reproduce a plain greedy loop over full forwards (how the model trained): with peft's
-    # prefixes it did not past the first new token, since peft re-injected a prefix-only cache at every step.
+    # prefixes it did not past the first new token, since peft re-injected a prefix-only cache at every step; with
+    # soft prompts peft fed each new token behind the virtual tokens again, without the cache.
     from transformers import AutoTokenizer
 
     from ftune.data.templates import end_of_turn_ids
@@ -481,8 +482,10 @@ def test_generated_replies_are_what_the_trained_model_computes(bases, tmp_path, 
 
     fed = []  # input lengths the model saw while generating: the prompt once, then one token a step
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hook = inner.register_forward_pre_hook(lambda _, args, kwargs: fed.append(kwargs["input_ids"].shape[1]),
-                                                            with_kwargs=True)
+    def feed(_, args, kwargs):  # soft prompts reach the model as embeddings at prefill (virtual tokens first)
+        fed.append((kwargs["input_ids"] if kwargs.get("input_ids") is not None else kwargs["inputs_embeds"]).shape[1])
+
+    hook = inner.register_forward_pre_hook(feed, with_kwargs=True)
     try:
         replies = generate_replies(model, tokenizer, prompts, max_new_tokens=10, batch_size=2)
     finally:
