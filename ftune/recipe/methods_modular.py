@@ -30,9 +30,9 @@ def virtual_tokens_field():
     return Field(20, gt=0, le=512, description="Learned virtual tokens; they take room in the context.")
 
 
-def prefix_init_field():
+def prefix_init_field(default: str = "gated"):
     return Field(
-        "gated",
+        default,
         description="How the prefixes start. gated: behind one gate per layer and head that starts closed, so a fresh model "
         "computes exactly what the base computes, prefixes from the base's own keys/values for real tokens; tokens: those "
         "keys/values without a gate (a fresh model is the base reading a few extra tokens first); random: peft's random "
@@ -55,7 +55,10 @@ class PrefixMethod(PromptLearningBase):
     name: Literal["prefix"]
     num_virtual_tokens: int = virtual_tokens_field()
     init: Literal["gated", "tokens", "random"] = prefix_init_field()
-    prefix_projection: bool = Field(False, description="Reparameterise the prefixes through a two-layer MLP (more stable, more parameters).")
+    # The measured best (docs/methods.md): through the MLP a 1e-3 run reaches 0.81 held-out exact match where direct
+    # prefixes, whose every value moves ~lr a step, reach 0.00 behind closed gates and 0.50 from tokens in 30 steps.
+    prefix_projection: bool = Field(True, description="Reparameterise the prefixes through a two-layer MLP (faster learning, "
+                                    "more parameters while training; only the prefixes are saved). false: learn them directly.")
     encoder_hidden_size: int = Field(512, gt=0, description="Hidden width of that MLP; only with prefix_projection: true.")
 
     @model_validator(mode="after")
@@ -115,7 +118,9 @@ class PtuningV2Method(PromptLearningBase):
     plan_rule: ClassVar[str] = "prefixes"
     name: Literal["ptuning_v2"]
     num_virtual_tokens: int = virtual_tokens_field()
-    init: Literal["gated", "tokens", "random"] = prefix_init_field()
+    # Direct prefixes behind closed gates learn measurably less in the same steps (docs/methods.md: 0.67 held-out exact
+    # match against 0.83 from tokens, each at its best rate), so deep prompts start as the base reading real tokens.
+    init: Literal["gated", "tokens", "random"] = prefix_init_field("tokens")
 
 
 class AdapterMethod(MethodBase):

@@ -51,7 +51,7 @@ def train(model, steps: int = 4) -> list[float]:
 def test_fresh_adapters_add_nothing_to_the_prefix_model():
     """peft's prefixes start random (as with method: prefix); the parallel adapters start at exactly zero."""
     mam = apply_method(tiny(), config(num_virtual_tokens=4, bottleneck=16), "causal_lm")
-    prefix = apply_method(tiny(), config("prefix", num_virtual_tokens=4), "causal_lm")
+    prefix = apply_method(tiny(), config("prefix", num_virtual_tokens=4, prefix_projection=False), "causal_lm")  # as mam's
     prefix.prompt_encoder.load_state_dict(mam.prompt_encoder.state_dict())
     assert_close(logits(mam), logits(prefix), steps=forward_steps(LAYERS))
     with mam.disable_adapter():  # prefixes off: the adapters alone leave the base untouched

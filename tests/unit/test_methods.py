@@ -364,7 +364,7 @@ def test_quantized_base_matrix_is_enforced(alpaca_files, tmp_path, name, bits):
         ({"name": "lora", "use_dora": True, "init": "pissa"}, {}, "use_dora cannot combine with init: pissa"),
         ({"name": "adalora", "tinit": 3, "tfinal": 2}, {"training": {"max_steps": 5}}, "method.tinit + method.tfinal (3 + 2)"),
         ({"name": "adalora", "init_r": 4, "target_r": 8}, {}, "target_r (8) must not exceed init_r (4)"),
-        ({"name": "prefix", "encoder_hidden_size": 64}, {}, "encoder_hidden_size only applies with prefix_projection: true"),
+        ({"name": "prefix", "prefix_projection": False, "encoder_hidden_size": 64}, {}, "encoder_hidden_size only applies with prefix_projection: true"),
         ({"name": "prompt", "init": "text"}, {}, "init: text needs init_text"),
         ({"name": "prompt", "init_text": "hi"}, {}, "init_text only applies with init: text"),
         ({"name": "ptuning", "encoder_num_layers": 3}, {}, "encoder_num_layers only applies with encoder: lstm"),

@@ -15,9 +15,10 @@ VOCAB, LAYERS = 128, 2
 IDS = torch.randint(3, VOCAB, (3, 9), generator=torch.Generator().manual_seed(7))
 MASK = torch.ones_like(IDS).index_fill(1, torch.tensor([0, 1]), 0)  # left padding on every row: masks reach the gates
 KNOBS = {
-    "prefix": {}, "prefix-projection": {"prefix_projection": True, "encoder_hidden_size": 32}, "ptuning_v2": {},
+    "prefix": {}, "prefix-direct": {"prefix_projection": False}, "ptuning_v2": {},
     "mam": {"bottleneck": 16}, "mam-projection": {"bottleneck": 16, "prefix_projection": True, "encoder_hidden_size": 32},
 }
+GATED = [case for case in sorted(KNOBS) if case != "ptuning_v2"]  # the cases whose default start is init: gated
 
 
 def tiny() -> LlamaForCausalLM:
@@ -42,13 +43,18 @@ def real(mask=MASK):
 
 
 @pytest.mark.parametrize("case", sorted(KNOBS))
-def test_a_fresh_model_with_the_default_init_is_the_base(case):
-    model = fresh(case)
+def test_a_fresh_gated_model_is_the_base(case):
+    model = fresh(case) if case in GATED else fresh(case, init="gated")
     assert model.peft_config["default"].num_virtual_tokens == 4
     difference = (logits(model) - logits(tiny()))[real()].abs().max().item()
     assert difference < 1e-4
     random = fresh(case, init="random")  # what peft's own start gives: far from the base
     assert (logits(random) - logits(tiny()))[real()].abs().max().item() > 100 * max(difference, 1e-6)
+
+
+def test_the_defaults_are_gated_except_ptuning_v2_which_starts_from_tokens():
+    defaults = {name: method_class(name).model_validate({"name": name}).init for name in ("prefix", "ptuning_v2", "mam")}
+    assert defaults == {"prefix": "gated", "ptuning_v2": "tokens", "mam": "gated"}
 
 
 def test_gates_open_as_they_train_and_the_prefixes_follow():
@@ -69,9 +75,9 @@ def test_gates_open_as_they_train_and_the_prefixes_follow():
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("case", ["prefix", "prefix-projection", "mam"])
+@pytest.mark.parametrize("case", ["prefix", "prefix-direct", "mam", "ptuning_v2"])
 def test_token_prefixes_are_the_base_reading_those_tokens_first(case):
-    model = fresh(case, init="tokens")
+    model = fresh(case) if case == "ptuning_v2" else fresh(case, init="tokens")  # ptuning_v2's default
     tokens = torch.tensor([[11, 12, 13, 14]])
     assert start_from_tokens(model, tokens)
     ones = torch.ones_like(IDS)
@@ -80,7 +86,7 @@ def test_token_prefixes_are_the_base_reading_those_tokens_first(case):
 
 
 def test_a_reloaded_run_keeps_its_gates_and_their_attention(tmp_path):
-    model = fresh("ptuning_v2")
+    model = fresh("ptuning_v2", init="gated")
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, PrefixGate):
