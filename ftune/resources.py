@@ -8,6 +8,7 @@ stays instant, and tests fake a machine by monkeypatching them.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -175,6 +176,32 @@ def peak_rss_mib() -> float:
 
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024  # bytes on macOS, KiB elsewhere
+
+
+def return_freed_memory() -> bool:
+    """Hand the free pages of the C heap back to the operating system (glibc's ``malloc_trim``); False without glibc.
+
+    PyTorch's CPU tensors come from malloc. glibc serves a block under its mmap threshold from the heap and raises
+    that threshold (up to 32 MiB) each time a larger mmapped block is freed, so after the first long row most
+    activations come from heap arenas, and pages freed there stay in the process: the next step's peak sits on top of
+    the last one's leftovers. Measured on SmolLM2-135M LoRA, 4,096-token rows, checkpointing: peak RSS 3,778 MiB,
+    2,800 MiB trimmed before each step, at the same step time (a fixed 128 KiB mmap threshold reaches 2,299 MiB but
+    takes 1.9x the step time at 256 tokens: every new block page-faults in).
+    """
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0) >= 0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    except OSError:
+        return None
 
 
 @dataclass(frozen=True)

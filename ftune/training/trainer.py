@@ -3,8 +3,8 @@
 A stage (``training.stages``) says what differs: its Trainer class (transformers' own or a TRL one),
 its arguments class and options, its datasets, collator and loss. Everything else is the same for all
 of them and lives here: the arguments from the recipe, the callbacks (metrics, the experiment trackers of the
-recipe's ``tracking`` section, checkpoint markers, the method's own), and the subclass stack, which reads from the
-inside out:
+recipe's ``tracking`` section, checkpoint markers, the heap's freed pages handed back before each step, the method's
+own), and the subclass stack, which reads from the inside out:
 
     stage class (Trainer, or TRL's DPOTrainer / ORPOTrainer / RewardTrainer with ftune's row handling)
       <- ExampleTokensTrainer  stages that batch examples: counts each example's tokens, not a packed row's
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from ftune.hardware import Precision
-from ftune.resources import cheap_affinity_cpus, resolve_loader
+from ftune.resources import cheap_affinity_cpus, resolve_loader, return_freed_memory
 from ftune.methods import method_callbacks
 from ftune.recipe import Recipe
 from ftune.run_dir import RunDir
@@ -114,7 +114,7 @@ def build_trainer(spec: TrainerSpec, model, tokenizer, recipe: Recipe, run: RunD
         train_dataset=spec.train_dataset,
         eval_dataset=spec.eval_dataset,
         processing_class=tokenizer,
-        callbacks=[metrics, *([tracking] if tracking else []), checkpoint_marker(strategy.name),
+        callbacks=[metrics, *([tracking] if tracking else []), checkpoint_marker(strategy.name), freed_memory_returned(),
                    *method_callbacks(model, recipe.method, run), *callbacks],
         **({"data_collator": spec.collator} if spec.collator is not None else {}),
         **({"compute_loss_func": spec.loss_func} if spec.loss_func is not None else {}),
@@ -124,6 +124,18 @@ def build_trainer(spec: TrainerSpec, model, tokenizer, recipe: Recipe, run: RunD
     if spec.after_build is not None:
         spec.after_build(trainer)
     return trainer
+
+
+def freed_memory_returned():
+    """A Trainer callback that hands the C heap's free pages back before each step (``return_freed_memory``), so a
+    step's peak does not sit on the previous step's leftovers."""
+    from transformers import TrainerCallback
+
+    class ReturnFreedMemory(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            return_freed_memory()
+
+    return ReturnFreedMemory()
 
 
 def counting_example_tokens(trainer_class: type) -> type:
