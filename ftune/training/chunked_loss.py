@@ -38,8 +38,13 @@ def summed_cross_entropy(head, hidden, targets, chunk: int = LOSS_CHUNK):
     import torch
     from torch.utils.checkpoint import checkpoint
 
+    # The loss runs after the model's forward, outside its autocast: a head held in bf16 (training.base_dtype) gets its
+    # input as autocast would have handed it over, rounded to the weight's dtype.
+    weight = getattr(head, "weight", None)
+    dtype = weight.dtype if weight is not None and weight.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type) else None
+
     def chunk_loss(h, t):
-        logits = head(h).float()  # the same upcast as the loss over all positions
+        logits = head(h if dtype is None else h.to(dtype)).float()  # the same upcast as the loss over all positions
         return torch.nn.functional.cross_entropy(logits, t, ignore_index=IGNORE, reduction="sum")
 
     total = None

@@ -34,3 +34,14 @@ def test_bf16_run_holds_the_base_in_bf16_and_saves_the_same_float32_adapter(make
     assert (held.model / "adapter_config.json").read_text() == (plain.model / "adapter_config.json").read_text()
     result = runner.invoke(app, ["eval", str(held.root)])
     assert result.exit_code == 0, result.output
+
+
+def test_rows_past_the_loss_chunk_train_on_a_bf16_base(make_recipe, tmp_path, monkeypatch):
+    # The chunked loss runs the head after the forward, outside autocast, where a bf16 head met float32 hidden states.
+    from ftune.training import chunked_loss
+
+    monkeypatch.setattr(chunked_loss, "LOSS_CHUNK", 4)  # the tiny rows are shorter than the real chunk
+    run, output = train(make_recipe, tmp_path, "bf16")
+    assert "frozen base dtype: bfloat16" in output and "4 positions at a time" in output
+    losses = [json.loads(line)["loss"] for line in run.metrics.read_text().splitlines() if '"loss"' in line]
+    assert losses and all(0 < loss < 20 for loss in losses)
