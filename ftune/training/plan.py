@@ -32,10 +32,10 @@ LOGIT_16BIT_COPIES = 2
 # saved layer inputs are the float32 residual stream of a float32 base, and with a frozen base the recomputed layer
 # measured as in float32 too (256-2048 tokens; not measured for full fine-tuning, which keeps the 16-bit size).
 AUTOCAST_LAYER_ACTIVATIONS = 0.62
-# Past LOSS_CHUNK the model returns every layer's hidden states for the chunked loss: peak RSS then grew by about two
-# float32 copies of them per token more than below the chunk (SmolLM2-135M, LoRA r16, checkpointed, bf16 on CPU:
-# +364 MiB from 1024 to 2048 tokens, +1,109 MiB from 2048 to 4096).
-HIDDEN_STATES_COPIES = 2
+# Past LOSS_CHUNK the model returns every layer's hidden states for the chunked loss: peak RSS then grew by about three
+# float32 copies of them per token more than below the chunk (SmolLM2-135M, LoRA r16, bf16 frozen base on CPU, heap
+# trimmed before each step; 1024 -> 4096 tokens: +1,156 MiB checkpointed, +3,517 MiB without; scripts/bench_lengths.py).
+HIDDEN_STATES_COPIES = 3
 # With a frozen base, peak activations measured 1.27x those of full fine-tuning (Llama, h512, LoRA
 # all-linear r8, float32 CPU): the adapter paths keep their own inputs and outputs alive.
 FROZEN_BASE_ACTIVATIONS = 1.27
@@ -61,11 +61,13 @@ class MemoryPlan:
     tokens_per_step: int
     device: str
     notes: list[str] = field(default_factory=list)
+    load_mib: float = 0.0  # the peak while the weights load and are cast (a bf16 frozen base on CPU), before training
 
     @property
     def total_mib(self) -> float:
         training = self.gradients_mib + self.activations_mib
-        return self.weights_mib + self.trainable_mib + self.optimizer_mib + max(training, self.eval_mib) + self.runtime_mib
+        return max(self.weights_mib + self.trainable_mib + self.optimizer_mib + max(training, self.eval_mib) + self.runtime_mib,
+                   self.load_mib)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "total_mib": self.total_mib}
@@ -119,7 +121,8 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
         layers_term = per_layer * layout.layers * (AUTOCAST_LAYER_ACTIVATIONS if act_bytes == 2 else 1.0)
     layers_term *= 1.0 if in_weights else FROZEN_BASE_ACTIVATIONS
     if logits and recipe.data.max_length > LOSS_CHUNK:
-        layers_term += HIDDEN_STATES_COPIES * layout.hidden * (4 if stored_32bit else act_bytes) * (layout.layers + 1)
+        residual = 4 if stored_32bit or bf16_base else act_bytes  # a bf16 frozen base keeps the float32 residual stream
+        layers_term += HIDDEN_STATES_COPIES * layout.hidden * residual * (layout.layers + 1)
     activations = tokens * layers_term + logit_rows * logits
     weight_copies = 0
     if act_bytes == 2 and stored_32bit:
@@ -132,8 +135,11 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
         activations += layout.linear_params * 4
     eval_act = tokens * 2 * layout.hidden * act_bytes + (logit_rows * 2 * layout.vocab * 4 if logits else 0)  # no graph kept
     notes = [f"trainable parameters of method '{recipe.method.name}' are approximate; --probe measures them"] if approximate else []
+    load = 0.0
     if bf16_base:
         notes.append("weights: the frozen base is held in bf16 for bf16 autocast (norms float32)")
+        if device == "cpu":  # the cast reads every float32 page of the checkpoint while writing the bf16 copies
+            load = (layout.total_params * 4 + weights) / MIB + RUNTIME_MIB["cpu"]
     if act_bytes == 2:
         notes.append("activations under 16-bit autocast are calibrated on one model (SmolLM2-135M, LoRA, bf16 on CPU); --probe measures them")
     return MemoryPlan(
@@ -150,6 +156,7 @@ def estimate_memory(recipe: Recipe, config: dict, *, device: str = "cpu", precis
         tokens_per_step=tokens * train.gradient_accumulation_steps,
         device=device,
         notes=notes,
+        load_mib=load,
     )
 
 
@@ -169,6 +176,8 @@ def format_plan(recipe: Recipe, plan: MemoryPlan) -> str:
     ]
     lines = [f"Memory plan for {recipe.model.name_or_path} ({recipe.method.name}, {plan.device}):"]
     lines += [f"  {name:<17}{mib:>10.1f} MiB   {why}" for name, mib, why in rows]
+    if plan.load_mib and plan.load_mib >= plan.total_mib:
+        lines.append(f"  {'loading':<17}{plan.load_mib:>10.1f} MiB   the float32 checkpoint read while the bf16 base is cast: the peak")
     lines.append(f"  {'total (peak)':<17}{plan.total_mib:>10.1f} MiB")
     lines.append(f"Tokens per optimizer step: up to {plan.tokens_per_step:,} "
                  f"({train.batch_size} x {recipe.data.max_length} x {train.gradient_accumulation_steps} accumulation)")

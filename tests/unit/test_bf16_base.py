@@ -139,7 +139,7 @@ def test_plan_counts_the_frozen_base_at_two_bytes_only_where_it_is_held_in_bf16(
     import json
 
     from ftune.training.layout import build_layout
-    from ftune.training.plan import estimate_memory
+    from ftune.training.plan import RUNTIME_MIB, estimate_memory
 
     config = json.loads((tiny_llama_dir / "config.json").read_text())
     layout = build_layout(config)
@@ -148,10 +148,15 @@ def test_plan_counts_the_frozen_base_at_two_bytes_only_where_it_is_held_in_bf16(
     held = estimate_memory(lora, config, precision="bf16")
     assert held.weights_mib * 2**20 == (layout.total_params - norms) * 2 + norms * 4
     assert any("held in bf16" in note for note in held.notes)
+    # The cast reads the whole float32 checkpoint while writing the bf16 copies: on CPU that is a floor of the peak.
+    assert held.load_mib * 2**20 == layout.total_params * 4 + held.weights_mib * 2**20 + RUNTIME_MIB["cpu"] * 2**20
+    assert held.total_mib >= held.load_mib
+    assert estimate_memory(lora, config, device="cuda", precision="bf16").load_mib == 0  # GPU counters exclude host memory
     for recipe, precision in [(lora, "no"), (lora, "fp16"), (load_recipe(make_recipe(method={"name": "full"})), "bf16"),
                               (load_recipe(make_recipe(quantization={"bits": 4})), "bf16")]:
         plan = estimate_memory(recipe, config, precision=precision)
         assert not any("held in bf16" in note for note in plan.notes), (recipe.method.name, precision)
+        assert plan.load_mib == 0
         if not recipe.quantization.bits:  # float32 weights (plus, under 16-bit autocast, the 16-bit copies autocast makes)
             assert plan.weights_mib * 2**20 >= layout.total_params * 4
 
