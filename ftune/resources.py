@@ -185,8 +185,8 @@ def return_freed_memory() -> bool:
     that threshold (up to 32 MiB) each time a larger mmapped block is freed, so after the first long row most
     activations come from heap arenas, and pages freed there stay in the process: the next step's peak sits on top of
     the last one's leftovers. Measured on SmolLM2-135M LoRA, 4,096-token rows, checkpointing: peak RSS 3,778 MiB,
-    2,800 MiB trimmed before each step, at the same step time (a fixed 128 KiB mmap threshold reaches 2,299 MiB but
-    takes 1.9x the step time at 256 tokens: every new block page-faults in).
+    2,800 MiB trimmed before each step (a fixed 128 KiB mmap threshold reaches 2,299 MiB but takes 1.9x the step time
+    at 256 tokens: every new block page-faults in). The trim has its own cost on short rows (``training.trainer``).
     """
     trim = _malloc_trim()
     return bool(trim is not None and trim(0) >= 0)
